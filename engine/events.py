@@ -1,0 +1,27 @@
+"""Events plugins exchange through hooks (never by importing each other)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+
+
+@attrs.frozen(slots=True)
+class DnsAnswer:
+    """What dns_filter learned from one upstream answer, emitted before the reply reaches the device.
+
+    Addresses are raw (4 or 16 bytes) so the tracker can key its table without conversions; ``ttl`` is the
+    record TTL in seconds. ``client`` is the raw address of the device that asked, for per-client scoping.
+    """
+
+    qname: str
+    qtype: int
+    rcode: int
+    cnames: tuple[str, ...]
+    addresses: tuple[tuple[bytes, int], ...]
+    client: bytes
+    upstream: str = ""
+
+    def address_strings(self) -> list[str]:
+        return [str(ipaddress.ip_address(address)) for address, _ttl in self.addresses]

@@ -1,0 +1,121 @@
+"""The plugin contract: every hook dnsgate calls, in one module (pytest's ``hookspec.py`` style).
+
+Pipeline hooks run once per *new* flow, in profile order: ``dnsgate_classify`` -> ``dnsgate_filter`` ->
+``dnsgate_track`` -> ``dnsgate_forward``. Established flows never reach a hook (the fast path), unless
+their decision asked for ``inspect``. Hooks are synchronous and must never block: a plugin that needs I/O
+starts a task with ``engine.spawn`` and answers later (DESIGN §3, §4).
+
+Lifecycle hooks ``dnsgate_start``/``dnsgate_stop`` may return an awaitable; the runtime awaits it.
+Event hooks let plugins talk without importing each other (dns_filter -> ip_tracker).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Awaitable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from engine.decision import Decision
+    from engine.events import DnsAnswer
+    from engine.flow import Flow, FlowHandler
+    from engine.packet import Packet
+    from engine.runtime import Engine
+
+PROJECT = "dnsgate"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+
+
+@hookspec
+def dnsgate_configure(engine: Engine) -> None:
+    """Called once after every plugin of the profile is registered, before any packet.
+
+    Keep the ``engine`` reference: it is how a plugin writes packets, spawns tasks and emits events.
+    """
+
+
+@hookspec
+def dnsgate_start(engine: Engine) -> Awaitable[None] | None:
+    """Called when the engine starts (after configure, before the device is read). May be async:
+    open upstream sockets, restore persisted state."""
+
+
+@hookspec
+def dnsgate_stop(engine: Engine) -> Awaitable[None] | None:
+    """Called when the engine stops, after the device stopped being read. May be async: persist state,
+    close sockets. Called in reverse profile order."""
+
+
+@hookspec
+def dnsgate_tick(engine: Engine, now: float) -> None:
+    """Called about once a second with the loop time: expiry, cleanup, periodic persistence."""
+
+
+# -- the pipeline (new flows only) ----------------------------------------------------------------
+
+
+@hookspec
+def dnsgate_classify(packet: Packet, flow: Flow, now: float) -> None:
+    """Label the new flow by adding strings to ``flow.labels`` (``"dns"``, ``"quic"`` ...).
+
+    Labels let later plugins decide without re-parsing: ip_tracker leaves flows labelled ``dns`` alone.
+    """
+
+
+@hookspec(firstresult=True)
+def dnsgate_filter(packet: Packet, flow: Flow, now: float) -> Decision | None:
+    """Judge the new flow. firstresult: the first plugin returning a :class:`Decision` decides.
+
+    Return None to let the next plugin decide; when nobody decides the flow is accepted.
+    """
+
+
+@hookspec
+def dnsgate_track(packet: Packet, flow: Flow, decision: Decision, now: float) -> None:
+    """Observe every decision (counters, logs, pcap). Must not change it."""
+
+
+@hookspec(firstresult=True)
+def dnsgate_forward(packet: Packet, flow: Flow, now: float) -> FlowHandler | None:
+    """Take an accepted flow. firstresult: the first plugin returning a handler owns the flow.
+
+    The handler has consumed ``packet`` (the flow's first packet) when it is returned; the pipeline will
+    give it every later one. No handler means no plugin can carry the flow: it is rejected.
+    """
+
+
+@hookspec(firstresult=True)
+def dnsgate_inspect(packet: Packet, flow: Flow, now: float) -> Decision | None:
+    """Called for every packet of flows whose decision set ``inspect=True`` (and only those).
+
+    Return a non-ACCEPT decision to end the flow (the engine closes it and drops/rejects the packet).
+    """
+
+
+# -- events --------------------------------------------------------------------------------------
+
+
+@hookspec
+def dnsgate_flow_opened(flow: Flow, now: float) -> None:
+    """A flow got a handler (it is now on the fast path)."""
+
+
+@hookspec
+def dnsgate_flow_closed(flow: Flow, now: float, reason: str) -> None:
+    """A flow left the table: closed by its handler, expired, evicted or closed by ``ctl close``."""
+
+
+@hookspec
+def dnsgate_blocked(packet: Packet, flow: Flow, decision: Decision, now: float) -> None:
+    """A new flow was dropped or rejected (after ``dnsgate_track``): the block feed, pcap of blocks."""
+
+
+@hookspec
+def dnsgate_dns_answer(answer: DnsAnswer, now: float) -> None:
+    """An upstream DNS answer arrived. Called synchronously by the DNS plugin **before** it writes the
+    reply to the device, so an application never races the allow-list (DESIGN §6)."""

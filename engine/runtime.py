@@ -1,0 +1,329 @@
+"""The running engine: the services plugins use, the device read loop, ticks, start/stop.
+
+This is the I/O edge. The pipeline and plugins receive ``now`` from here (the loop's clock), write
+packets through :meth:`Engine.write`, and start their I/O with :meth:`Engine.spawn` so the packet loop
+never waits (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
+
+from engine.decision import Decision
+from engine.flow import Flow
+from engine.net_policy import SocketPolicy
+from engine.packet import (
+    PROTO_TCP,
+    Packet,
+    VnetHeader,
+    build_icmp_unreachable,
+    build_tcp_rst,
+    is_icmp_error,
+)
+from engine.pipeline import Pipeline
+from engine.plugin_manager import load_plugins
+from engine.profile import Profile
+from engine.stats import Stats, TokenBucket
+
+if TYPE_CHECKING:
+    from engine.io.base import PacketDevice
+
+log = logging.getLogger("dnsgate.engine")
+
+ICMP_CODES = {
+    # reason: (ICMPv4 type-3 code, ICMPv6 type-1 code)
+    "admin-prohibited": (13, 1),
+    "port-unreachable": (3, 4),
+    "host-unreachable": (1, 3),
+    "net-unreachable": (0, 0),
+}
+
+
+class Engine:
+    """One engine instance: profile, plugins, flow table, device.
+
+    Plugins get it in ``dnsgate_configure`` and use only the public attributes and methods documented in
+    docs/internals.md.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        device: PacketDevice | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        clock: Callable[[], float] | None = None,
+        socket_policy: SocketPolicy | None = None,
+    ) -> None:
+        self.config = profile
+        self.profile = profile
+        self.stats = Stats()
+        self.loop = loop or asyncio.get_event_loop_policy().get_event_loop()
+        self._clock = clock or self.loop.time
+        self.pm, self.plugins = load_plugins(profile, self.stats)
+        self.hook = self.pm.hook
+        self.device: PacketDevice | None = None
+        self.offload = False
+        self.mtu = profile.engine.mtu
+        self.mode = profile.engine.mode
+        self.pipeline = Pipeline(self)
+        self.flows = self.pipeline.flows
+        options = profile.engine
+        self.socket_options = socket_policy or SocketPolicy(
+            outbound_interface=options.outbound_interface,
+            fwmark=options.fwmark,
+            allow_loopback=options.allow_loopback,
+            allow_host_addresses=options.allow_host_addresses,
+            allow_link_local=options.allow_link_local,
+        )
+        self._reject_bucket = TokenBucket(options.reject_rate)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tick_task: asyncio.Task[None] | None = None
+        self._reader_fd: int | None = None
+        self.started_at = 0.0
+        self.running = False
+        self.hook.dnsgate_configure(engine=self)
+        if device is not None:
+            self.attach(device)
+
+    # -- services for plugins --------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The engine clock (the loop's monotonic time). For the edges; the packet path gets ``now``."""
+        return self._clock()
+
+    def write(self, packet: bytes | bytearray | memoryview, flow: Flow | None = None) -> None:
+        """Send one complete IP packet (valid checksums) to the device."""
+        stats = self.stats
+        stats.packets_in += 1
+        stats.bytes_in += len(packet)
+        if flow is not None:
+            flow.packets_in += 1
+            flow.bytes_in += len(packet)
+        if self.device is not None:
+            self.device.write(packet)
+
+    def write_gso(self, packet: bytes | bytearray | memoryview, vnet: VnetHeader, flow: Flow | None = None) -> None:
+        """Send one GSO super-packet (partial checksum); only valid when :attr:`offload` is true."""
+        segments = max(1, (len(packet) - vnet.hdr_len + vnet.gso_size - 1) // vnet.gso_size) if vnet.gso_size else 1
+        stats = self.stats
+        stats.packets_in += segments
+        stats.bytes_in += len(packet)
+        if flow is not None:
+            flow.packets_in += segments
+            flow.bytes_in += len(packet)
+        if self.device is not None:
+            self.device.write_gso(packet, vnet)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
+        """Run a plugin's I/O as a tracked task: exceptions are logged and counted, never lost, and the
+        task is cancelled when the engine stops."""
+        task = self.loop.create_task(coro, name=name or None)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self.stats.incr("task_errors")
+            log.error("task %s failed: %r", task.get_name(), error, exc_info=error)
+
+    def close_flow(self, flow: Flow, now: float, reason: str) -> None:
+        """A handler ends its own flow (it has already cleaned up its resources)."""
+        if flow.closed:
+            return
+        flow.closed = True
+        if self.flows.flows.get(flow.key) is flow:
+            del self.flows.flows[flow.key]
+        self.stats.counters["flows_closed"] += 1
+        try:
+            self.hook.dnsgate_flow_closed(flow=flow, now=now, reason=reason)
+        except Exception:
+            log.exception("dnsgate_flow_closed failed")
+
+    def end_flow(self, flow: Flow, now: float, reason: str) -> None:
+        """The engine ends a flow (expiry, eviction, shutdown, ``ctl close``): close its handler too."""
+        handler = flow.handler
+        if handler is not None and not flow.closed:
+            try:
+                handler.close(now)
+            except Exception:
+                self.stats.incr("handler_errors")
+                log.exception("closing %s failed", flow.describe())
+        self.close_flow(flow, now, reason)
+
+    def reject(self, packet: Packet, now: float, decision: Decision | None = None) -> None:
+        """Answer a blocked packet like a firewall: TCP RST, else ICMP unreachable (rate limited)."""
+        if packet.proto == PROTO_TCP:
+            self.send_rst(packet, now)
+            return
+        if is_icmp_error(packet):
+            return
+        if not self._reject_bucket.take(now):
+            self.stats.counters["rejects_degraded_to_drop"] += 1
+            return
+        reason = decision.icmp if decision is not None else "admin-prohibited"
+        v4_code, v6_code = ICMP_CODES[reason]
+        try:
+            reply = build_icmp_unreachable(packet, v4_code if packet.version == 4 else v6_code)
+        except ValueError:
+            return
+        self.stats.counters["icmp_unreachable_sent"] += 1
+        self.write(reply)
+
+    def send_rst(self, packet: Packet, now: float) -> None:
+        if not self._reject_bucket.take(now):
+            self.stats.counters["rejects_degraded_to_drop"] += 1
+            return
+        self.stats.counters["rst_sent"] += 1
+        self.write(build_tcp_rst(packet))
+
+    # -- device ----------------------------------------------------------------------------------
+
+    def attach(self, device: PacketDevice) -> None:
+        """Start reading ``device``: fd devices through the loop, memory devices through a callback."""
+        self.device = device
+        self.offload = bool(getattr(device, "offload", False))
+        self.mtu = getattr(device, "mtu", None) or self.mtu
+        fd = device.fileno()
+        if fd is None:
+            attach = getattr(device, "attach")
+            attach(self.handle_packet)
+        else:
+            self._reader_fd = fd
+            self.loop.add_reader(fd, self._on_readable)
+
+    def detach(self) -> None:
+        if self._reader_fd is not None:
+            self.loop.remove_reader(self._reader_fd)
+            self._reader_fd = None
+
+    def handle_packet(self, data: Any, vnet: VnetHeader | None = None) -> None:
+        self.pipeline.handle(data, vnet, self._clock())
+
+    def _on_readable(self) -> None:
+        device = self.device
+        if device is None:
+            return
+        handle = self.pipeline.handle
+        clock = self._clock
+        for _ in range(8):  # bounded so timers and upstream sockets get their turn
+            batch = device.read_batch(128)
+            if not batch:
+                return
+            now = clock()
+            for data, vnet in batch:
+                handle(data, vnet, now)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.started_at = self.now()
+        await self._call_lifecycle("dnsgate_start")
+        self.running = True
+        self._tick_task = self.loop.create_task(self._ticker(), name="dnsgate-tick")
+
+    async def stop(self) -> None:
+        """Stop reading, close every flow, let plugins persist, cancel leftover tasks."""
+        if not self.running:
+            return
+        self.running = False
+        self.detach()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+        now = self.now()
+        for flow in list(self.flows):
+            self.end_flow(flow, now, "engine stopping")
+        await self._call_lifecycle("dnsgate_stop", reverse=True)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _call_lifecycle(self, name: str, reverse: bool = False) -> None:
+        impls = getattr(self.hook, name).get_hookimpls()
+        order = impls if reverse else list(reversed(impls))
+        for impl in order:
+            try:
+                result = impl.function(engine=self)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.stats.plugin_error(impl.plugin_name)
+                log.exception("plugin %s failed in %s", impl.plugin_name, name)
+
+    async def _ticker(self) -> None:
+        interval = self.config.engine.tick_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.tick(self.now())
+
+    def tick(self, now: float) -> None:
+        """Expire idle flows and let plugins do their periodic work."""
+        for flow in self.flows.expired(now):
+            self.end_flow(flow, now, "idle")
+        try:
+            self.hook.dnsgate_tick(engine=self, now=now)
+        except Exception:
+            log.exception("dnsgate_tick failed")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def plugin(self, name: str) -> Any:
+        return self.plugins.get(name)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able picture for the control socket and dashboard; built on demand, off the packet path."""
+        now = self.now()
+        flows = list(self.flows)
+        by_proto: dict[str, int] = {}
+        for flow in flows:
+            if flow.handler is not None:
+                by_proto[flow.proto_name] = by_proto.get(flow.proto_name, 0) + 1
+        top = sorted(flows, key=lambda flow: flow.bytes_in + flow.bytes_out, reverse=True)[:20]
+        plugins: dict[str, Any] = {}
+        for name, plugin in self.plugins.items():
+            snap = getattr(plugin, "snapshot", None)
+            if callable(snap):
+                try:
+                    plugins[name] = snap(now) if _wants_now(snap) else snap()
+                except Exception:
+                    log.exception("snapshot of %s failed", name)
+        device_counters = getattr(self.device, "counters", None)
+        return {
+            "profile": self.config.name,
+            "mode": self.mode,
+            "uptime": round(now - self.started_at, 3) if self.started_at else 0.0,
+            "now": now,
+            "offload": self.offload,
+            "mtu": self.mtu,
+            "stats": self.stats.snapshot(),
+            "flows": {"total": len(flows), "open": by_proto},
+            "top_flows": [flow.as_dict(now) for flow in top],
+            "plugins": plugins,
+            "device": {name: getattr(device_counters, name) for name in getattr(device_counters, "__slots__", ())}
+            if device_counters is not None else {},
+        }
+
+
+def _wants_now(function: Callable[..., Any]) -> bool:
+    try:
+        return "now" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
