@@ -329,11 +329,11 @@ def parse(data: Buffer) -> Packet:
     """
     try:
         buf = memoryview(data)
+        if type(data) is memoryview and data.format != "B":
+            buf = buf.cast("B")  # a view of another shape: address it as bytes
         first = buf[0]
-    except (TypeError, IndexError):
+    except (TypeError, ValueError, IndexError):
         raise PacketError("empty or not a byte buffer") from None
-    if buf.itemsize != 1 or buf.ndim != 1:
-        buf = buf.cast("B")
     size = len(buf)
     version = first >> 4
     pkt = _new_packet(Packet)
@@ -464,7 +464,7 @@ def _skip_v6_extensions(buf: memoryview, proto: int, total: int) -> tuple[int, i
 
 # Above this size numpy's vectorised sum beats int.from_bytes (REFERENCE.md: 8x at 64 KB); below it the
 # numpy call overhead loses. Decided by bench/micro_packet.py on this machine.
-_NUMPY_THRESHOLD = 4096
+_NUMPY_THRESHOLD = 2048
 _np: Any = None
 _np_checked = False
 
@@ -530,29 +530,82 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
 # --- builders --------------------------------------------------------------------------------------------
 
 
-def build_ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, ttl: int = 64, ident: int = 0) -> bytes:
-    """A 20-byte IPv4 header with DF set (we do path MTU discovery, RFC 6864 lets atomic datagrams use any
-    ID) and a valid header checksum."""
-    total = 20 + payload_len
-    if total > 0xFFFF:
-        raise ValueError(f"IPv4 total length {total} > 65535")
-    hdr = _V4_BUILD.pack(0x45, 0, total, ident, _IPV4_DF, ttl, proto, 0, src, dst)
-    csum = ~_fold(int.from_bytes(hdr, "big")) & 0xFFFF
-    return hdr[:10] + _U16.pack(csum) + hdr[12:]
+def _addr_sum(src: bytes, dst: bytes) -> int:
+    """Both addresses as one integer congruent (mod 0xFFFF) to the sum of their 16-bit words."""
+    if len(src) != len(dst) or len(src) not in (4, 16):
+        raise ValueError(f"addresses must both be 4 or 16 bytes, got {len(src)} and {len(dst)}")
+    return int.from_bytes(src, "big") + int.from_bytes(dst, "big")
+
+
+def _ip_header(src: bytes, dst: bytes, addr_sum: int, proto: int, payload_len: int, ttl: int) -> bytes:
+    """IPv4 (20 bytes, no options) or IPv6 (40 bytes) header. The IPv4 header checksum is computed from
+    the field values directly (every 32-bit quantity is congruent mod 0xFFFF to the sum of its halves),
+    so the header is packed once."""
+    if len(src) == 4:
+        total = 20 + payload_len
+        if total > 0xFFFF:
+            raise ValueError(f"IPv4 total length {total} > 65535")
+        s = 0x4500 + total + _IPV4_DF + (ttl << 8) + proto + addr_sum
+        return _V4_BUILD.pack(0x45, 0, total, 0, _IPV4_DF, ttl, proto, (0xFFFF - s % 0xFFFF) % 0xFFFF, src, dst)
+    if payload_len > 0xFFFF:
+        raise ValueError(f"IPv6 payload length {payload_len} > 65535")
+    return _V6_BUILD.pack(0x60000000, payload_len, proto, ttl, src, dst)
+
+
+def build_ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, ttl: int = 64) -> bytes:
+    """A 20-byte IPv4 header with DF set and ID 0 (we do path MTU discovery; RFC 6864 lets atomic
+    datagrams use any ID) and a valid header checksum."""
+    if len(src) != 4:
+        raise ValueError("IPv4 addresses are 4 bytes")
+    return _ip_header(src, dst, _addr_sum(src, dst), proto, payload_len, ttl)
 
 
 def build_ipv6_header(src: bytes, dst: bytes, proto: int, payload_len: int, hop_limit: int = 64) -> bytes:
-    if payload_len > 0xFFFF:
-        raise ValueError(f"IPv6 payload length {payload_len} > 65535")
-    return _V6_BUILD.pack(0x60000000, payload_len, proto, hop_limit, src, dst)
+    """A 40-byte IPv6 header (traffic class and flow label 0)."""
+    if len(src) != 16:
+        raise ValueError("IPv6 addresses are 16 bytes")
+    return _ip_header(src, dst, _addr_sum(src, dst), proto, payload_len, hop_limit)
 
 
-def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int, ttl: int) -> bytes:
-    if len(src) == 4 and len(dst) == 4:
-        return build_ipv4_header(src, dst, proto, payload_len, ttl)
-    if len(src) == 16 and len(dst) == 16:
-        return build_ipv6_header(src, dst, proto, payload_len, ttl)
-    raise ValueError(f"addresses must both be 4 or 16 bytes, got {len(src)} and {len(dst)}")
+def build_tcp_headers(
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: bytes = b"",
+    payload: Buffer = b"",
+    ttl: int = 64,
+    partial_csum: bool = False,
+) -> bytes:
+    """The IP + TCP headers (with options) of the segment :func:`build_tcp` would build, without the
+    payload: for ``os.writev(fd, [vnet, headers, payload])``, which saves copying a 64 KB GSO payload.
+    ``payload`` is read only for its length and, unless ``partial_csum``, its checksum."""
+    olen = len(options)
+    if olen & 3 or olen > _MAX_TCP_OPTIONS:
+        raise ValueError(f"TCP options length {olen} is not a multiple of 4 up to 40")
+    hlen = 20 + olen
+    tcp_len = hlen + len(payload)
+    addr = _addr_sum(src, dst)
+    ip = _ip_header(src, dst, addr, PROTO_TCP, tcp_len, ttl)
+    s = addr + PROTO_TCP + tcp_len  # pseudo header
+    off = hlen << 2
+    if partial_csum:
+        csum = s % 0xFFFF or 0xFFFF
+    else:
+        # Fields summed as integers (mod 0xFFFF a 32-bit value equals the sum of its 16-bit halves);
+        # the header has even length, so the payload's words line up with its own sum.
+        s += sport + dport + seq + ack + (off << 8) + flags + window + _sum_words(payload)
+        if olen:
+            s += int.from_bytes(options, "big")
+        csum = (0xFFFF - s % 0xFFFF) % 0xFFFF
+    tcp = _TCP_BUILD.pack(sport, dport, seq, ack, off, flags, window, csum, 0)
+    if olen:
+        return ip + tcp + options
+    return ip + tcp
 
 
 def build_tcp(
@@ -569,28 +622,32 @@ def build_tcp(
     ttl: int = 64,
     partial_csum: bool = False,
 ) -> bytes:
-    """A complete IPv4/IPv6 TCP segment. ``options`` must already be padded to a multiple of 4 (see
-    :func:`encode_tcp_options`). With ``partial_csum`` the checksum field holds the pseudo-header sum
-    (for a GSO write with ``VNET_HDR_F_NEEDS_CSUM``); otherwise it is complete."""
-    olen = len(options)
-    if olen & 3 or olen > _MAX_TCP_OPTIONS:
-        raise ValueError(f"TCP options length {olen} is not a multiple of 4 up to 40")
-    hlen = 20 + olen
-    tcp_len = hlen + len(payload)
-    ip = _ip_header(src, dst, PROTO_TCP, tcp_len, ttl)
-    phsum = pseudo_header_sum(src, dst, PROTO_TCP, tcp_len)
-    off = hlen << 2
+    """A complete IPv4/IPv6 TCP segment (DF set, no IP options). ``options`` must already be padded to a
+    multiple of 4 (see :func:`encode_tcp_options`). With ``partial_csum`` the checksum field holds the
+    pseudo-header sum over the whole TCP length (for a GSO write with ``VNET_HDR_F_NEEDS_CSUM``, see
+    :meth:`VnetHeader.for_tcp`); otherwise the checksum is complete."""
+    headers = build_tcp_headers(src, dst, sport, dport, seq, ack, flags, window, options, payload, ttl, partial_csum)
+    if not payload:
+        return headers
+    return headers + payload
+
+
+def build_udp_headers(
+    src: bytes, dst: bytes, sport: int, dport: int, payload: Buffer, ttl: int = 64, partial_csum: bool = False
+) -> bytes:
+    """The IP + UDP headers of the datagram :func:`build_udp` would build (see :func:`build_tcp_headers`)."""
+    udp_len = 8 + len(payload)
+    if udp_len > 0xFFFF:
+        raise ValueError(f"UDP length {udp_len} > 65535")
+    addr = _addr_sum(src, dst)
+    ip = _ip_header(src, dst, addr, PROTO_UDP, udp_len, ttl)
+    s = addr + PROTO_UDP + udp_len
     if partial_csum:
-        tcp = _TCP_BUILD.pack(sport, dport, seq, ack, off, flags, window, phsum, 0)
-        return b"".join((ip, tcp, options, payload))
-    tcp = _TCP_BUILD.pack(sport, dport, seq, ack, off, flags, window, 0, 0)
-    # The TCP header and options have even length, so the payload's words line up with its own sum.
-    s = phsum + int.from_bytes(tcp, "big") + _sum_words(payload)
-    if olen:
-        s += int.from_bytes(options, "big")
-    csum = ~_fold(s) & 0xFFFF
-    tcp = _TCP_BUILD.pack(sport, dport, seq, ack, off, flags, window, csum, 0)
-    return b"".join((ip, tcp, options, payload))
+        csum = s % 0xFFFF or 0xFFFF
+    else:
+        s += sport + dport + udp_len + _sum_words(payload)
+        csum = (0xFFFF - s % 0xFFFF) % 0xFFFF or 0xFFFF  # a computed 0 is sent as 0xFFFF (RFC 768)
+    return ip + _UDP_BUILD.pack(sport, dport, udp_len, csum)
 
 
 def build_udp(
@@ -602,30 +659,27 @@ def build_udp(
     ttl: int = 64,
     partial_csum: bool = False,
 ) -> bytes:
-    """A complete IPv4/IPv6 UDP datagram (checksum always set: mandatory for IPv6, RFC 8200 8.1)."""
-    udp_len = 8 + len(payload)
-    if udp_len > 0xFFFF:
-        raise ValueError(f"UDP length {udp_len} > 65535")
-    ip = _ip_header(src, dst, PROTO_UDP, udp_len, ttl)
-    phsum = pseudo_header_sum(src, dst, PROTO_UDP, udp_len)
-    if partial_csum:
-        return b"".join((ip, _UDP_BUILD.pack(sport, dport, udp_len, phsum), payload))
-    s = phsum + ((sport << 48) | (dport << 32) | (udp_len << 16)) + _sum_words(payload)
-    csum = ~_fold(s) & 0xFFFF or 0xFFFF  # a computed 0 is sent as 0xFFFF (RFC 768)
-    return b"".join((ip, _UDP_BUILD.pack(sport, dport, udp_len, csum), payload))
+    """A complete IPv4/IPv6 UDP datagram. The checksum is always set (mandatory for IPv6, RFC 8200 8.1);
+    with ``partial_csum`` it holds the pseudo-header sum (``GSO_UDP_L4``, see :meth:`VnetHeader.for_udp`;
+    the UDP length field is the super-packet's, the kernel rewrites it per segment)."""
+    headers = build_udp_headers(src, dst, sport, dport, payload, ttl, partial_csum)
+    if not payload:
+        return headers
+    return headers + payload
 
 
 def _build_icmp(src: bytes, dst: bytes, itype: int, code: int, rest: int, body: Buffer, ttl: int = 64) -> bytes:
-    """An ICMP (v4) or ICMPv6 message; ``rest`` is the 32-bit word after the checksum."""
+    """An ICMP (v4) or ICMPv6 message; ``rest`` is the 32-bit word after the checksum. Only ICMPv6
+    covers a pseudo header (RFC 4443 2.3)."""
     v6 = len(src) == 16
     proto = PROTO_ICMPV6 if v6 else PROTO_ICMP
     msg_len = 8 + len(body)
-    ip = _ip_header(src, dst, proto, msg_len, ttl)
-    s = (itype << 56) | (code << 48) | rest
-    s += _sum_words(body)
+    addr = _addr_sum(src, dst)
+    ip = _ip_header(src, dst, addr, proto, msg_len, ttl)
+    s = (itype << 8) + code + rest + _sum_words(body)
     if v6:
-        s += pseudo_header_sum(src, dst, proto, msg_len)
-    csum = ~_fold(s) & 0xFFFF
+        s += addr + proto + msg_len
+    csum = ~_fold(s) & 0xFFFF  # _fold: an all-zero echo reply must get 0xFFFF, not 0
     return b"".join((ip, _ICMP_BUILD.pack(itype, code, csum, rest >> 16, rest & 0xFFFF), body))
 
 
