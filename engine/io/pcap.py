@@ -165,7 +165,7 @@ class PcapRecorder:
     ) -> None:
         from scapy.utils import RawPcapWriter
 
-        target: Any = path if hasattr(path, "write") else os.fspath(path)  # type: ignore[arg-type]
+        target: Any = path if hasattr(path, "write") else os.fspath(path)
         self._writer: Any = RawPcapWriter(target, linktype=LINKTYPE_RAW, sync=sync, append=append)
         self._writer.write_header(None)
         self.max_packets = max_packets
