@@ -1,0 +1,251 @@
+"""The control socket: a Unix stream socket (mode 0600) speaking one JSON object per line each way.
+
+Request: ``{"cmd": "<name>", "id": <any, optional>, ...arguments}``.
+Response: ``{"ok": true, "result": <value>, "id": ...}`` or ``{"ok": false, "error": "<text>", "id": ...}``.
+A connection may carry many requests; they are answered in order. The commands (``stats``, ``flows``,
+``tracker``, ``mode``, ``reload``, ``close``, ``ping``) are bound by ``dnsgate run``; this module only
+knows the framing, the permissions and the dispatch, so the engine decides what each command means.
+docs/control.md is the user-facing description.
+
+Why a Unix socket with 0600 and no authentication: the socket's file mode *is* the access control (only
+root, or the service user, may change the engine's mode or close flows), and it never listens on the
+network. Why JSON lines: ``socat``/``nc -U`` and any language can talk to it, and it needs no framing code.
+Handlers may be sync or async; a slow one blocks only its own connection, never the packet loop, because
+each connection is its own task on the engine's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+CLIENT_TIMEOUT = 10.0
+
+Handler = Callable[[Mapping[str, Any]], "Any | Awaitable[Any]"]
+
+
+class ControlError(Exception):
+    """A request the engine refused (bad argument, unknown flow), or a socket that cannot be reached.
+
+    Raised by handlers for user errors (answered as ``{"ok": false}`` with this message) and by the client
+    for error answers and connection failures.
+    """
+
+
+def default_control_path(tun: str = "dnsgate0") -> Path:
+    """``/run/dnsgate/<tun>.sock`` (next to the state file, with the same per-namespace naming)."""
+    from engine.linux.routes import DEFAULT_STATE_DIR, state_path
+
+    return state_path(tun, DEFAULT_STATE_DIR).with_suffix(".sock")
+
+
+def bind_private_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` that only the owner can use (0600 from the first instant).
+
+    The umask is narrowed around ``bind`` so there is no window in which the socket exists with wider
+    permissions; a stale socket file (no one listening) is replaced, a live one is an error.
+    """
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise ControlError(f"another engine is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlServer:
+    """Serves ``handlers`` (command name -> callable taking the request dict) on a private Unix socket."""
+
+    def __init__(self, path: Path | str, handlers: Mapping[str, Handler]) -> None:
+        self.path = Path(path)
+        self.handlers = dict(handlers)
+        self.handlers.setdefault("ping", lambda _request: "pong")
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        sock = bind_private_socket(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST_BYTES)
+        log.info("control socket %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(_encode({"ok": False, "error": f"request longer than {MAX_REQUEST_BYTES} bytes"}))
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                writer.write(_encode(await self.dispatch(line)))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+
+    async def dispatch(self, line: bytes) -> dict[str, Any]:
+        """Decode one request line and run its handler; every failure becomes an ``ok: false`` answer."""
+        try:
+            request = json.loads(line)
+        except ValueError as error:
+            return {"ok": False, "error": f"not JSON: {error}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "a request is a JSON object like {\"cmd\": \"stats\"}"}
+        answer: dict[str, Any] = {}
+        if "id" in request:
+            answer["id"] = request["id"]
+        name = request.get("cmd")
+        handler = self.handlers.get(name) if isinstance(name, str) else None
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            return {**answer, "ok": False, "error": f"unknown command {name!r} (commands: {known})"}
+        try:
+            result = handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+        except ControlError as error:
+            return {**answer, "ok": False, "error": str(error)}
+        except Exception as error:  # noqa: BLE001 - the socket must answer, and the engine must live on
+            log.exception("control command %s failed", name)
+            return {**answer, "ok": False, "error": f"internal error: {type(error).__name__}: {error}"}
+        return {**answer, "ok": True, "result": result}
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, default=_json_default, separators=(",", ":")).encode() + b"\n"
+
+
+def _json_default(value: object) -> Any:
+    """Snapshots may hold tuples, sets, bytes (raw addresses) or enums; make them readable, never fail."""
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, (bytes, bytearray)):
+        import ipaddress
+
+        if len(value) in (4, 16):
+            return str(ipaddress.ip_address(bytes(value)))
+        return value.hex()
+    enum_value = getattr(value, "value", None)
+    if enum_value is not None:
+        return enum_value
+    return str(value)
+
+
+class ControlClient:
+    """Blocking client for ``ctl``, ``top``, ``demo`` and the tests: one connection, many requests."""
+
+    def __init__(self, path: Path | str, timeout: float = CLIENT_TIMEOUT) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except FileNotFoundError:
+            sock.close()
+            raise ControlError(f"no engine control socket at {self.path} (is `dnsgate run` running?)") from None
+        except PermissionError:
+            sock.close()
+            raise ControlError(f"permission denied on {self.path} (the control socket is 0600: run as its owner)") from None
+        except OSError as error:
+            sock.close()
+            raise ControlError(f"cannot reach the engine at {self.path}: {error.strerror or error}") from None
+        self._sock = sock
+
+    def request(self, cmd: str, **arguments: Any) -> Any:
+        """Send one request and return its ``result``; an error answer raises :class:`ControlError`."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(_encode({"cmd": cmd, **arguments}))
+            line = self._readline()
+        except OSError as error:
+            self.close()
+            raise ControlError(f"control socket {self.path}: {error.strerror or error}") from None
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise ControlError(f"the engine sent a malformed answer: {line[:200]!r}") from None
+        if not answer.get("ok"):
+            raise ControlError(str(answer.get("error", "unknown error")))
+        return answer.get("result")
+
+    def _readline(self) -> bytes:
+        assert self._sock is not None
+        while b"\n" not in self._buffer:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError(0, "the engine closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer = b""
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,333 @@
+"""The live dashboard (rich): renders engine snapshots, never touches the engine itself.
+
+It works on plain snapshot dicts so the same code serves ``dnsgate run --dashboard`` (snapshots taken in the
+engine's loop, rendered in a worker thread, so the packet path never waits for the terminal), ``dnsgate top``
+(snapshots fetched over the control socket) and ``dnsgate demo`` (one final summary). Rates (packets/s,
+bytes/s, DNS queries/s) are derived here from two consecutive snapshots, so the engine only keeps cumulative
+counters.
+
+Snapshot schema (what :meth:`engine.runtime.Engine.snapshot` returns, plus what ``dnsgate run`` adds); every
+key is optional, a missing one shows as ``-``::
+
+    profile: str                      mode: "firewall" | "dns-only"
+    uptime: float (s)                 now: float (engine monotonic clock, used for rates)
+    mtu: int                          offload: bool
+    stats: {packets_out, bytes_out,   # device -> world
+            packets_in, bytes_in,     # world -> device
+            counters: {name: int}}    # e.g. malformed, rst_sent, icmp_unreachable_sent
+    flows: {total: int, open: {"tcp": int, "udp": int, "icmp": int}}
+    top_flows: [{flow: "10.0.0.2:5000 -> 1.2.3.4:443/tcp", proto, dst, dport, bytes_in, bytes_out, age,
+                 name: "example.com" (added by run from the tracker), decision}]
+    plugins: {
+      dns_filter:  {queries: int (cumulative), servfail: int, pending: int,
+                    latency_p50_ms: float, latency_p99_ms: float},
+      ip_tracker:  {size: int, expiring_soon: int},
+      tcp_forward: {open: int, ...},  udp_forward: {sessions: int, ...}}
+    blocks: {total: int, by_reason: {reason: int}, by_plugin: {plugin: int},
+             recent: [{at: wall-clock float, text: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (...)"}]}
+    routes: {mode, table, fwmark, state_file}
+
+A 100-column terminal must stay readable: panels are laid out two per row and long text is cropped with an
+ellipsis rather than wrapped.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+SPARK = "▁▂▃▄▅▆▇█"
+HISTORY = 40
+FEED_LINES = 8
+TOP_FLOWS = 8
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """Unicode block sparkline of the last ``width`` values, scaled to their maximum (0 -> lowest bar)."""
+    tail = list(values)[-width:]
+    if not tail:
+        return ""
+    peak = max(tail)
+    if peak <= 0:
+        return SPARK[0] * len(tail)
+    return "".join(SPARK[min(len(SPARK) - 1, int(value / peak * (len(SPARK) - 1) + 0.5))] for value in tail)
+
+
+def human_bytes(value: float | None, suffix: str = "B") -> str:
+    if value is None:
+        return "-"
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(value) < 1000 or unit == "T":
+            return f"{value:.0f} {unit}{suffix}" if unit == "" else f"{value:.1f} {unit}{suffix}"
+        value /= 1000
+    return f"{value:.1f} T{suffix}"  # pragma: no cover - loop always returns
+
+
+def human_count(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    if value >= 10_000:
+        return f"{value / 1000:.1f}k"
+    return f"{value:.0f}" if value == int(value) or value >= 100 else f"{value:.1f}"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _get(mapping: Any, *path: str) -> Any:
+    """``_get(snap, "plugins", "dns_filter", "queries")`` -> value or None, never KeyError/TypeError."""
+    for key in path:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class Dashboard:
+    """Keeps the last snapshot and a short history of rates; :meth:`render` draws the whole screen."""
+
+    def __init__(self, history: int = HISTORY) -> None:
+        self.snapshot: Mapping[str, Any] = {}
+        self._previous: Mapping[str, Any] | None = None
+        self.rates: dict[str, float | None] = {}
+        self.history: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=history)
+        )
+
+    # -- data --------------------------------------------------------------------------------------
+
+    RATE_SOURCES: dict[str, tuple[str, ...]] = {
+        "packets_out": ("stats", "packets_out"),
+        "bytes_out": ("stats", "bytes_out"),
+        "packets_in": ("stats", "packets_in"),
+        "bytes_in": ("stats", "bytes_in"),
+        "dns_queries": ("plugins", "dns_filter", "queries"),
+    }
+
+    def update(self, snapshot: Mapping[str, Any]) -> None:
+        """Take a new snapshot; rates are per second of the engine's clock between the last two."""
+        previous = self.snapshot if self.snapshot else None
+        self._previous = previous
+        self.snapshot = snapshot
+        elapsed = None
+        if previous is not None:
+            now, before = _number(snapshot.get("now")), _number(previous.get("now"))
+            if now is not None and before is not None and now > before:
+                elapsed = now - before
+        for name, path in self.RATE_SOURCES.items():
+            current = _number(_get(snapshot, *path))
+            earlier = _number(_get(previous, *path)) if previous is not None else None
+            if elapsed is None or current is None or earlier is None:
+                self.rates[name] = None
+                continue
+            rate = max(0.0, (current - earlier) / elapsed)
+            self.rates[name] = rate
+            self.history[name].append(rate)
+
+    # -- rendering ---------------------------------------------------------------------------------
+
+    def render(self) -> RenderableType:
+        snap = self.snapshot
+        top = Table.grid(expand=True, padding=(0, 1))
+        top.add_column(ratio=1)
+        top.add_column(ratio=1)
+        top.add_row(self._traffic_panel(), self._engine_panel())
+        top.add_row(self._blocks_panel(), self._dns_panel())
+        return Group(self._header(snap), top, self._feed_panel(), self._top_flows_panel())
+
+    def _header(self, snap: Mapping[str, Any]) -> Text:
+        mode = str(snap.get("mode") or "-")
+        style = "bold white on red" if mode == "firewall" else "bold black on yellow"
+        text = Text()
+        text.append(" dnsgate ", style="bold white on blue")
+        text.append(f" {mode.upper()} ", style=style)
+        text.append(f"  profile {snap.get('profile') or '-'}")
+        text.append(f"  up {human_duration(_number(snap.get('uptime')))}")
+        if snap.get("mtu"):
+            text.append(f"  mtu {snap.get('mtu')}")
+        if "offload" in snap:
+            text.append(f"  offload {'on' if snap.get('offload') else 'off'}")
+        text.no_wrap = True
+        text.overflow = "ellipsis"
+        return text
+
+    def _traffic_panel(self) -> Panel:
+        table = Table.grid(padding=(0, 1))
+        table.add_column("dir", no_wrap=True)
+        table.add_column("pkt/s", justify="right", no_wrap=True)
+        table.add_column("bytes/s", justify="right", no_wrap=True)
+        table.add_column("spark", no_wrap=True, overflow="crop")
+        for label, packets, octets in (("out", "packets_out", "bytes_out"), ("in ", "packets_in", "bytes_in")):
+            table.add_row(
+                Text(label, style="bold"),
+                f"{human_count(self.rates.get(packets))} pkt/s",
+                human_bytes(self.rates.get(octets), "B/s"),
+                Text(sparkline(self.history[octets], 16), style="cyan"),
+            )
+        totals = Text(
+            f"total out {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_out')))}"
+            f" / in {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_in')))}",
+            style="dim", no_wrap=True, overflow="ellipsis",
+        )
+        return Panel(Group(table, totals), title="traffic (out = device -> world)", title_align="left")
+
+    def _engine_panel(self) -> Panel:
+        snap = self.snapshot
+        table = Table.grid(padding=(0, 1))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, overflow="ellipsis")
+        open_flows = _get(snap, "flows", "open") or {}
+        parts = [f"{proto} {count}" for proto, count in sorted(open_flows.items())] if isinstance(open_flows, Mapping) else []
+        table.add_row("flows", f"{_get(snap, 'flows', 'total') or 0} ({', '.join(parts) or 'none open'})")
+        tracker = _get(snap, "plugins", "ip_tracker") or {}
+        size = _number(_get(tracker, "size"))
+        if size is None:
+            size = _number(_get(tracker, "entries"))
+        soon = _number(_get(tracker, "expiring_soon"))
+        table.add_row("tracker", f"{human_count(size)} IPs, {human_count(soon)} expiring soon")
+        counters = _get(snap, "stats", "counters") or {}
+        malformed = sum(v for k, v in counters.items() if "malformed" in k and isinstance(v, int)) if isinstance(counters, Mapping) else 0
+        rst = counters.get("rst_sent", 0) if isinstance(counters, Mapping) else 0
+        unreach = counters.get("icmp_unreachable_sent", 0) if isinstance(counters, Mapping) else 0
+        table.add_row("rejects", f"{rst} RST, {unreach} ICMP unreachable")
+        table.add_row("malformed", str(malformed))
+        return Panel(table, title="engine", title_align="left")
+
+    def _dns_panel(self) -> Panel:
+        dns = _get(self.snapshot, "plugins", "dns_filter") or {}
+        table = Table.grid(padding=(0, 1))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, overflow="ellipsis")
+        qps = self.rates.get("dns_queries")
+        table.add_row("queries/s", f"{human_count(qps)}  {sparkline(self.history['dns_queries'], 16)}")
+        p50 = _number(_get(dns, "latency_p50_ms"))
+        p99 = _number(_get(dns, "latency_p99_ms"))
+        latency = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms" if p50 is not None and p99 is not None else "-"
+        table.add_row("upstream", latency)
+        table.add_row("total", f"{human_count(_number(_get(dns, 'queries')))} queries, "
+                               f"{human_count(_number(_get(dns, 'servfail')))} SERVFAIL")
+        pending = _number(_get(dns, "pending"))
+        if pending is not None:
+            table.add_row("pending", human_count(pending))
+        return Panel(table, title="dns", title_align="left")
+
+    def _blocks_panel(self) -> Panel:
+        blocks = _get(self.snapshot, "blocks") or {}
+        table = Table.grid(padding=(0, 1), expand=True)
+        table.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
+        table.add_column(justify="right", no_wrap=True)
+        by_reason = _get(blocks, "by_reason") or {}
+        by_plugin = _get(blocks, "by_plugin") or {}
+        if not by_reason and not by_plugin:
+            table.add_row(Text("no blocks", style="dim"), "")
+        for reason, count in sorted(by_reason.items(), key=lambda item: -item[1])[:4]:
+            table.add_row(str(reason), str(count))
+        if by_plugin:
+            table.add_row(Text("by plugin", style="dim"), "")
+            for plugin, count in sorted(by_plugin.items(), key=lambda item: -item[1])[:3]:
+                table.add_row(f"  {plugin}", str(count))
+        total = _get(blocks, "total")
+        return Panel(table, title=f"blocks ({total if total is not None else 0})", title_align="left")
+
+    def _feed_panel(self) -> Panel:
+        recent = _get(self.snapshot, "blocks", "recent") or []
+        lines = []
+        for entry in list(recent)[-FEED_LINES:]:
+            at = _number(_get(entry, "at"))
+            stamp = time.strftime("%H:%M:%S", time.localtime(at)) if at else "--:--:--"
+            line = Text(no_wrap=True, overflow="ellipsis")
+            line.append(stamp + " ", style="dim")
+            line.append(str(_get(entry, "text") or entry), style="red")
+            lines.append(line)
+        if not lines:
+            lines.append(Text("no blocked connections yet", style="dim"))
+        return Panel(Group(*lines), title="recent blocks", title_align="left")
+
+    def _top_flows_panel(self) -> Panel:
+        table = Table(expand=True, box=None, padding=(0, 1), header_style="bold")
+        table.add_column("connection", no_wrap=True, overflow="ellipsis", ratio=3)
+        table.add_column("name", no_wrap=True, overflow="ellipsis", ratio=2)
+        table.add_column("out", justify="right", no_wrap=True)
+        table.add_column("in", justify="right", no_wrap=True)
+        table.add_column("age", justify="right", no_wrap=True)
+        flows = _get(self.snapshot, "top_flows") or []
+        for flow in list(flows)[:TOP_FLOWS]:
+            table.add_row(
+                str(_get(flow, "flow") or "?"),
+                str(_get(flow, "name") or "-"),
+                human_bytes(_number(_get(flow, "bytes_out"))),
+                human_bytes(_number(_get(flow, "bytes_in"))),
+                human_duration(_number(_get(flow, "age"))),
+            )
+        if not flows:
+            table.add_row(Text("no open connections", style="dim"), "", "", "", "")
+        return Panel(table, title="top connections by bytes", title_align="left")
+
+
+def render_text(snapshots: Sequence[Mapping[str, Any]], width: int = 100) -> str:
+    """Render the dashboard after feeding ``snapshots`` and return it as plain text (demo summary, tests)."""
+    dashboard = Dashboard()
+    for snapshot in snapshots:
+        dashboard.update(snapshot)
+    console = Console(record=True, width=width, force_terminal=False, color_system=None, file=io.StringIO())
+    console.print(dashboard.render())
+    return console.export_text()
+
+
+def run_live(
+    fetch: Callable[[], Mapping[str, Any]],
+    *,
+    interval: float = 1.0,
+    console: Console | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    screen: bool = False,
+) -> None:
+    """Fetch a snapshot every ``interval`` seconds and redraw until ``should_stop()`` or Ctrl-C.
+
+    Blocking by design: ``top`` runs it in the main thread, ``run --dashboard`` in a worker thread whose
+    ``fetch`` hands over a snapshot taken by the engine's loop.
+    """
+    from rich.live import Live
+
+    dashboard = Dashboard()
+    dashboard.update(fetch())
+    with Live(dashboard.render(), console=console, auto_refresh=False, screen=screen,
+              redirect_stderr=False, redirect_stdout=False) as live:
+        try:
+            while not should_stop():
+                deadline = time.monotonic() + interval
+                while time.monotonic() < deadline and not should_stop():
+                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                if should_stop():
+                    break
+                dashboard.update(fetch())
+                live.update(dashboard.render(), refresh=True)
+        except KeyboardInterrupt:
+            pass

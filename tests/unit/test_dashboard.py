@@ -1,0 +1,112 @@
+"""The dashboard renders from snapshot dicts: rates from consecutive snapshots, 100 columns stay readable."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich.console import Console
+
+from engine.dashboard import Dashboard, human_bytes, human_duration, render_text, sparkline
+
+
+def make_snapshot(now: float, packets: int, octets: int, queries: int, **extra: Any) -> dict[str, Any]:
+    snapshot: dict[str, Any] = {
+        "profile": "firewall",
+        "mode": "firewall",
+        "uptime": now - 100.0,
+        "now": now,
+        "mtu": 1500,
+        "offload": True,
+        "stats": {"packets_out": packets, "bytes_out": octets, "packets_in": packets * 2, "bytes_in": octets * 3,
+                  "counters": {"rst_sent": 4, "icmp_unreachable_sent": 1, "malformed": 2}},
+        "flows": {"total": 3, "open": {"tcp": 2, "udp": 1}},
+        "top_flows": [
+            {"flow": "10.0.0.2:40000 -> 203.0.113.10:443/tcp", "bytes_out": 1_500_000, "bytes_in": 52_000_000,
+             "age": 75.0, "name": "www.example.com"},
+            {"flow": "10.0.0.2:40001 -> 198.51.100.7:80/tcp", "bytes_out": 800, "bytes_in": 12_000, "age": 3.0},
+        ],
+        "plugins": {
+            "dns_filter": {"queries": queries, "servfail": 3, "latency_p50_ms": 1.25, "latency_p99_ms": 48.0,
+                           "pending": 0},
+            "ip_tracker": {"size": 42, "expiring_soon": 5},
+        },
+        "blocks": {
+            "total": 7,
+            "by_reason": {"hardcoded IP": 5, "QUIC": 2},
+            "by_plugin": {"ip_tracker": 5, "quic_block": 2},
+            "recent": [{"at": 1_700_000_000.0,
+                        "text": "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (was example.com, expired 12 s ago)"}],
+        },
+    }
+    snapshot.update(extra)
+    return snapshot
+
+
+def test_rates_come_from_two_snapshots() -> None:
+    dashboard = Dashboard()
+    dashboard.update(make_snapshot(200.0, 1000, 100_000, 10))
+    assert dashboard.rates["bytes_out"] is None  # one snapshot: no rate yet
+    dashboard.update(make_snapshot(202.0, 3000, 300_000, 30))
+    assert dashboard.rates["packets_out"] == 1000.0
+    assert dashboard.rates["bytes_out"] == 100_000.0
+    assert dashboard.rates["bytes_in"] == 300_000.0
+    assert dashboard.rates["dns_queries"] == 10.0
+    assert list(dashboard.history["bytes_out"]) == [100_000.0]
+
+
+def test_counter_reset_never_shows_negative_rate() -> None:
+    dashboard = Dashboard()
+    dashboard.update(make_snapshot(200.0, 5000, 500_000, 50))
+    dashboard.update(make_snapshot(201.0, 10, 1000, 1))  # engine restarted under `top`
+    assert dashboard.rates["bytes_out"] == 0.0
+
+
+def test_renders_every_section_at_100_columns() -> None:
+    text = render_text([make_snapshot(200.0, 1000, 100_000, 10), make_snapshot(201.0, 2000, 1_100_000, 25)])
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert "FIREWALL" in lines[0] and "profile firewall" in lines[0] and "up 1m41s" in lines[0]
+    assert "1000 pkt/s 1.0 MB/s" in text  # device -> world per second
+    assert "tcp 2" in text and "udp 1" in text
+    assert "42 IPs" in text and "5 expiring soon" in text
+    assert "p50 1.2 ms" in text or "p50 1.3 ms" in text
+    assert "p99 48.0 ms" in text and "3 SERVFAIL" in text and "queries/s 15 " in text
+    assert "hardcoded IP" in text and "quic_block" in text
+    assert "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443" in text
+    assert "www.example.com" in text and "52.0 MB" in text
+
+
+def test_long_feed_lines_are_cropped_not_wrapped() -> None:
+    long_text = "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (" + "x" * 200 + ")"
+    snap = make_snapshot(200.0, 1, 1, 1, blocks={"total": 1, "recent": [{"at": 0, "text": long_text}]})
+    text = render_text([snap])
+    feed = [line for line in text.splitlines() if "BLOCKED" in line]
+    assert len(feed) == 1 and feed[0].rstrip().endswith("… │")
+
+
+def test_empty_and_partial_snapshots_render() -> None:
+    for snap in ({}, {"mode": "dns-only"}, {"plugins": {"dns_filter": "garbage"}, "flows": None, "top_flows": []}):
+        text = render_text([snap])
+        assert "dnsgate" in text
+        assert "no blocked connections yet" in text
+        assert "no open connections" in text
+
+
+def test_recording_console_with_colour() -> None:
+    dashboard = Dashboard()
+    dashboard.update(make_snapshot(1.0, 1, 1, 1, mode="dns-only"))
+    console = Console(record=True, width=100, force_terminal=True, color_system="truecolor", file=io.StringIO())
+    console.print(dashboard.render())
+    assert "DNS-ONLY" in console.export_text(clear=False)
+    assert "\x1b[" in console.export_text(styles=True)
+
+
+def test_formatting_helpers() -> None:
+    assert sparkline([0, 0]) == "▁▁"
+    assert sparkline([1, 2, 4, 8]) == "▂▃▅█"
+    assert sparkline([]) == ""
+    assert human_bytes(999) == "999 B"
+    assert human_bytes(1_500_000, "B/s") == "1.5 MB/s"
+    assert human_duration(3725) == "1h02m"
+    assert human_duration(None) == "-"
