@@ -1,0 +1,983 @@
+"""One TCP connection terminated in user space, in forwarder mode, sans-IO.
+
+The endpoint is a pure state machine: segments go in with :meth:`TcpEndpoint.receive`, application calls
+(:meth:`accept`, :meth:`send`, :meth:`consumed`, :meth:`shutdown`, :meth:`abort`) change what it wants to
+say, and the caller drains :meth:`events` (for the application) and :meth:`segments` (for the wire). Time is
+only ever an argument; :meth:`next_deadline` / :meth:`on_timer` are the single timer (aioquic style).
+
+Internals worth knowing before editing:
+
+* Sequence numbers are kept *unwrapped* (see :mod:`engine.tcp.seq`): received 32-bit values are lifted next
+  to ``rcv_nxt`` / ``snd_una`` once, emitted values are masked once, so every comparison in between is a
+  plain ``<`` on ints.
+* The send buffer is one ``bytearray`` starting at ``_sbuf_seq`` (unacked + unsent bytes). Deleting acked
+  bytes from its front is cheap in CPython (the buffer keeps a start offset). Payloads leave as ``bytes``
+  copies, so no memoryview ever pins the buffer against resizing.
+* The hot paths are the in-order branch of :meth:`_on_data` (one ``bytes`` copy per GRO super-segment, no
+  per-byte work), :meth:`_on_ack` and :meth:`_send_data` (runs of up to ``max_gso_bytes`` per OutSegment).
+* ACKs are not delayed by a timer: receiving data sets ``_ack_pending`` and the next :meth:`segments` call
+  (the caller makes it after each packet or batch) emits one ACK, piggybacked on data when there is some.
+  That is "an ACK per GRO super-segment, or per batch", which keeps the local client's cwnd growing.
+* Loss recovery is NewReno (RFC 6582) steered by the SACK scoreboard: on three duplicate ACKs (or 3 MSS
+  SACKed above a hole) the first hole is retransmitted, each further ACK in recovery lets one more hole go;
+  RTO (RFC 6298) goes back to ``snd_una`` and resends everything not SACKed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import NamedTuple, Optional, Protocol, Union
+
+from engine.tcp import events as ev
+from engine.tcp.config import TcpConfig
+from engine.tcp.options import max_sack_blocks, sack_option, syn_ack_options, ts_option
+from engine.tcp.reassembly import Reassembly
+from engine.tcp.rtt import RttEstimator
+from engine.tcp.scoreboard import Scoreboard
+from engine.tcp.seq import MASK, unwrap
+from engine.tcp.state import RECEIVING, SENDING, SYNCHRONIZED, TcpState, Trigger, next_state
+
+__all__ = ["TcpEndpoint", "OutSegment", "SegmentIn", "TcpOptionsView"]
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+_S = TcpState
+_HALF_CLOSED = frozenset({_S.FIN_WAIT_1, _S.FIN_WAIT_2, _S.CLOSING, _S.CLOSE_WAIT, _S.LAST_ACK})
+_KEEPALIVE_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT, _S.FIN_WAIT_2})
+_DEFAULT_PEER_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
+_CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7: rate-limit challenge ACKs
+_MAX_CWND = 64 << 20
+
+
+class TcpOptionsView(Protocol):
+    """What the endpoint reads from a segment's options (``engine.packet.TcpOptions`` satisfies it)."""
+
+    @property
+    def mss(self) -> Optional[int]: ...
+    @property
+    def wscale(self) -> Optional[int]: ...
+    @property
+    def sack_permitted(self) -> bool: ...
+    @property
+    def sack_blocks(self) -> tuple[tuple[int, int], ...]: ...
+    @property
+    def timestamp(self) -> Optional[tuple[int, int]]: ...
+
+
+class SegmentIn(Protocol):
+    """What the endpoint reads from an incoming segment (``engine.packet.Packet`` satisfies it)."""
+
+    version: int
+    seq: int
+    ack: int
+    tcp_flags: int
+    window: int
+
+    @property
+    def payload(self) -> memoryview: ...
+
+    def tcp_options(self) -> TcpOptionsView: ...
+
+
+class OutSegment(NamedTuple):
+    """One segment (or, with GSO, one super-segment) to transmit. ``seq``/``ack`` are wire values,
+    ``window`` is the header field (already scaled), ``options`` is padded to 4 bytes. When
+    ``len(payload) > segment_size > 0`` the payload must be cut into ``segment_size`` pieces, each with the
+    same header and options (seq advanced; PSH/FIN only on the last) — exactly what a GSO write with
+    ``gso_size = segment_size`` makes the kernel do."""
+
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: bytes
+    payload: Union[bytes, memoryview]
+    segment_size: int = 0
+
+
+class TcpEndpoint:
+    """The server side of one client connection. See the package docstring for the API contract."""
+
+    __slots__ = (
+        "config", "version", "state", "_events", "_out",
+        # handshake / options
+        "_iss", "_irs", "_mss_ours", "_smss", "_gso_cap", "_rcv_wscale", "_snd_wscale", "_ws_ok",
+        "_sack_ok", "_ts_ok", "_ts_recent", "_ts_offset", "_synack_needed",
+        # send side
+        "_snd_una", "_snd_nxt", "_snd_max", "_snd_wnd", "_snd_wl1", "_snd_wl2", "_max_snd_wnd",
+        "_sbuf", "_sbuf_seq", "_fin_queued", "_fin_seq", "_send_blocked", "_scoreboard",
+        "_cwnd", "_ssthresh", "_dupacks", "_in_recovery", "_recover", "_rtx_next", "_rtx_budget",
+        "_rtt", "_rtt_seq", "_rtt_time",
+        # receive side
+        "_rcv_nxt", "_rcv_adv", "_unconsumed", "_reasm", "_fin_ooo", "_ack_pending", "_last_ack_sent",
+        # timers
+        "_rtx_deadline", "_retries", "_persist_deadline", "_persist_backoff", "_tw_deadline",
+        "_last_recv", "_ka_probes", "_last_progress", "_challenge_window", "_challenge_count",
+        # counters
+        "bytes_in", "bytes_out", "retransmits", "dropped",
+    )
+
+    # --- construction -------------------------------------------------------------------------------
+
+    def __init__(self, syn: SegmentIn, config: TcpConfig, now: float, iss: Optional[int] = None) -> None:
+        """Same as :meth:`from_syn` (the named constructor reads better at the call site)."""
+        self.config = config
+        self.version = syn.version
+        self.state = _S.SYN_PENDING
+        self._events: list[ev.TcpEvent] = []
+        self._out: list[OutSegment] = []
+        self._sbuf = bytearray()
+        self._scoreboard = Scoreboard()
+        self._reasm = Reassembly(config.max_ooo_blocks)
+        self._rtt = RttEstimator(config.rto_initial, config.rto_min, config.rto_max)
+        self._rtt_seq: Optional[int] = None
+        self._rtt_time = 0.0
+        self._fin_queued = False
+        self._fin_seq = 0
+        self._fin_ooo: Optional[int] = None
+        self._send_blocked = False
+        self._unconsumed = 0
+        self._ack_pending = False
+        self._synack_needed = False
+        self._dupacks = 0
+        self._in_recovery = False
+        self._recover = 0
+        self._rtx_next = 0
+        self._rtx_budget = 0
+        self._rtx_deadline: Optional[float] = None
+        self._retries = 0
+        self._persist_deadline: Optional[float] = None
+        self._persist_backoff = 0
+        self._tw_deadline: Optional[float] = None
+        self._last_recv = now
+        self._last_progress = now
+        self._ka_probes = 0
+        self._challenge_window = now
+        self._challenge_count = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.retransmits = 0
+        self.dropped = 0
+        try:
+            opts: Optional[TcpOptionsView] = syn.tcp_options()
+        except ValueError:  # malformed options on a SYN: negotiate nothing rather than fail the flow
+            opts = None
+        self._iss = secrets.randbits(32) if iss is None else iss & MASK
+        self._irs = syn.seq
+        self._rcv_nxt = syn.seq + 1
+        self._rcv_adv = self._rcv_nxt
+        self._last_ack_sent = self._rcv_nxt
+        self._snd_una = self._iss
+        self._snd_nxt = self._iss
+        self._snd_max = self._iss
+        self._sbuf_seq = self._iss + 1
+        self._snd_wl1 = syn.seq
+        self._snd_wl2 = self._iss
+        self._mss_ours = config.mss_for(syn.version)
+        peer_mss = opts.mss if opts is not None and opts.mss else _DEFAULT_PEER_MSS.get(syn.version, 536)
+        peer_wscale = opts.wscale if opts is not None else None
+        self._ws_ok = peer_wscale is not None
+        self._snd_wscale = min(peer_wscale, 14) if peer_wscale is not None else 0
+        self._rcv_wscale = config.our_wscale() if self._ws_ok else 0
+        self._sack_ok = config.sack and opts is not None and opts.sack_permitted
+        ts = opts.timestamp if opts is not None else None
+        self._ts_ok = config.timestamps and ts is not None
+        self._ts_recent = ts[0] if ts is not None else 0
+        self._ts_offset = secrets.randbits(32)
+        self._smss = max(min(self._mss_ours, peer_mss) - (12 if self._ts_ok else 0), 64)
+        gso = config.max_gso_bytes
+        self._gso_cap = max(gso - gso % self._smss, self._smss) if gso else self._smss
+        self._snd_wnd = syn.window  # never scaled in a SYN (RFC 7323 2.2)
+        self._max_snd_wnd = self._snd_wnd
+        self._cwnd = config.initial_cwnd_segments * self._smss
+        self._ssthresh = _MAX_CWND
+
+    @classmethod
+    def from_syn(cls, syn: SegmentIn, config: TcpConfig, now: float, iss: Optional[int] = None) -> "TcpEndpoint":
+        """Passive open from the client's SYN. Records the peer's MSS, window scale, SACK-permitted and
+        timestamp; sends nothing until :meth:`accept` or :meth:`refuse`."""
+        return cls(syn, config, now, iss)
+
+    # --- read-only view -----------------------------------------------------------------------------
+
+    @property
+    def send_space(self) -> int:
+        """Bytes :meth:`send` would accept now."""
+        if self._fin_queued or self.state not in _CAN_QUEUE:
+            return 0
+        return max(self.config.send_buffer - len(self._sbuf), 0)
+
+    @property
+    def unconsumed(self) -> int:
+        """Bytes delivered in DataReceived events and not yet reported with :meth:`consumed`."""
+        return self._unconsumed
+
+    @property
+    def mss(self) -> int:
+        """Payload bytes per wire packet we send (the GSO segment size)."""
+        return self._smss
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued with send() and not yet acknowledged by the peer."""
+        return len(self._sbuf)
+
+    def accepts_new_syn(self, syn: SegmentIn) -> bool:
+        """True when a new SYN on this 4-tuple may replace this endpoint (RFC 6191 spirit): in TIME_WAIT
+        or CLOSED. Our TIME_WAIT only exists to re-ACK a retransmitted FIN from the local peer, so any SYN
+        means the client has moved on; refusing it is the gVisor stall REFERENCE.md measured."""
+        return self.state is _S.TIME_WAIT or self.state is _S.CLOSED
+
+    # --- application calls --------------------------------------------------------------------------
+
+    def accept(self, now: float) -> None:
+        """The upstream dial succeeded: answer the SYN with a SYN-ACK (retransmitted on timeout)."""
+        if self.state is not _S.SYN_PENDING:
+            return
+        self._transition(Trigger.ACCEPT)
+        self._synack_needed = True
+        self._last_recv = self._last_progress = now
+        self._rtx_deadline = now + self._rtt.rto
+
+    def refuse(self, now: float) -> None:
+        """The upstream dial failed: answer the SYN with RST|ACK (RFC 9293 3.10.7.1) and close."""
+        if self.state is not _S.SYN_PENDING:
+            return
+        self._out.append(OutSegment(0, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
+        self._close(Trigger.REFUSE, ev.CLOSE_REFUSED)
+
+    def send(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        """Queue bytes for the peer; returns how many were taken (0 when the buffer is full, after
+        shutdown or once closed). A short count arms a :class:`~engine.tcp.events.SendSpaceAvailable`."""
+        space = self.send_space
+        n = len(data)
+        if n > space:
+            self._send_blocked = True
+            if space <= 0:
+                return 0
+            self._sbuf += memoryview(data)[:space]
+            return space
+        self._sbuf += data
+        return n
+
+    def shutdown(self, now: float) -> None:
+        """Send FIN after everything queued (half-close toward the client). Idempotent."""
+        if self._fin_queued or self.state not in _CAN_QUEUE:
+            return
+        self._fin_queued = True
+        self._fin_seq = self._sbuf_seq + len(self._sbuf)
+        if self.state is _S.ESTABLISHED or self.state is _S.CLOSE_WAIT:
+            self._transition(Trigger.SEND_FIN)
+            self._last_progress = now
+        # In SYN_PENDING/SYN_RECEIVED the FIN waits for the handshake (see _on_handshake_ack).
+
+    def abort(self, now: float) -> None:
+        """Reset the connection now (RST to the peer unless it is already gone)."""
+        state = self.state
+        if state is _S.CLOSED:
+            return
+        if state is _S.SYN_PENDING:
+            self.refuse(now)
+            return
+        if state is not _S.TIME_WAIT:
+            self._out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
+        self._close(Trigger.ABORT, ev.CLOSE_ABORTED)
+
+    def consumed(self, n: int, now: float) -> None:
+        """The application has taken ``n`` delivered bytes off our hands: reopen the window, and say so at
+        once when the window had shrunk to less than half of what we can now offer (Linux's
+        ``tcp_cleanup_rbuf`` rule; avoids silly window syndrome and needless ACKs)."""
+        if n <= 0:
+            return
+        if n > self._unconsumed:
+            n = self._unconsumed
+        self._unconsumed -= n
+        if self.state in RECEIVING and self.state is not _S.SYN_RECEIVED:
+            room = self._rcv_adv - self._rcv_nxt
+            new = min(self.config.recv_buffer - self._unconsumed, 0xFFFF << self._rcv_wscale)
+            if new >= 2 * room and new - room >= self._mss_ours:
+                self._ack_pending = True
+
+    def events(self) -> list[ev.TcpEvent]:
+        """Drain what happened since the last call."""
+        out = self._events
+        self._events = []
+        return out
+
+    # --- timers ---------------------------------------------------------------------------------------
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest time :meth:`on_timer` has something to do, or None."""
+        state = self.state
+        if state is _S.CLOSED or state is _S.SYN_PENDING:
+            return None
+        if state is _S.TIME_WAIT:
+            return self._tw_deadline
+        best = self._rtx_deadline
+        if self._persist_deadline is not None and (best is None or self._persist_deadline < best):
+            best = self._persist_deadline
+        ka = self._keepalive_deadline()
+        if ka is not None and (best is None or ka < best):
+            best = ka
+        if state in _HALF_CLOSED:
+            hc = self._last_progress + self.config.half_close_timeout
+            if best is None or hc < best:
+                best = hc
+        return best
+
+    def on_timer(self, now: float) -> None:
+        """Run every timer that is due at ``now`` (calling it early is harmless)."""
+        state = self.state
+        if state is _S.CLOSED or state is _S.SYN_PENDING:
+            return
+        if state is _S.TIME_WAIT:
+            if self._tw_deadline is not None and now >= self._tw_deadline:
+                self._close(Trigger.TIMEOUT, ev.CLOSE_NORMAL)
+            return
+        if state in _HALF_CLOSED and now >= self._last_progress + self.config.half_close_timeout:
+            self.abort(now)
+            self._replace_close_reason(ev.CLOSE_HALF_CLOSE_TIMEOUT)
+            return
+        if self._rtx_deadline is not None and now >= self._rtx_deadline:
+            self._on_rto(now)
+            if self.state is _S.CLOSED:
+                return
+        if self._persist_deadline is not None and now >= self._persist_deadline:
+            self._on_persist(now)
+            if self.state is _S.CLOSED:
+                return
+        ka = self._keepalive_deadline()
+        if ka is not None and now >= ka:
+            if self._ka_probes >= self.config.keepalive_probes:
+                self.abort(now)
+                self._replace_close_reason(ev.CLOSE_KEEPALIVE)
+                return
+            self._ka_probes += 1
+            # RFC 9293 3.8.4: an ACK with SEG.SEQ = SND.NXT-1 and no data; the peer must answer with an ACK.
+            self._out.append(
+                OutSegment((self._snd_una - 1) & MASK, self._rcv_nxt & MASK, ACK, self._window_field(),
+                           self._ts_opt(now), b"")
+            )
+
+    def _keepalive_deadline(self) -> Optional[float]:
+        if not self.config.keepalive or self.state not in _KEEPALIVE_STATES:
+            return None
+        if self._rtx_deadline is not None or self._persist_deadline is not None:
+            return None  # something is outstanding: the retransmission/persist timers watch the peer
+        cfg = self.config
+        return self._last_recv + cfg.keepalive_idle + self._ka_probes * cfg.keepalive_interval
+
+    def _on_rto(self, now: float) -> None:
+        self._retries += 1
+        self._rtt.on_timeout()
+        self._rtt_seq = None  # Karn: never time a retransmitted segment
+        if self.state is _S.SYN_RECEIVED:
+            if self._retries > self.config.syn_retries:
+                self.abort(now)
+                self._replace_close_reason(ev.CLOSE_HANDSHAKE_TIMEOUT)
+                return
+            self._synack_needed = True
+            self._rtx_deadline = now + self._rtt.rto
+            return
+        if self._retries > self.config.max_retries:
+            self.abort(now)
+            self._replace_close_reason(ev.CLOSE_TIMEOUT)
+            return
+        flight = self._snd_nxt - self._snd_una
+        self._ssthresh = max(flight // 2, 2 * self._smss)
+        self._cwnd = self._smss
+        self._in_recovery = False
+        self._dupacks = 0
+        self._recover = self._snd_max
+        self._snd_nxt = self._snd_una  # go back; _send_data skips what the peer SACKed
+        # With the window closed nothing can be resent: the persist timer takes over (armed by segments()).
+        self._rtx_deadline = now + self._rtt.rto if self._snd_wnd or self._fin_queued else None
+
+    def _on_persist(self, now: float) -> None:
+        """Zero-window probe: one byte beyond the window (BSD style) so that an opened window is learned
+        even when the window update was lost. Unanswered probes count like retransmissions."""
+        self._persist_deadline = None
+        if self._retries >= self.config.max_retries:
+            self.abort(now)
+            self._replace_close_reason(ev.CLOSE_TIMEOUT)
+            return
+        self._retries += 1
+        data_end = self._sbuf_seq + len(self._sbuf)
+        nxt = self._snd_nxt
+        if nxt < data_end:
+            off = nxt - self._sbuf_seq
+            payload = bytes(self._sbuf[off : off + 1])
+            flags = ACK
+            if self._snd_max < nxt + 1:
+                self._snd_max = nxt + 1
+        elif self._fin_queued and nxt == self._fin_seq:
+            payload, flags = b"", ACK | FIN
+            if self._snd_max < nxt + 1:
+                self._snd_max = nxt + 1
+        else:
+            return
+        self.retransmits += 1
+        self._out.append(OutSegment(nxt & MASK, self._rcv_nxt & MASK, flags, self._window_field(),
+                                    self._ts_opt(now), payload, self._smss))
+        self._persist_backoff += 1
+        self._persist_deadline = now + self._persist_interval()
+
+    def _persist_interval(self) -> float:
+        cfg = self.config
+        interval = self._rtt.rto * (1 << min(self._persist_backoff, 16))
+        return min(max(interval, cfg.persist_min), cfg.persist_max)
+
+    # --- incoming segments ----------------------------------------------------------------------------
+
+    def receive(self, packet: SegmentIn, now: float) -> None:
+        """Process one segment from the peer (a GRO super-segment is fine)."""
+        state = self.state
+        flags = packet.tcp_flags
+        if state is _S.SYN_PENDING:
+            # Retransmitted SYNs wait for the dial; an RST means the client gave up.
+            if flags & RST and packet.seq == self._rcv_nxt & MASK:
+                self._events.append(ev.ConnectionReset())
+                self._close(Trigger.RECV_RST, ev.CLOSE_RESET)
+            return
+        if state is _S.CLOSED:
+            if not flags & RST:
+                self._reply_reset(packet)
+            return
+        try:
+            opts = packet.tcp_options()
+        except ValueError:
+            self.dropped += 1
+            return
+        self._last_recv = now
+        self._ka_probes = 0
+        seq = unwrap(packet.seq, self._rcv_nxt)
+        payload = packet.payload
+        plen = len(payload)
+
+        if flags & RST:
+            self._on_rst(seq, now)
+            return
+        if flags & SYN:
+            if state is _S.SYN_RECEIVED and seq == self._irs:
+                self._synack_needed = True  # our SYN-ACK was lost: say it again now
+            else:
+                self._challenge_ack(now)  # RFC 5961 4
+            return
+        if state is _S.TIME_WAIT:
+            if plen or flags & FIN:  # a retransmitted FIN: re-ACK and restart TIME_WAIT (RFC 9293)
+                self._ack_pending = True
+                self._tw_deadline = now + self.config.time_wait
+            return
+
+        # RFC 9293 3.10.7.4 first check, with the zero-window allowance for ACKs.
+        rcv_nxt = self._rcv_nxt
+        rcv_adv = self._rcv_adv
+        seg_len = plen + (flags & FIN)
+        if seg_len == 0:
+            acceptable = rcv_nxt <= seq <= rcv_adv
+        else:
+            acceptable = (seq < rcv_adv and seq + seg_len > rcv_nxt) or (seq == rcv_nxt and rcv_adv == rcv_nxt)
+        if not acceptable:
+            self._ack_pending = True
+            return
+        ts = opts.timestamp
+        if ts is not None and self._ts_ok and seq <= self._last_ack_sent:
+            if (ts[0] - self._ts_recent) & MASK < 0x80000000:
+                self._ts_recent = ts[0]
+        if not flags & ACK:
+            return
+        ack = unwrap(packet.ack, self._snd_una)
+        if state is _S.SYN_RECEIVED:
+            if not self._snd_una < ack <= self._snd_max:
+                # RFC 9293: an unacceptable ACK in SYN-RECEIVED draws <SEQ=SEG.ACK><CTL=RST>.
+                self._out.append(OutSegment(packet.ack, 0, RST, 0, b"", b""))
+                return
+            self._on_handshake_ack(seq, ack, packet.window, now)
+        if not self._on_ack(ack, seq, packet.window, plen, flags, opts, now):
+            return
+        if seg_len:
+            self._on_data(seq, payload, plen, flags & FIN, now)
+
+    def _on_handshake_ack(self, seq: int, ack: int, window: int, now: float) -> None:
+        self._transition(Trigger.SYN_ACKED)
+        self._synack_needed = False
+        self._snd_wnd = window << self._snd_wscale
+        self._max_snd_wnd = max(self._max_snd_wnd, self._snd_wnd)
+        self._snd_wl1 = seq
+        self._snd_wl2 = ack
+        self._retries = 0
+        self._events.append(ev.Established())
+        if self._fin_queued:
+            self._fin_seq = self._sbuf_seq + len(self._sbuf)
+            self._transition(Trigger.SEND_FIN)
+
+    def _on_rst(self, seq: int, now: float) -> None:
+        """RFC 5961 3.2: only an RST exactly at RCV.NXT resets; one elsewhere in the window draws a
+        challenge ACK (a genuine peer answers it with an exact RST); outside the window it is ignored."""
+        rcv_nxt = self._rcv_nxt
+        if self.state is _S.SYN_RECEIVED:
+            exact = rcv_nxt <= seq < max(self._rcv_adv, rcv_nxt + 1)
+        else:
+            exact = seq == rcv_nxt
+        if exact:
+            if self.state is _S.TIME_WAIT:
+                self._close(Trigger.RECV_RST, ev.CLOSE_NORMAL)
+                return
+            self._events.append(ev.ConnectionReset())
+            self._close(Trigger.RECV_RST, ev.CLOSE_RESET)
+        elif rcv_nxt < seq < self._rcv_adv:
+            self._challenge_ack(now)
+        else:
+            self.dropped += 1
+
+    def _challenge_ack(self, now: float) -> None:
+        if now - self._challenge_window >= 1.0:
+            self._challenge_window = now
+            self._challenge_count = 0
+        if self._challenge_count < _CHALLENGE_ACKS_PER_SECOND:
+            self._challenge_count += 1
+            self._ack_pending = True
+
+    def _reply_reset(self, packet: SegmentIn) -> None:
+        """RFC 9293 3.10.7.1: what a CLOSED endpoint answers to anything but an RST."""
+        if packet.tcp_flags & ACK:
+            self._out.append(OutSegment(packet.ack, 0, RST, 0, b"", b""))
+        else:
+            flags = packet.tcp_flags
+            seg_len = len(packet.payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            self._out.append(OutSegment(0, (packet.seq + seg_len) & MASK, RST | ACK, 0, b"", b""))
+
+    def _on_ack(self, ack: int, seq: int, window: int, plen: int, flags: int, opts: TcpOptionsView,
+                now: float) -> bool:
+        """Process the ACK field; False when the segment must be dropped (RFC 5961 5.2 ACK checks)."""
+        snd_una = self._snd_una
+        if ack > self._snd_max or ack < snd_una - self._max_snd_wnd - 1:
+            self._ack_pending = True
+            return False
+        wnd = window << self._snd_wscale
+        window_changed = False
+        if seq > self._snd_wl1 or (seq == self._snd_wl1 and ack >= self._snd_wl2):
+            if wnd != self._snd_wnd:
+                window_changed = True
+                self._snd_wnd = wnd
+                if wnd > self._max_snd_wnd:
+                    self._max_snd_wnd = wnd
+            self._snd_wl1 = seq
+            self._snd_wl2 = ack
+        if self._persist_deadline is not None:
+            self._retries = 0  # the peer answered a probe: it is alive, just not reading
+            if wnd:
+                self._persist_deadline = None
+                self._persist_backoff = 0
+        blocks = opts.sack_blocks
+        if blocks and self._sack_ok:
+            sb = self._scoreboard
+            sb.add(((unwrap(s, snd_una), unwrap(e, snd_una)) for s, e in blocks), max(ack, snd_una), self._snd_max)
+        if ack > snd_una:
+            self._ack_advanced(ack, opts, now)
+        elif (ack == snd_una and plen == 0 and not flags & FIN and not window_changed
+              and self._snd_nxt > snd_una):
+            self._dupacks += 1
+            if self._in_recovery:
+                if not self._sack_ok:
+                    self._cwnd += self._smss  # NewReno inflation; with SACK the scoreboard credits it
+                self._rtx_budget += 1
+            elif self._dupacks >= 3 or self._scoreboard.sacked >= 3 * self._smss:
+                self._enter_recovery()
+        return True
+
+    def _enter_recovery(self) -> None:
+        flight = self._snd_nxt - self._snd_una
+        self._ssthresh = max(flight // 2, 2 * self._smss)
+        self._cwnd = self._ssthresh + (0 if self._sack_ok else 3 * self._smss)
+        self._in_recovery = True
+        self._recover = self._snd_max
+        self._rtx_next = self._snd_una
+        self._rtx_budget = 1
+        self._rtt_seq = None
+
+    def _ack_advanced(self, ack: int, opts: TcpOptionsView, now: float) -> None:
+        acked = ack - self._snd_una
+        sbuf_seq = self._sbuf_seq
+        data_end = sbuf_seq + len(self._sbuf)
+        n = (ack if ack < data_end else data_end) - sbuf_seq
+        if n > 0:
+            del self._sbuf[:n]
+            self._sbuf_seq = sbuf_seq + n
+            self.bytes_out += n
+        self._snd_una = ack
+        if self._snd_nxt < ack:
+            self._snd_nxt = ack
+        if self._scoreboard:
+            self._scoreboard.advance(ack)
+        # RTT sample: timestamps when negotiated (RFC 7323 4.1), else the one timed segment (Karn).
+        ts = opts.timestamp
+        if self._ts_ok and ts is not None and ts[1]:
+            elapsed = (self._ts_now(now) - ts[1]) & MASK
+            if elapsed < 0x80000000:
+                self._rtt.sample(elapsed / 1000.0)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            self._rtt.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        self._retries = 0
+        self._dupacks = 0
+        smss = self._smss
+        if self._in_recovery:
+            if ack >= self._recover:
+                self._in_recovery = False
+                self._cwnd = self._ssthresh
+            else:  # partial ACK (RFC 6582): repair the next hole at once, deflate by what left
+                self._cwnd = max(self._cwnd - acked + smss, smss)
+                self._rtx_budget += 1
+        elif self._cwnd < self._ssthresh:
+            self._cwnd += acked  # slow start; the peer is local, so no per-ACK cap (RFC 3465 L)
+        else:
+            self._cwnd += max(smss * smss // self._cwnd, 1) * max(acked // smss, 1)
+        if self._cwnd > _MAX_CWND:
+            self._cwnd = _MAX_CWND
+        self._last_progress = now
+        if self._snd_nxt > ack:
+            self._rtx_deadline = now + self._rtt.rto
+        else:
+            self._rtx_deadline = None
+        if self._fin_queued and ack == self._fin_seq + 1 and self.state in _FIN_UNACKED:
+            self._transition(Trigger.FIN_ACKED)
+            if self.state is _S.CLOSED:
+                self._emit_closed(ev.CLOSE_NORMAL)
+                return
+            if self.state is _S.TIME_WAIT:
+                self._enter_time_wait(now)
+        if self._send_blocked:
+            space = self.send_space
+            if space >= self.config.send_buffer >> 2:
+                self._send_blocked = False
+                self._events.append(ev.SendSpaceAvailable(space))
+
+    def _on_data(self, seq: int, payload: memoryview, plen: int, fin: int, now: float) -> None:
+        if self.state not in RECEIVING:
+            self._ack_pending = True  # a retransmission after the peer's FIN: just re-ACK
+            return
+        self._ack_pending = True
+        rcv_nxt = self._rcv_nxt
+        if seq == rcv_nxt and not self._reasm:
+            # Hot path: in order, nothing queued out of order.
+            room = self._rcv_adv - rcv_nxt
+            if plen <= room:
+                data = bytes(payload)
+            else:
+                data = bytes(payload[:room])
+                fin = 0
+            n = len(data)
+            if n:
+                self._rcv_nxt = rcv_nxt + n
+                self._unconsumed += n
+                self.bytes_in += n
+                self._last_progress = now
+                self._events.append(ev.DataReceived(data))
+            if fin:
+                self._on_fin(now)
+            return
+        # Slow path: trim to [rcv_nxt, rcv_adv), then deliver or queue.
+        start = seq
+        end = seq + plen
+        fin_seq: Optional[int] = end if fin else None
+        if start < rcv_nxt:
+            payload = payload[rcv_nxt - start :]
+            start = rcv_nxt
+        if end > self._rcv_adv:
+            fin_seq = None
+            if self._rcv_adv > start:
+                payload = payload[: self._rcv_adv - start]
+                end = self._rcv_adv
+            else:
+                end = start
+        if end > start:
+            if start == rcv_nxt:
+                self._deliver(bytes(payload), now)
+                self._drain_reassembly(now)
+            elif not self._reasm.add(start, payload):
+                self.dropped += 1
+        if fin_seq is not None and fin_seq >= self._rcv_nxt:
+            self._fin_ooo = fin_seq
+        if self._fin_ooo is not None and self._fin_ooo == self._rcv_nxt:
+            self._fin_ooo = None
+            self._on_fin(now)
+
+    def _deliver(self, data: bytes, now: float) -> None:
+        n = len(data)
+        if n:
+            self._rcv_nxt += n
+            self._unconsumed += n
+            self.bytes_in += n
+            self._last_progress = now
+            self._events.append(ev.DataReceived(data))
+
+    def _drain_reassembly(self, now: float) -> None:
+        reasm = self._reasm
+        while True:
+            chunk = reasm.pop_ready(self._rcv_nxt)
+            if chunk is None:
+                return
+            self._deliver(chunk, now)
+
+    def _on_fin(self, now: float) -> None:
+        self._rcv_nxt += 1
+        self._reasm = Reassembly(self.config.max_ooo_blocks) if self._reasm else self._reasm
+        self._ack_pending = True
+        self._last_progress = now
+        self._events.append(ev.PeerFinished())
+        self._transition(Trigger.RECV_FIN)
+        if self.state is _S.TIME_WAIT:
+            self._enter_time_wait(now)
+
+    def _enter_time_wait(self, now: float) -> None:
+        self._tw_deadline = now + self.config.time_wait
+        self._rtx_deadline = None
+        self._persist_deadline = None
+        self._sbuf = bytearray()
+
+    # --- outgoing segments ----------------------------------------------------------------------------
+
+    def segments(self, now: float) -> list[OutSegment]:
+        """Drain everything to transmit now: control segments, the SYN-ACK, retransmissions, new data
+        (runs of up to ``max_gso_bytes``), the FIN, and a pure ACK when no other segment carried it."""
+        out = self._out
+        self._out = []
+        state = self.state
+        if state is _S.SYN_RECEIVED:
+            if self._synack_needed:
+                self._emit_synack(now, out)
+            return out
+        if state not in SYNCHRONIZED:
+            return out
+        window, edge = self._window_calc()
+        tsopt = self._ts_opt(now)
+        n_before = len(out)
+        if self._ack_pending and self._reasm and self._sack_ok:
+            # SACK blocks go on a pure ACK so that data segments keep a fixed header (GSO-friendly).
+            blocks = self._reasm.sack_blocks(max_sack_blocks(self._ts_ok))
+            opt = tsopt + sack_option([(s & MASK, e & MASK) for s, e in blocks])
+            out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, opt, b""))
+        if state in SENDING:
+            if self._in_recovery and self._rtx_budget > 0:
+                self._retransmit_holes(out, window, tsopt)
+            self._send_data(now, out, window, tsopt)
+            if self._state_is_sending_fin():
+                self._send_fin(now, out, window, tsopt)
+        if self._ack_pending and len(out) == n_before:
+            out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, b""))
+        if len(out) > n_before:
+            self._last_ack_sent = self._rcv_nxt
+            if edge > self._rcv_adv:
+                self._rcv_adv = edge  # only what actually went out counts as offered
+        self._ack_pending = False
+        return out
+
+    def _emit_synack(self, now: float, out: list[OutSegment]) -> None:
+        self._synack_needed = False
+        free = self.config.recv_buffer - self._unconsumed
+        window = min(free, 0xFFFF)
+        self._rcv_adv = max(self._rcv_adv, self._rcv_nxt + window)
+        ts = (self._ts_now(now), self._ts_recent) if self._ts_ok else None
+        opts = syn_ack_options(self._mss_ours, self._rcv_wscale if self._ws_ok else None, self._sack_ok, ts)
+        out.append(OutSegment(self._iss & MASK, self._rcv_nxt & MASK, SYN | ACK, window, opts, b""))
+        self._snd_nxt = self._snd_max = self._iss + 1
+        if self._rtx_deadline is None:
+            self._rtx_deadline = now + self._rtt.rto
+        if self._retries == 0 and not self._ts_ok:
+            self._rtt_seq = self._iss + 1
+            self._rtt_time = now
+        else:
+            self.retransmits += self._retries > 0
+
+    def _window_field(self) -> int:
+        """The window header value for a segment that is certainly sent (records the offered edge)."""
+        field, edge = self._window_calc()
+        if edge > self._rcv_adv:
+            self._rcv_adv = edge
+        return field
+
+    def _window_calc(self) -> tuple[int, int]:
+        """(header value, right edge) of the window to advertise. Never shrinks the right edge we already
+        offered (RFC 9293 3.8.6.2.2) and only moves it for a worthwhile gain (receiver SWS avoidance,
+        RFC 1122 4.2.3.3). Rounding up to the scale unit may offer up to 2**wscale-1 bytes beyond the
+        buffer."""
+        cfg = self.config
+        rcv_nxt = self._rcv_nxt
+        room = self._rcv_adv - rcv_nxt
+        free = cfg.recv_buffer - self._unconsumed
+        if free - room >= min(cfg.recv_buffer >> 1, self._mss_ours):
+            wnd = free
+        else:
+            wnd = room
+        shift = self._rcv_wscale
+        field = (wnd + (1 << shift) - 1) >> shift
+        if field > 0xFFFF:
+            field = 0xFFFF
+        return field, rcv_nxt + (field << shift)
+
+    def _ts_now(self, now: float) -> int:
+        return (int(now * 1000) + self._ts_offset) & MASK
+
+    def _ts_opt(self, now: float) -> bytes:
+        if not self._ts_ok:
+            return b""
+        return ts_option(self._ts_now(now), self._ts_recent)
+
+    def _retransmit_holes(self, out: list[OutSegment], window: int, tsopt: bytes) -> None:
+        """Fast-recovery repair: one MSS per budget unit, from the first hole the SACK scoreboard shows
+        (or at snd_una without SACK information, as NewReno does)."""
+        smss = self._smss
+        limit = min(self._recover, self._snd_nxt)
+        while self._rtx_budget > 0:
+            start = max(self._rtx_next, self._snd_una)
+            hole: Optional[tuple[int, int]]
+            if self._scoreboard:
+                hole = self._scoreboard.next_hole(start, limit)
+            elif start == self._snd_una and start < limit:
+                hole = (start, limit)
+            else:
+                hole = None
+            if hole is None:
+                self._rtx_budget = 0
+                return
+            begin, end = hole
+            end = min(end, begin + smss)
+            self._emit_range(begin, end, out, window, tsopt, retransmission=True)
+            self._rtx_next = end
+            self._rtx_budget -= 1
+
+    def _emit_range(self, begin: int, end: int, out: list[OutSegment], window: int, tsopt: bytes,
+                    retransmission: bool) -> None:
+        off = begin - self._sbuf_seq
+        data_end = self._sbuf_seq + len(self._sbuf)
+        if end > data_end:
+            end = data_end
+        if end <= begin:
+            return
+        payload = bytes(self._sbuf[off : off + (end - begin)])
+        if retransmission:
+            self.retransmits += 1
+        out.append(OutSegment(begin & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, payload, self._smss))
+
+    def _send_data(self, now: float, out: list[OutSegment], window: int, tsopt: bytes) -> None:
+        """New data (and, after an RTO, go-back retransmissions) within min(peer window, cwnd)."""
+        sbuf = self._sbuf
+        sbuf_seq = self._sbuf_seq
+        data_end = sbuf_seq + len(sbuf)
+        nxt = self._snd_nxt
+        if nxt >= data_end:
+            self._arm_persist_if_stuck(now, data_end)
+            return
+        snd_una = self._snd_una
+        sb = self._scoreboard
+        limit = snd_una + self._snd_wnd
+        cwnd_edge = snd_una + self._cwnd + sb.sacked
+        if cwnd_edge < limit:
+            limit = cwnd_edge
+        if data_end < limit:
+            limit = data_end
+        smss = self._smss
+        cap = self._gso_cap
+        ack = self._rcv_nxt & MASK
+        first = len(out)
+        start_nxt = nxt
+        retransmitted = nxt < self._snd_max
+        with memoryview(sbuf) as view:
+            while nxt < limit:
+                run_end = limit
+                if sb:
+                    rng = sb.next_sacked(nxt)
+                    if rng is not None:
+                        if rng[0] <= nxt:
+                            nxt = rng[1]
+                            continue
+                        if rng[0] < run_end:
+                            run_end = rng[0]
+                length = run_end - nxt
+                if length > cap:
+                    length = cap
+                elif length < smss and run_end == limit and limit < data_end and length < self._max_snd_wnd >> 1:
+                    break  # sender SWS avoidance: wait for a full segment's worth of window
+                off = nxt - sbuf_seq
+                out.append(OutSegment(nxt & MASK, ack, ACK, window, tsopt, bytes(view[off : off + length]), smss))
+                nxt += length
+        if len(out) == first:
+            self._arm_persist_if_stuck(now, data_end)
+            return
+        last = out[-1]
+        out[-1] = last._replace(flags=last.flags | PSH)
+        if retransmitted:
+            self.retransmits += len(out) - first
+        self._snd_nxt = nxt
+        if nxt > self._snd_max:
+            if self._rtt_seq is None and not self._ts_ok and start_nxt >= self._snd_max:
+                self._rtt_seq = nxt
+                self._rtt_time = now
+            self._snd_max = nxt
+        if self._rtx_deadline is None:
+            self._rtx_deadline = now + self._rtt.rto
+        self._persist_deadline = None
+        self._persist_backoff = 0
+
+    def _arm_persist_if_stuck(self, now: float, data_end: int) -> None:
+        """Nothing in flight, something to send, no window to send it in: probe (RFC 9293 3.8.6.1)."""
+        pending = self._snd_nxt < data_end or (self._fin_queued and self._snd_nxt <= self._fin_seq)
+        if pending and self._snd_nxt == self._snd_una and self._persist_deadline is None and \
+                self._rtx_deadline is None:
+            self._persist_deadline = now + self._persist_interval()
+
+    def _state_is_sending_fin(self) -> bool:
+        return self._fin_queued and self.state in _FIN_UNACKED and self._snd_nxt == self._fin_seq \
+            and self._sbuf_seq + len(self._sbuf) == self._fin_seq
+
+    def _send_fin(self, now: float, out: list[OutSegment], window: int, tsopt: bytes) -> None:
+        fin_seq = self._fin_seq
+        if out and out[-1].payload and (out[-1].seq + len(out[-1].payload)) & MASK == fin_seq & MASK \
+                and not out[-1].flags & (SYN | RST):
+            last = out[-1]
+            out[-1] = last._replace(flags=last.flags | FIN)  # ride on the last data segment
+        else:
+            out.append(OutSegment(fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
+        if self._snd_max > fin_seq:
+            self.retransmits += 1
+        self._snd_nxt = fin_seq + 1
+        if self._snd_max < fin_seq + 1:
+            self._snd_max = fin_seq + 1
+        if self._rtx_deadline is None:
+            self._rtx_deadline = now + self._rtt.rto
+        self._persist_deadline = None
+
+    # --- state changes ----------------------------------------------------------------------------------
+
+    def _transition(self, trigger: Trigger) -> None:
+        self.state = next_state(self.state, trigger)
+
+    def _close(self, trigger: Trigger, reason: str) -> None:
+        self._transition(trigger)
+        self._emit_closed(reason)
+
+    def _emit_closed(self, reason: str) -> None:
+        self._rtx_deadline = None
+        self._persist_deadline = None
+        self._tw_deadline = None
+        self._sbuf = bytearray()
+        self._reasm = Reassembly(1)
+        self._scoreboard.clear()
+        self._ack_pending = False
+        self._events.append(ev.Closed(reason))
+
+    def _replace_close_reason(self, reason: str) -> None:
+        """abort() reports CLOSE_ABORTED; a timer-driven abort names its own cause instead."""
+        for i in range(len(self._events) - 1, -1, -1):
+            if isinstance(self._events[i], ev.Closed):
+                self._events[i] = ev.Closed(reason)
+                return
+
+
+_CAN_QUEUE = frozenset({_S.SYN_PENDING, _S.SYN_RECEIVED, _S.ESTABLISHED, _S.CLOSE_WAIT})
+_FIN_UNACKED = frozenset({_S.FIN_WAIT_1, _S.CLOSING, _S.LAST_ACK})

@@ -1,0 +1,85 @@
+"""TCP connection states and every transition between them, in one table (h11 ``_state.py`` style).
+
+The endpoint never assigns a state directly: it names what happened (a :class:`Trigger`) and
+:func:`next_state` looks the pair up. A pair that is not in the table is a bug in the caller, so it raises;
+the endpoint only fires triggers that are legal in the current state.
+
+``SYN_PENDING`` is the forwarder addition to RFC 9293: the client's SYN has been seen, the upstream dial is in
+progress and nothing has been sent yet (gVisor's ``tcp.NewForwarder`` equivalent). ``accept`` moves on to
+SYN_RECEIVED (SYN-ACK sent), ``refuse`` to CLOSED (RST sent).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["TcpState", "Trigger", "next_state", "InvalidTransition", "SYNCHRONIZED", "RECEIVING", "SENDING"]
+
+
+class TcpState(enum.Enum):
+    SYN_PENDING = "SYN_PENDING"
+    SYN_RECEIVED = "SYN_RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT_1 = "FIN_WAIT_1"
+    FIN_WAIT_2 = "FIN_WAIT_2"
+    CLOSING = "CLOSING"
+    TIME_WAIT = "TIME_WAIT"
+    CLOSE_WAIT = "CLOSE_WAIT"
+    LAST_ACK = "LAST_ACK"
+    CLOSED = "CLOSED"
+
+
+class Trigger(enum.Enum):
+    ACCEPT = "accept"  # the application accepted the pending SYN (SYN-ACK goes out)
+    REFUSE = "refuse"  # the application refused it (RST goes out)
+    SYN_ACKED = "syn acked"  # the peer acknowledged our SYN-ACK
+    SEND_FIN = "send fin"  # the application shut down its sending side
+    RECV_FIN = "recv fin"  # the peer's FIN arrived in order
+    FIN_ACKED = "fin acked"  # the peer acknowledged our FIN
+    RECV_RST = "recv rst"  # an acceptable RST arrived
+    ABORT = "abort"  # the application aborted (RST goes out)
+    TIMEOUT = "timeout"  # a timer gave up (retries, keepalive, half-close) or TIME_WAIT ended
+
+
+class InvalidTransition(RuntimeError):
+    """A trigger that the table does not allow in the current state (a bug in the endpoint)."""
+
+
+S, T = TcpState, Trigger
+
+_TRANSITIONS: dict[tuple[TcpState, Trigger], TcpState] = {
+    (S.SYN_PENDING, T.ACCEPT): S.SYN_RECEIVED,
+    (S.SYN_PENDING, T.REFUSE): S.CLOSED,
+    (S.SYN_RECEIVED, T.SYN_ACKED): S.ESTABLISHED,
+    (S.ESTABLISHED, T.SEND_FIN): S.FIN_WAIT_1,
+    (S.ESTABLISHED, T.RECV_FIN): S.CLOSE_WAIT,
+    (S.FIN_WAIT_1, T.FIN_ACKED): S.FIN_WAIT_2,
+    (S.FIN_WAIT_1, T.RECV_FIN): S.CLOSING,
+    (S.FIN_WAIT_2, T.RECV_FIN): S.TIME_WAIT,
+    (S.CLOSING, T.FIN_ACKED): S.TIME_WAIT,
+    (S.CLOSE_WAIT, T.SEND_FIN): S.LAST_ACK,
+    (S.LAST_ACK, T.FIN_ACKED): S.CLOSED,
+}
+# A reset, an abort or a timer giving up ends the connection from any live state.
+for _state in TcpState:
+    if _state is not S.CLOSED:
+        for _trigger in (T.RECV_RST, T.ABORT, T.TIMEOUT):
+            _TRANSITIONS[(_state, _trigger)] = S.CLOSED
+del _state, _trigger
+
+# States in which both sequence spaces are synchronized (RFC 9293 3.10.7.4 processing applies).
+SYNCHRONIZED = frozenset(
+    {S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.TIME_WAIT, S.CLOSE_WAIT, S.LAST_ACK}
+)
+# States in which the peer may still send us data (its FIN has not arrived).
+RECEIVING = frozenset({S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2})
+# States in which we may still have data or a FIN to (re)transmit.
+SENDING = frozenset({S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK})
+
+
+def next_state(state: TcpState, trigger: Trigger) -> TcpState:
+    """The state after ``trigger`` in ``state``; raises :class:`InvalidTransition` if not allowed."""
+    try:
+        return _TRANSITIONS[(state, trigger)]
+    except KeyError:
+        raise InvalidTransition(f"{trigger.value!r} is not allowed in {state.value}") from None
