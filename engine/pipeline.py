@@ -63,6 +63,16 @@ class SourceGuard:
         return False
 
 
+class DryRunHandler:
+    """Stands in for a forwarder during replay: the flow is accepted, its packets only counted."""
+
+    def on_packet(self, packet: Packet, now: float) -> None:
+        return None
+
+    def close(self, now: float) -> None:
+        return None
+
+
 class Pipeline:
     """Owns the flow table and runs every packet from the device through the engine's rules."""
 
@@ -75,6 +85,8 @@ class Pipeline:
         self.hook = engine.hook
         self.current_vnet: VnetHeader | None = None
         """The vnet header of the packet being handled (GSO size of a UDP super-packet), else None."""
+        self.dry_run = False
+        """Judge flows but never forward them (``dnsgate replay``: a capture must not cause real I/O)."""
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -126,7 +138,7 @@ class Pipeline:
             return
         if packet.proto == PROTO_TCP and packet.tcp_flags & (SYN | ACK) == SYN and replaceable_by(handler, packet):
             # RFC 6191: a new SYN may reuse a 4-tuple whose connection sits in TIME_WAIT.
-            self.engine.close_flow(flow, now, "replaced by a new SYN")
+            self.engine.end_flow(flow, now, "replaced by a new SYN")
             self._new_flow(packet, now)
             return
         if flow.inspect:
@@ -167,13 +179,18 @@ class Pipeline:
         decision = self._safe_hook("dnsgate_filter", packet=packet, flow=flow, now=now)
         if not isinstance(decision, Decision):
             decision = ACCEPT_BY_DEFAULT
-        handler = None
-        if decision.allowed:
-            handler = self._safe_hook("dnsgate_forward", packet=packet, flow=flow, now=now)
-            if handler is None:
-                decision = NO_FORWARDER
         flow.decision = decision
         self._safe_hook("dnsgate_track", packet=packet, flow=flow, decision=decision, now=now)
+        handler = None
+        if decision.allowed:
+            if self.dry_run:
+                handler = DryRunHandler()
+            else:
+                handler = self._safe_hook("dnsgate_forward", packet=packet, flow=flow, now=now)
+            if handler is None:
+                # Accepted, but nothing can carry it (e.g. no tcp_forward in the profile): refuse it
+                # cleanly instead of leaving the client to time out.
+                decision = flow.decision = NO_FORWARDER
         if handler is not None:
             flow.handler = handler
             flow.inspect = decision.inspect

@@ -62,9 +62,9 @@ def resolve_plugin_class(reference: str, *, file: str = "<profile>") -> PluginIn
     if reference in BUILTIN_PLUGINS:
         try:
             module = importlib.import_module(f"plugins.{reference}")
+            cls = getattr(module, "PLUGIN", None) or _single_plugin_class(module)
         except ImportError as error:
             raise PluginLoadError(file, key, f"built-in plugin failed to import: {error}") from None
-        cls = getattr(module, "PLUGIN", None) or _single_plugin_class(module)
         return PluginInfo(reference, "builtin", getattr(module, "__file__", "") or "", cls)
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry_point.name == reference:

@@ -260,11 +260,21 @@ def resolve_profile_path(name_or_path: str, relative_to: Path | None = None) -> 
 
 def load_profile(name_or_path: str, *, environ: Mapping[str, str] | None = None) -> Profile:
     path = resolve_profile_path(name_or_path)
-    merged = _load_merged(path, environ if environ is not None else os.environ, seen=())
-    return profile_from_dict(merged, file=str(path), name=path.stem)
+    own: dict[str, Any] = {}
+    merged = _load_merged(path, environ if environ is not None else os.environ, seen=(), own=own)
+    own_tables = own.get("plugins", {})
+    return profile_from_dict(
+        merged, file=str(path), name=path.stem,
+        own_tables=set(own_tables) if isinstance(own_tables, dict) else set(),
+    )
 
 
-def profile_from_dict(data: Mapping[str, Any], *, file: str = "<profile>", name: str = "custom") -> Profile:
+def profile_from_dict(
+    data: Mapping[str, Any], *, file: str = "<profile>", name: str = "custom", own_tables: set[str] | None = None,
+) -> Profile:
+    """Validate a merged profile. Tables of plugins the profile does not list are an error when the
+    profile's own file wrote them (a typo), and are dropped when inherited (a child may use fewer
+    plugins than its parent)."""
     unknown = sorted(set(data) - TOP_LEVEL_KEYS)
     if unknown:
         raise ProfileError(file, unknown[0], f"unknown top-level key (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
@@ -277,12 +287,17 @@ def profile_from_dict(data: Mapping[str, Any], *, file: str = "<profile>", name:
             raise ProfileError(file, f"plugins.{plugin_name}", "expected a table")
     if not engine.plugins:
         raise ProfileError(file, "engine.plugins", "no plugins listed: name at least one (e.g. \"dns_filter\")")
+    if own_tables is not None:
+        listed = {reference.rpartition(":")[2] for reference in engine.plugins} | set(engine.plugins)
+        tables = {key: table for key, table in tables.items() if key in listed or key in own_tables}
     if len(set(engine.plugins)) != len(engine.plugins):
         raise ProfileError(file, "engine.plugins", "a plugin is listed twice")
     return Profile(name=name, path=file, engine=engine, plugin_tables=tables, raw=dict(data))
 
 
-def _load_merged(path: Path, environ: Mapping[str, str], seen: tuple[Path, ...]) -> dict[str, Any]:
+def _load_merged(
+    path: Path, environ: Mapping[str, str], seen: tuple[Path, ...], own: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     file = str(path)
     if path in seen:
         raise ProfileError(file, "extends", "profiles extend each other in a loop")
@@ -298,6 +313,8 @@ def _load_merged(path: Path, environ: Mapping[str, str], seen: tuple[Path, ...])
     except tomllib.TOMLDecodeError as error:
         raise ProfileError(file, "", f"invalid TOML: {error}") from None
     data = _expand_env(data, environ, file, "")
+    if own is not None:
+        own.update(data)
     parent = data.pop("extends", None)
     if parent is None:
         return data

@@ -1,0 +1,130 @@
+"""``dnsgate serve``: run the engine on a TUN that someone else set up (no routes touched).
+
+This is the embedding/benchmark entry point: the benchmark harness and the test topology open the TUN in
+the client's namespace and hand the fd over (``--tun-fd``), like a phone's VpnService hands its fd to the
+VPN app. ``dnsgate run`` builds on :func:`run_engine` and adds device creation and routing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from engine.profile import Profile, ProfileError, load_profile
+
+log = logging.getLogger("dnsgate")
+
+READY_LINE = "dnsgate: ready"
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("serve", help="run the engine on an existing TUN (fd or name), no routing")
+    parser.add_argument("--profile", default="firewall", help="built-in name or path (default: firewall)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tun-fd", type=int, help="inherited TUN fd (IFF_TUN|IFF_NO_PI[|IFF_VNET_HDR])")
+    source.add_argument("--tun", metavar="NAME", help="create or attach the TUN NAME (addresses/routes are yours)")
+    parser.add_argument("--vnet-hdr", action="store_true", default=None,
+                        help="the fd carries virtio-net headers (detected when omitted)")
+    parser.add_argument("--control", metavar="PATH", help="serve the control socket at PATH (mode 0600)")
+    parser.add_argument("--ready-file", metavar="PATH", help="touch PATH once the engine reads packets")
+    add_logging_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", help="0-3 or debug/info/warning/error (default info)")
+    parser.add_argument("--log-json", action="store_true", help="JSON lines instead of human-readable logs")
+    parser.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    try:
+        from engine import logs
+    except ImportError:  # pragma: no cover - logs.py ships with the package
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    logs.setup_logging(level=args.log_level, json_lines=args.log_json, file=args.log_file)
+
+
+async def run_engine(
+    profile: Profile,
+    device: Any,
+    *,
+    control_path: str | None = None,
+    ready_file: str | None = None,
+    on_started: Callable[[Any], Awaitable[None] | None] | None = None,
+    on_stopping: Callable[[Any], Awaitable[None] | None] | None = None,
+    extra_handlers: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+) -> int:
+    """Run an engine on ``device`` until SIGTERM/SIGINT; returns the exit status."""
+    from engine.runtime import Engine
+
+    loop = asyncio.get_running_loop()
+    engine = Engine(profile, device, loop=loop)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    control = None
+    await engine.start()
+    try:
+        if control_path:
+            from engine import control as control_module
+
+            handlers = dict(control_module.engine_handlers(engine)) if hasattr(control_module, "engine_handlers") else {}
+            handlers.update(extra_handlers or {})
+            control = control_module.ControlServer(control_path, handlers)
+            await control.start()
+        if on_started is not None:
+            result = on_started(engine)
+            if result is not None:
+                await result
+        if ready_file:
+            Path(ready_file).touch()
+        print(READY_LINE, file=sys.stderr, flush=True)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        if on_stopping is not None:
+            try:
+                result = on_stopping(engine)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("cleanup failed")
+        if control is not None:
+            await control.close()
+        await engine.stop()
+        device.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args)
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as error:
+        print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
+        return 2
+    from engine.io.tun import TunDevice, TunError
+
+    try:
+        if args.tun_fd is not None:
+            device = TunDevice.from_fd(args.tun_fd, args.vnet_hdr, offload=profile.engine.offload,
+                                       txqueuelen=profile.engine.txqueuelen)
+        else:
+            device = TunDevice.open(args.tun, vnet_hdr=bool(args.vnet_hdr if args.vnet_hdr is not None else profile.engine.offload),
+                                    offload=profile.engine.offload, mtu=profile.engine.mtu,
+                                    txqueuelen=profile.engine.txqueuelen)
+    except (TunError, OSError) as error:
+        print(f"dnsgate: cannot use the TUN device: {error}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file))
+    except ProfileError as error:
+        print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,154 @@
+"""The packet loop: new flows through the hooks once, established flows on the fast path, bad input
+counted and dropped, plugin failures contained."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.decision import Verdict
+from engine.packet import ACK, PROTO_ICMP, PROTO_TCP, RST, SYN, parse
+from engine.plugin_manager import PluginLoadError
+from engine.testing import PluginHarness, ping, syn, tcp, udp
+
+RECORDER = "tests.unit.sample_plugins:Recorder"
+EXPLODING = "tests.unit.sample_plugins:Exploding"
+BLOCKER = "tests.unit.sample_plugins:PortBlocker"
+
+
+def test_new_flow_runs_the_hooks_in_order_then_the_fast_path_calls_none() -> None:
+    with PluginHarness(RECORDER) as harness:
+        first = harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"one"))
+        assert harness.plugin.calls == ["classify", "filter", "track", "forward"]
+        assert first.decision is not None and first.decision.verdict is Verdict.ACCEPT
+        assert first.flow is not None and first.flow.labels == {"seen"}
+        for payload in (b"two", b"three!"):
+            harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9999, payload))
+        assert harness.plugin.calls == ["classify", "filter", "track", "forward"]
+        handler = harness.plugin.handlers[0]
+        assert handler.packets == [3, 6]  # the first packet was the forwarder's
+        assert first.flow.packets_out == 2 and first.flow.bytes_out > 0
+
+
+def test_reject_answers_tcp_with_rst_and_udp_with_the_asked_icmp() -> None:
+    with PluginHarness(BLOCKER, {"port": 443}, others=[(RECORDER, {})]) as harness:
+        result = harness.feed(syn("10.0.0.2", 40000, "192.0.2.7", 443, seq=77))
+        assert result.decision is not None and result.decision.plugin == "port_blocker"
+        [rst] = result.written
+        assert rst.proto == PROTO_TCP and rst.tcp_flags & RST and rst.ack == 78
+        assert (rst.src, rst.dport) == (parse(syn("10.0.0.2", 40000, "192.0.2.7", 443)).dst, 40000)
+        [icmp] = harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 443, b"q")).written
+        assert (icmp.proto, icmp.icmp_type, icmp.icmp_code) == (PROTO_ICMP, 3, 3)
+        assert harness.engine.stats.get("blocked.port_blocker") == 2
+        assert harness.plugin.config.port == 443
+
+
+def test_a_cached_reject_repeats_and_floods_degrade_to_drop() -> None:
+    with PluginHarness(BLOCKER, engine={"reject_rate": 3}) as harness:
+        packets = [udp("10.0.0.2", 5000, "192.0.2.7", 443, b"q") for _ in range(10)]
+        written = sum(len(harness.feed(packet).written) for packet in packets)
+        assert written == 3
+        assert harness.engine.stats.get("rejects_degraded_to_drop") == 7
+
+
+def test_plugin_exceptions_are_contained_and_counted() -> None:
+    with PluginHarness(EXPLODING, others=[(RECORDER, {})], engine={"on_plugin_error": "accept"}) as harness:
+        result = harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 53, b"q"))
+        assert result.decision is not None and result.decision.verdict is Verdict.ACCEPT
+        assert harness.plugin is not None
+        assert harness.engine.stats.get("plugin_errors.exploding") == 2
+        recorder = harness.engine.plugins["recorder"]
+        assert recorder.calls == ["classify", "filter", "track", "forward"]  # the others still ran
+    with PluginHarness(EXPLODING, others=[(RECORDER, {})], engine={"on_plugin_error": "drop"}) as harness:
+        result = harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 53, b"q"))
+        assert result.decision is not None and result.decision.verdict is Verdict.DROP
+        assert result.decision.reason == "plugin error" and result.written == []
+
+
+def test_misspelled_hooks_are_refused_at_load() -> None:
+    with pytest.raises(PluginLoadError, match="dnsgate_filtr"):
+        PluginHarness("tests.unit.sample_plugins:Misspelled")
+
+
+def test_unknown_plugin_and_bad_config_are_refused() -> None:
+    with pytest.raises(PluginLoadError, match="unknown plugin"):
+        PluginHarness("no_such_plugin")
+    with pytest.raises(PluginLoadError, match="cannot import"):
+        PluginHarness("no.such.module:Thing")
+    with pytest.raises(Exception, match="plugins.port_blocker.port"):
+        PluginHarness(BLOCKER, {"port": "https"})
+
+
+def test_malformed_and_spoofed_packets_are_counted_and_dropped() -> None:
+    with PluginHarness(RECORDER) as harness:
+        for junk in (b"", b"\x45", b"\x60" + b"\x00" * 10, bytes(range(40)), b"\xff" * 1500):
+            assert harness.feed(junk).written == []
+        assert harness.engine.stats.get("malformed") == 5
+        assert harness.feed(udp("192.0.2.99", 5000, "192.0.2.7", 53, b"q")).flow is None
+        assert harness.engine.stats.get("spoofed") == 1
+        assert harness.plugin.calls == []
+        # The engine is still fine afterwards.
+        assert harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 53, b"q")).flow is not None
+
+
+def test_stray_tcp_segment_without_a_flow_gets_a_reset_not_a_flow() -> None:
+    with PluginHarness(RECORDER) as harness:
+        result = harness.feed(tcp("10.0.0.2", 40000, "192.0.2.7", 80, flags=ACK, seq=5, ack=9))
+        assert result.flow is None
+        [rst] = result.written
+        assert rst.tcp_flags & RST and rst.seq == 9
+        assert harness.feed(tcp("10.0.0.2", 40000, "192.0.2.7", 80, flags=RST, seq=5)).written == []
+
+
+def test_only_echo_requests_open_icmp_flows() -> None:
+    with PluginHarness(RECORDER) as harness:
+        assert harness.feed(ping("10.0.0.2", "192.0.2.7", ident=9)).flow is not None
+        assert harness.engine.flows.get((PROTO_ICMP, bytes([10, 0, 0, 2]), 9, bytes([192, 0, 2, 7]), 0)) is not None
+
+
+def test_new_syn_replaces_a_time_wait_flow_rfc6191() -> None:
+    with PluginHarness(RECORDER) as harness:
+        first = harness.feed(syn("10.0.0.2", 40000, "192.0.2.7", 80, seq=1))
+        handler = harness.plugin.handlers[0]
+        harness.feed(syn("10.0.0.2", 40000, "192.0.2.7", 80, seq=1))  # a retransmit goes to the handler
+        assert handler.packets == [1] and len(harness.plugin.handlers) == 1
+        handler.time_wait = True
+        second = harness.feed(syn("10.0.0.2", 40000, "192.0.2.7", 80, seq=99999))
+        assert len(harness.plugin.handlers) == 2 and handler.closed
+        assert second.flow is not None and first.flow is not None and second.flow.id != first.flow.id
+
+
+def test_flow_table_bound_evicts_the_oldest_and_closes_its_handler() -> None:
+    with PluginHarness(RECORDER, engine={"max_flows": 16}) as harness:
+        for port in range(40):
+            harness.feed(udp("10.0.0.2", 5000 + port, "192.0.2.7", 9, b"x"))
+        assert len(harness.engine.flows) <= 16
+        assert harness.plugin.handlers[0].closed
+        assert harness.engine.stats.get("flows_evicted") >= 24
+
+
+def test_idle_flows_expire_on_tick() -> None:
+    with PluginHarness(RECORDER, engine={"flow_idle_timeout": "10s"}) as harness:
+        harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9, b"x"))
+        harness.advance(5)
+        assert len(harness.engine.flows) == 1
+        harness.advance(6)
+        assert len(harness.engine.flows) == 0 and harness.plugin.handlers[0].closed
+
+
+def test_flow_counts_and_snapshot_are_json_ready() -> None:
+    import json
+
+    with PluginHarness(RECORDER) as harness:
+        harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9, b"x"))
+        snapshot = harness.engine.snapshot()
+        json.dumps(snapshot)
+        assert snapshot["flows"]["open"] == {"udp": 1}
+        assert snapshot["top_flows"][0]["flow"] == "10.0.0.2:5000 -> 192.0.2.7:9/udp"
+
+
+def test_ipv6_flows_use_bracketed_endpoints() -> None:
+    with PluginHarness(RECORDER) as harness:
+        result = harness.feed(udp("fd00:db8::2", 5000, "2001:db8::7", 9, b"x"))
+        assert result.flow is not None
+        assert result.flow.describe() == "[fd00:db8::2]:5000 -> [2001:db8::7]:9/udp"
+        assert SYN  # imported for the TCP cases above
