@@ -86,12 +86,14 @@ def replay(profile_name: str, capture: str, write: str | None = None) -> list[di
                 except PacketError:
                     engine.stats.incr("malformed")
                     continue
-                if guard.allows(packet.src):
-                    device.inject(data)
-                elif packet.proto == PROTO_UDP and packet.sport == 53 and guard.allows(packet.dst):
+                if packet.proto == PROTO_UDP and packet.sport == 53 and guard.allows(packet.dst):
+                    # An answer travelling to the device (checked first: the resolver may sit inside
+                    # the device's subnet, like the TUN gateway 10.0.0.1).
                     answer = dns_answer_from(bytes(packet.payload), packet.dst, str(packet.src_ip))
                     if answer is not None:
                         engine.hook.dnsgate_dns_answer(answer=answer, now=timestamp)
+                elif guard.allows(packet.src):
+                    device.inject(data)
                 if recorder is not None:
                     for out in device.written[seen:]:
                         recorder.record(out, timestamp)
