@@ -1,0 +1,56 @@
+"""e2e fixtures: ``topology`` (client/engine/server namespaces around a real TUN), see topology.py.
+
+Choose the TUN's options per test with ``@pytest.mark.topology(vnet_hdr=True, mtu=1500)`` or indirect
+parametrization (``@pytest.mark.parametrize("topology", [{"vnet_hdr": True}], indirect=True)``).
+Without root or /dev/net/tun every test using the fixture is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if _REPO_ROOT not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the project on the path
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests.e2e.topology import Topology, e2e_skip_reason, reap_stale_namespaces  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "topology(vnet_hdr=False, mtu=1500): options of the e2e topology fixture")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _namespace_safety_net() -> Iterator[None]:
+    """Before: remove namespaces of dead earlier runs. After: anything of ours a teardown missed."""
+    if e2e_skip_reason() is None:
+        reap_stale_namespaces()
+    yield
+    if e2e_skip_reason() is None:
+        reap_stale_namespaces(current_session_only=True)
+
+
+@pytest.fixture
+def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    reason = e2e_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    options: dict[str, Any] = {}
+    marker = request.node.get_closest_marker("topology")
+    if marker is not None:
+        options.update(marker.kwargs)
+    options.update(getattr(request, "param", None) or {})
+    topo = Topology.create(vnet_hdr=bool(options.get("vnet_hdr", False)), mtu=int(options.get("mtu", 1500)))
+    try:
+        yield topo
+    finally:
+        errors = topo.close()
+        logs = topo.logs()
+        if logs:
+            print(logs)  # shown by pytest for a failing test
+        assert not errors, f"topology teardown failed: {errors}"
