@@ -257,7 +257,8 @@ class Topology:
         self.processes: list[Process] = []
         tag = nl.unique_name(_session_tag(), 3)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
-        self.cleanup.push("remove workdir", lambda: shutil.rmtree(self.workdir, ignore_errors=True))
+        self._final_logs: str | None = None
+        self.cleanup.push("remove workdir", self._remove_workdir)
         self.client = Namespace(self, f"{tag}-cli", "client")
         self.engine = Namespace(self, f"{tag}-eng", "engine")
         self.server = Namespace(self, f"{tag}-srv", "server")
@@ -313,7 +314,7 @@ class Topology:
         nl.add_route("default", via=SERVER_LINK_V6, netns=eng)
 
         # server: the "internet" hosts are local addresses on lo
-        for cidr in ("198.51.100.0/25", OTHER_NET_V4, f"{WEB_V6}/128", f"{DNS_V6}/128"):
+        for cidr in ("198.51.100.1/25", "203.0.113.1/24", f"{WEB_V6}/128", f"{DNS_V6}/128"):
             nl.add_address("lo", cidr, netns=s)
         nl.add_route("2001:db8:100::/64", dev="lo", netns=s, route_type="local")
         nl.sysctl("net.ipv4.ip_forward", 0, netns=s)  # so 198.51.100.128/25 (SILENT_V4) is dropped here
@@ -436,8 +437,14 @@ class Topology:
 
     # --- teardown --------------------------------------------------------------------------------
 
+    def _remove_workdir(self) -> None:
+        self._final_logs = self.logs()  # processes are stopped by now: their logs are complete
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
     def logs(self) -> str:
         """Every spawned process's log tail (printed at teardown; pytest shows it for failed tests)."""
+        if self._final_logs is not None:
+            return self._final_logs
         parts = []
         for proc in self.processes:
             parts.append(f"----- {proc.name} (pid {proc.pid}, exit {proc.returncode}) -----\n{proc.log_tail()}")
