@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 CLIENT_TIMEOUT = 10.0
 
-Handler = Callable[[Mapping[str, Any]], "Any | Awaitable[Any]"]
+Handler = Callable[[dict[str, Any]], Any]
+"""A command: takes the request object, returns a JSON-able result or an awaitable of one."""
 
 
 class ControlError(Exception):
@@ -249,3 +250,103 @@ class ControlClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# -- the engine's commands ---------------------------------------------------------------------------
+
+BLOCK_OBSERVER_NAME = "dnsgate_block_log"
+
+
+def _names_for(engine: Any, address_text: str) -> str | None:
+    """The DNS names the tracker remembers for a destination (``None`` when it has none or no tracker)."""
+    import ipaddress
+
+    tracker = engine.plugin("ip_tracker") if hasattr(engine, "plugin") else None
+    names_for = getattr(tracker, "names_for", None)
+    if names_for is None:
+        return None
+    try:
+        names = names_for(ipaddress.ip_address(address_text).packed)
+    except (ValueError, TypeError):
+        return None
+    return ", ".join(names[-2:]) if names else None
+
+
+def full_snapshot(engine: Any) -> dict[str, Any]:
+    """``engine.snapshot()`` plus the block feed and the domain names of the top connections."""
+    snapshot = dict(engine.snapshot())
+    observer = engine.pm.get_plugin(BLOCK_OBSERVER_NAME) if hasattr(engine, "pm") else None
+    if observer is not None:
+        snapshot["blocks"] = observer.snapshot()
+    for flow in snapshot.get("top_flows", []):
+        if isinstance(flow, dict) and "name" not in flow and flow.get("dst"):
+            flow["name"] = _names_for(engine, str(flow["dst"]))
+    return snapshot
+
+
+def find_flow(engine: Any, selector: Any) -> Any:
+    """A flow by its numeric id (``ctl flows`` shows it) or by its text (``10.0.0.2:5000 -> 1.2.3.4:443/tcp``)."""
+    text = str(selector).strip()
+    if text.isdigit():
+        flow = engine.flows.by_id(int(text))
+        if flow is not None:
+            return flow
+    wanted = text.replace(" ", "")
+    for flow in engine.flows:
+        if flow.describe().replace(" ", "") == wanted:
+            return flow
+    raise ControlError(f"no open flow {text!r} (see `dnsgate ctl flows`)")
+
+
+def engine_handlers(engine: Any) -> dict[str, Handler]:
+    """The commands every engine answers: ``stats``, ``flows``, ``tracker``, ``close``, ``reload``.
+
+    ``mode`` needs the routes and is added by ``dnsgate run`` (an engine on a borrowed TUN cannot switch).
+    """
+
+    def stats(_request: Mapping[str, Any]) -> dict[str, Any]:
+        return full_snapshot(engine)
+
+    def flows(request: Mapping[str, Any]) -> list[dict[str, Any]]:
+        limit = int(request.get("limit", 1000))
+        now = engine.now()
+        listing = sorted(engine.flows, key=lambda flow: flow.bytes_in + flow.bytes_out, reverse=True)[:limit]
+        result = []
+        for flow in listing:
+            entry = flow.as_dict(now)
+            entry["name"] = _names_for(engine, entry["dst"])
+            result.append(entry)
+        return result
+
+    def tracker(request: Mapping[str, Any]) -> Any:
+        plugin = engine.plugin("ip_tracker")
+        if plugin is None:
+            raise ControlError("this profile has no ip_tracker plugin")
+        return plugin.snapshot(engine.now(), limit=int(request.get("limit", 1000)))
+
+    def close(request: Mapping[str, Any]) -> dict[str, Any]:
+        flow = find_flow(engine, request.get("flow", ""))
+        description = flow.describe()
+        engine.end_flow(flow, engine.now(), "closed by ctl")
+        return {"closed": description}
+
+    async def reload(request: Mapping[str, Any]) -> Any:
+        from engine.profile import ProfileError, load_profile
+
+        path = str(request.get("profile") or engine.config.path)
+        try:
+            profile = load_profile(path)
+        except ProfileError as error:
+            raise ControlError(f"profile not reloaded: {error}") from None
+        reload_engine = getattr(engine, "reload", None)
+        if reload_engine is None:
+            raise ControlError("this engine cannot reload profiles")
+        try:
+            result = reload_engine(profile)
+            if inspect.isawaitable(result):
+                result = await result
+        except (ProfileError, ValueError) as error:
+            raise ControlError(f"profile not reloaded: {error}") from None
+        return result if result is not None else {"profile": path}
+
+    return {"stats": stats, "flows": flows, "tracker": tracker, "close": close, "reload": reload}

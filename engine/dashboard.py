@@ -19,10 +19,10 @@ key is optional, a missing one shows as ``-``::
     top_flows: [{flow: "10.0.0.2:5000 -> 1.2.3.4:443/tcp", proto, dst, dport, bytes_in, bytes_out, age,
                  name: "example.com" (added by run from the tracker), decision}]
     plugins: {
-      dns_filter:  {queries: int (cumulative), servfail: int, pending: int,
-                    latency_p50_ms: float, latency_p99_ms: float},
+      dns_filter:  {queries: int (cumulative), servfail: int, blocked: int, pending: int,
+                    latency: {p50_ms: float | None, p99_ms: float | None}},
       ip_tracker:  {size: int, expiring_soon: int},
-      tcp_forward: {open: int, ...},  udp_forward: {sessions: int, ...}}
+      tcp_forward: {active: int, dialing: int, ...},  udp_forward: {sessions: int, ...}}
     blocks: {total: int, by_reason: {reason: int}, by_plugin: {plugin: int},
              recent: [{at: wall-clock float, text: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (...)"}]}
     routes: {mode, table, fwmark, state_file}
@@ -206,6 +206,10 @@ class Dashboard:
         open_flows = _get(snap, "flows", "open") or {}
         parts = [f"{proto} {count}" for proto, count in sorted(open_flows.items())] if isinstance(open_flows, Mapping) else []
         table.add_row("flows", f"{_get(snap, 'flows', 'total') or 0} ({', '.join(parts) or 'none open'})")
+        relays = _number(_get(snap, "plugins", "tcp_forward", "active"))
+        sessions = _number(_get(snap, "plugins", "udp_forward", "sessions"))
+        if relays is not None or sessions is not None:
+            table.add_row("relays", f"{human_count(relays)} TCP, {human_count(sessions)} UDP sessions")
         tracker = _get(snap, "plugins", "ip_tracker") or {}
         size = _number(_get(tracker, "size"))
         if size is None:
@@ -227,12 +231,13 @@ class Dashboard:
         table.add_column(no_wrap=True, overflow="ellipsis")
         qps = self.rates.get("dns_queries")
         table.add_row("queries/s", f"{human_count(qps)}  {sparkline(self.history['dns_queries'], 16)}")
-        p50 = _number(_get(dns, "latency_p50_ms"))
-        p99 = _number(_get(dns, "latency_p99_ms"))
+        p50 = _number(_get(dns, "latency", "p50_ms"))
+        p99 = _number(_get(dns, "latency", "p99_ms"))
         latency = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms" if p50 is not None and p99 is not None else "-"
         table.add_row("upstream", latency)
         table.add_row("total", f"{human_count(_number(_get(dns, 'queries')))} queries, "
-                               f"{human_count(_number(_get(dns, 'servfail')))} SERVFAIL")
+                               f"{human_count(_number(_get(dns, 'servfail')))} SERVFAIL, "
+                               f"{human_count(_number(_get(dns, 'blocked')))} blocked")
         pending = _number(_get(dns, "pending"))
         if pending is not None:
             table.add_row("pending", human_count(pending))

@@ -27,8 +27,9 @@ def make_snapshot(now: float, packets: int, octets: int, queries: int, **extra: 
             {"flow": "10.0.0.2:40001 -> 198.51.100.7:80/tcp", "bytes_out": 800, "bytes_in": 12_000, "age": 3.0},
         ],
         "plugins": {
-            "dns_filter": {"queries": queries, "servfail": 3, "latency_p50_ms": 1.25, "latency_p99_ms": 48.0,
-                           "pending": 0},
+            "dns_filter": {"queries": queries, "servfail": 3, "blocked": 1, "pending": 0,
+                           "latency": {"p50_ms": 1.25, "p99_ms": 48.0, "samples": 10}},
+            "tcp_forward": {"active": 2}, "udp_forward": {"sessions": 1},
             "ip_tracker": {"size": 42, "expiring_soon": 5},
         },
         "blocks": {
@@ -71,7 +72,7 @@ def test_renders_every_section_at_100_columns() -> None:
     assert "tcp 2" in text and "udp 1" in text
     assert "42 IPs" in text and "5 expiring soon" in text
     assert "p50 1.2 ms" in text or "p50 1.3 ms" in text
-    assert "p99 48.0 ms" in text and "3 SERVFAIL" in text and "queries/s 15 " in text
+    assert "p99 48.0 ms" in text and "3 SERVFAIL, 1 blocked" in text and "2 TCP, 1 UDP sessions" in text and "queries/s 15 " in text
     assert "hardcoded IP" in text and "quic_block" in text
     assert "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443" in text
     assert "www.example.com" in text and "52.0 MB" in text

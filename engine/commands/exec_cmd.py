@@ -1,0 +1,193 @@
+"""``dnsgate exec -- CMD ARGS``: run one command in a fresh network namespace whose only way out is the engine.
+
+The TUN is opened *inside* the new namespace (``TunDevice.open(netns=...)``) and served by the engine from
+this process's namespace, exactly the phone/VPN-fd model: the namespace has the device addresses, a default
+route (IPv4 and IPv6) into the TUN and nothing else, so nothing the command does can bypass the engine.
+The engine's own sockets live in the caller's namespace, so no policy routing is needed here.
+
+DNS: ``/etc/netns/<ns>/resolv.conf`` names the TUN gateway; ``ip netns exec`` bind-mounts it over
+/etc/resolv.conf in a private mount namespace for the command (the same mechanism as ``ip netns exec``,
+because that is what runs the command).
+
+Nothing is left behind: the namespace, its /etc/netns directory and the state file are removed when the
+command ends, when we get SIGTERM/SIGINT, and, after a SIGKILL, by the next ``dnsgate exec`` (state files
+``/run/dnsgate/exec-<ns>.json`` whose process is gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.commands.run import add_common_arguments, load_profile_or_explain, make_block_observer
+from engine.control import BLOCK_OBSERVER_NAME
+from engine.linux import netns as nl
+from engine.linux.routes import DEFAULT_STATE_DIR, pid_alive, require_net_admin
+from engine.logs import setup_logging
+
+log = logging.getLogger("dnsgate.exec")
+
+TUN_NAME = "dnsgate0"
+ETC_NETNS = Path("/etc/netns")
+CHILD_GRACE = 3.0
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "exec", help="run one command in a fresh namespace whose only way out is the engine",
+        description="dnsgate exec [options] -- CMD [ARGS...]: exits with the command's status.",
+    )
+    parser.add_argument("--profile", default="firewall", help="firewall, dns-only or a profile path (default: firewall)")
+    add_common_arguments(parser)
+    parser.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR), help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
+    parser.set_defaults(func=run, log_level="1")
+
+
+def remove_exec_namespace(name: str) -> None:
+    """Kill what still runs in the namespace, delete it and its /etc/netns directory."""
+    for pid in nl.netns_pids(name):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        nl.delete_netns(name)
+    except nl.NetnsError as error:
+        log.warning("cannot delete namespace %s: %s", name, error)
+    shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
+
+
+def sweep_stale(state_dir: Path) -> list[str]:
+    """Remove namespaces of ``dnsgate exec`` runs that died without cleaning up (SIGKILL)."""
+    removed = []
+    for path in sorted(state_dir.glob("exec-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if pid_alive(int(state.get("pid", 0))):
+            continue
+        name = str(state.get("netns") or path.stem[len("exec-"):])
+        remove_exec_namespace(name)
+        path.unlink(missing_ok=True)
+        removed.append(name)
+    return removed
+
+
+def build_namespace(name: str, profile: Any) -> Any:
+    """Create the namespace, its TUN (returned, served by us), addresses, default routes and resolv.conf."""
+    from engine.io.tun import TunDevice
+
+    options = profile.engine
+    nl.create_netns(name)
+    for key in ("net.ipv6.conf.all.router_solicitations", "net.ipv6.conf.default.router_solicitations",
+                "net.ipv6.conf.all.accept_ra", "net.ipv6.conf.default.accept_ra"):
+        nl.sysctl(key, 0, netns=name)
+    device = TunDevice.open(TUN_NAME, vnet_hdr=options.offload, offload=options.offload, netns=name,
+                            mtu=options.mtu, txqueuelen=options.txqueuelen)
+    try:
+        nl.link_up(TUN_NAME, netns=name)
+        families = set()
+        for address in options.device_addresses:
+            nl.add_address(TUN_NAME, address, netns=name)
+            families.add(ipaddress.ip_interface(address).version)
+        for family in sorted(families):
+            nl.ip(f"-{family}", "route", "add", "default", "dev", TUN_NAME, netns=name)
+        servers = [str(ipaddress.ip_interface(address).ip) for address in options.tun_addresses]
+        etc = ETC_NETNS / name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("".join(f"nameserver {server}\n" for server in servers[:3]))
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+def exit_status(returncode: int) -> int:
+    """The command's status as a shell reports it (128 + signal for a killed command)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("dnsgate exec: no command given (dnsgate exec [options] -- CMD [ARGS...])", file=sys.stderr)
+        return 2
+    try:
+        require_net_admin("dnsgate exec")
+    except PermissionError as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+    profile = load_profile_or_explain(args.profile)
+    if profile is None:
+        return 2
+    try:
+        setup_logging(args.log_level, json_lines=args.log_json, file=args.log_file)
+    except (ValueError, OSError) as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 2
+    state_dir = Path(args.state_dir)
+    sweep_stale(state_dir)
+    name = nl.unique_name("dnsgate-x")
+    state_file = state_dir / f"exec-{name}.json"
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"pid": os.getpid(), "netns": name}))
+    observer = make_block_observer(args.pcap_blocked)
+    child: dict[str, Any] = {}
+    try:
+        try:
+            device = build_namespace(name, profile)
+        except (OSError, nl.NetnsError) as error:
+            print(f"dnsgate exec: cannot build the namespace: {error}", file=sys.stderr)
+            return 1
+
+        async def watch(process: asyncio.subprocess.Process) -> None:
+            child["status"] = await process.wait()
+            # End the engine the way a SIGTERM would: run_engine owns the stop event and its handlers.
+            signal.raise_signal(signal.SIGTERM)
+
+        async def on_started(engine: Any) -> None:
+            engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
+            process = await asyncio.create_subprocess_exec(*nl.exec_argv(name, command))
+            child["process"] = process
+            engine.spawn(watch(process), name="dnsgate-exec-child")
+
+        async def on_stopping(_engine: Any) -> None:
+            process = child.get("process")
+            if process is None or process.returncode is not None:
+                return
+            process.terminate()
+            try:
+                child["status"] = await asyncio.wait_for(process.wait(), CHILD_GRACE)
+            except asyncio.TimeoutError:
+                process.kill()
+                child["status"] = await process.wait()
+
+        from engine.commands.serve import run_engine
+
+        try:
+            asyncio.run(run_engine(profile, device, control_path=args.control, on_started=on_started,
+                                   on_stopping=on_stopping))
+        except FileNotFoundError as error:
+            print(f"dnsgate exec: {error}", file=sys.stderr)
+            return 127
+        status = child.get("status")
+        if status is None:
+            return 1
+        return exit_status(int(status))
+    finally:
+        observer.close()
+        remove_exec_namespace(name)
+        state_file.unlink(missing_ok=True)

@@ -1,0 +1,221 @@
+"""``dnsgate run``: create the TUN, route the host's traffic into it per mode, run the engine, undo it all.
+
+The order matters for "nothing left behind": leftovers of a crashed run are removed first (state file +
+tagged rules, :func:`engine.linux.routes.cleanup_stale`); the TUN is opened without ``TUNSETPERSIST`` so
+the kernel deletes it (and every route through it) when the process dies, even by SIGKILL; rules, which the
+kernel would keep, are written to the state file before they are added. On SIGTERM/SIGINT the routes go
+first (traffic stops entering the TUN), then the control socket, the engine and the device.
+
+Runtime mode switches (``dnsgate ctl mode dns-only``) only add and remove the mode rules; the TUN, the
+flow table and the tracker are untouched, so open connections survive (see routes.py for why a connection
+opened through the TUN keeps its route in dns-only mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.control import BLOCK_OBSERVER_NAME, ControlError, default_control_path, full_snapshot
+from engine.linux.routes import (
+    DEFAULT_STATE_DIR,
+    MODES,
+    Mode,
+    RouteError,
+    RouteManager,
+    RoutingSpec,
+    cleanup_stale,
+    require_net_admin,
+)
+from engine.logs import BlockObserver, setup_logging
+from engine.profile import Profile, ProfileError, load_profile
+
+log = logging.getLogger("dnsgate.run")
+
+PCAP_MAX_PACKETS = 100_000
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("run", help="create the TUN and routes, run the engine (firewall / dns-only)")
+    parser.add_argument("--profile", default="firewall", help="firewall, dns-only or a profile path (default: firewall)")
+    parser.add_argument("--mode", choices=MODES, help="override the profile's [engine] mode")
+    add_common_arguments(parser)
+    parser.add_argument("--dashboard", action="store_true", help="show the live dashboard in this terminal")
+    parser.add_argument("--ready-file", metavar="PATH", help="touch PATH once the engine reads packets")
+    parser.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR),
+                        help=f"where the cleanup state file lives (default {DEFAULT_STATE_DIR})")
+    parser.set_defaults(func=run)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Logging, control socket and pcap options shared by ``run`` and ``exec``."""
+    parser.add_argument("--log-level", default="2", help="0-3 (error, warning, info, debug) or a name (default 2)")
+    parser.add_argument("--log-json", action="store_true", help="JSON lines instead of human-readable logs")
+    parser.add_argument("--log-file", metavar="FILE", help="log to FILE instead of stderr")
+    parser.add_argument("--pcap-blocked", metavar="FILE", help="record the packets of blocked flows to FILE (pcap)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="control socket path (default /run/dnsgate/<tun>.sock, mode 0600)")
+
+
+def load_profile_or_explain(name: str, mode: str | None = None) -> Profile | None:
+    try:
+        profile = load_profile(name)
+    except ProfileError as error:
+        print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
+        return None
+    if mode:
+        profile = profile.with_engine(mode=mode)
+    return profile
+
+
+def make_block_observer(pcap_path: str | None) -> BlockObserver:
+    pcap = None
+    if pcap_path:
+        from engine.io.pcap import PcapRecorder
+
+        pcap = PcapRecorder(pcap_path, max_packets=PCAP_MAX_PACKETS, sync=False)
+    return BlockObserver(pcap=pcap)
+
+
+class DashboardThread:
+    """The live dashboard in a worker thread: the engine's loop only builds a snapshot dict once a second;
+    rendering and terminal writes happen here, so the packet path never waits for the screen."""
+
+    def __init__(self, engine: Any, console: Any) -> None:
+        self.engine = engine
+        self.console = console
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dnsgate-dashboard", daemon=True)
+
+    async def _snapshot(self) -> dict[str, Any]:
+        return full_snapshot(self.engine)
+
+    def _fetch(self) -> Mapping[str, Any]:
+        future = asyncio.run_coroutine_threadsafe(self._snapshot(), self.engine.loop)
+        return future.result(timeout=5)
+
+    def _run(self) -> None:
+        from engine.dashboard import run_live
+
+        try:
+            run_live(self._fetch, console=self.console, should_stop=self.stopping.is_set)
+        except Exception:  # noqa: BLE001 - a broken terminal must not take the engine down
+            log.exception("dashboard stopped")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 3.0)
+
+
+def mode_handler(engine_ref: dict[str, Any], manager: RouteManager) -> Any:
+    """``ctl mode firewall|dns-only``: swap the mode rules (in a worker thread: ``ip`` is a subprocess)."""
+
+    async def set_mode(request: Mapping[str, Any]) -> dict[str, Any]:
+        mode = request.get("mode")
+        if mode not in MODES:
+            raise ControlError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+        previous = manager.mode
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, manager.set_mode, mode)
+        except RouteError as error:
+            raise ControlError(str(error)) from None
+        engine = engine_ref.get("engine")
+        if engine is not None:
+            engine.mode = mode
+        log.info("mode %s -> %s", previous, mode)
+        return {"mode": mode, "previous": previous}
+
+    return set_mode
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        require_net_admin("dnsgate run")
+    except PermissionError as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+    profile = load_profile_or_explain(args.profile, args.mode)
+    if profile is None:
+        return 2
+    console = None
+    if args.dashboard:
+        from rich.console import Console
+
+        console = Console()
+    try:
+        setup_logging(args.log_level, json_lines=args.log_json, file=args.log_file, console=console)
+    except (ValueError, OSError) as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 2
+    options = profile.engine
+    state_dir = Path(args.state_dir)
+    try:
+        if cleanup_stale(options.tun_name, state_dir):
+            log.warning("removed routes/rules left by an earlier run on %s", options.tun_name)
+    except RouteError as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+
+    from engine.io.tun import TunDevice, TunError
+
+    try:
+        device = TunDevice.open(options.tun_name, vnet_hdr=options.offload, offload=options.offload,
+                                mtu=options.mtu, txqueuelen=options.txqueuelen)
+    except (TunError, OSError, ValueError) as error:
+        print(f"dnsgate: cannot create the TUN device {options.tun_name}: {error}", file=sys.stderr)
+        return 1
+
+    spec = RoutingSpec(tun=device.name, device_addresses=tuple(options.device_addresses), fwmark=options.fwmark)
+    manager = RouteManager(spec, state_dir=state_dir)
+    observer = make_block_observer(args.pcap_blocked)
+    engine_ref: dict[str, Any] = {}
+    dashboard: list[DashboardThread] = []
+    control_path = args.control or str(default_control_path(device.name))
+    mode: Mode = options.mode
+    try:
+        manager.configure_interface(options.device_addresses, options.mtu, options.txqueuelen)
+        manager.setup(mode)
+    except RouteError as error:
+        manager.teardown()
+        device.close()
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+
+    def on_started(engine: Any) -> None:
+        engine_ref["engine"] = engine
+        engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
+        engine.mode = mode
+        log.info("dnsgate running: %s mode on %s, control socket %s", mode, device.name, control_path)
+        if console is not None:
+            thread = DashboardThread(engine, console)
+            dashboard.append(thread)
+            thread.start()
+
+    async def on_stopping(_engine: Any) -> None:
+        for thread in dashboard:
+            await thread.stop()
+        manager.teardown()
+
+    from engine.commands.serve import run_engine
+
+    try:
+        return asyncio.run(run_engine(
+            profile, device, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
+            on_stopping=on_stopping, extra_handlers={"mode": mode_handler(engine_ref, manager)},
+        ))
+    except (ProfileError, ControlError, OSError) as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+    finally:
+        manager.teardown()
+        observer.close()
+        if not device.closed:
+            device.close()
