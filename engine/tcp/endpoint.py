@@ -626,7 +626,9 @@ class TcpEndpoint:
         self._retries = 0
         self._dupacks = 0
         smss = self._smss
-        if self._in_recovery:
+        if n <= 0:
+            pass  # only our SYN or FIN was acknowledged: no data left the network
+        elif self._in_recovery:
             if ack >= self._recover:
                 self._in_recovery = False
                 self._cwnd = self._ssthresh
