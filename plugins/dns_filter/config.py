@@ -1,0 +1,58 @@
+"""The ``[plugins.dns_filter]`` table.
+
+```toml
+[plugins.dns_filter]
+upstreams = ["udp://198.51.100.53:53", "tls://192.0.2.1:853"]  # tried in order, failover on error/timeout
+timeout = "5s"             # per query, then SERVFAIL to the client
+attempt_timeout = "2s"     # per upstream attempt before failing over (only with several upstreams)
+block_response = "nxdomain"  # or "null": 0.0.0.0 / :: answers
+block_ttl = 60             # TTL of "null" answers
+blocklist = ["ads.example"]            # inline rules (suffix: the name and its subdomains)
+allowlist = ["good.ads.example"]       # an allowlist entry overrides a block
+blocklist_files = ["/etc/dnsgate/hosts-block.txt"]  # hosts-file, domain-list or ||adblock^ lines
+allowlist_files = []
+max_pending = 10000        # queries in flight; beyond: SERVFAIL at once
+udp_sockets = 4            # upstream UDP sockets per udp:// upstream (random source ports)
+flow_idle = "10s"          # a DNS client socket's flow is closed after this long without a query
+resolv_conf = "/etc/resolv.conf"  # where upstreams come from when none are configured
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from engine.profile import Duration
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen
+class Config:
+    """Upstreams, timeouts, local block/allow policy and bounds of the DNS plugin (DESIGN §6).
+
+    ``upstreams`` empty means "the host's resolver" from ``resolv_conf``; a local stub there (127.0.0.53)
+    would send its own queries back through the TUN, so its upstreams are used instead or the engine
+    refuses to start with a message saying what to configure.
+    """
+
+    upstreams: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    timeout: Duration = attrs.field(default=Duration(5.0), validator=_positive)
+    attempt_timeout: Duration = attrs.field(default=Duration(2.0), validator=_positive)
+    block_response: Literal["nxdomain", "null"] = attrs.field(
+        default="nxdomain", validator=attrs.validators.in_(("nxdomain", "null"))
+    )
+    block_ttl: int = attrs.field(default=60, validator=attrs.validators.ge(0))
+    blocklist: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    allowlist: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    blocklist_files: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    allowlist_files: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    max_pending: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
+    udp_sockets: int = attrs.field(default=4, validator=[attrs.validators.ge(1), attrs.validators.le(64)])
+    flow_idle: Duration = attrs.field(default=Duration(10.0), validator=_positive)
+    resolv_conf: str = "/etc/resolv.conf"

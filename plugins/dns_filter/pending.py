@@ -1,0 +1,68 @@
+"""One query in flight: who asked, what, where the answer goes, and its deadlines.
+
+Pending queries are keyed by (client 5-tuple, DNS id) — two clients (or two sockets of one client) may
+use the same id at the same time, which a table keyed by id alone confuses (the seed's bug).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from engine.flow import FlowKey
+from plugins.dns_filter.wire import Question
+
+PendingKey = tuple[FlowKey, int]
+
+
+class PendingQuery:
+    """State of one client query until it is answered, blocked or failed."""
+
+    __slots__ = (
+        "key",
+        "qid",
+        "query",
+        "question",
+        "match",
+        "client",
+        "respond",
+        "started",
+        "deadline",
+        "attempt",
+        "upstream_index",
+        "sent_at",
+        "done",
+        "channel",
+        "upstream_id",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        key: PendingKey,
+        query: bytes,
+        question: Question,
+        match: bytes,
+        client: bytes,
+        respond: Callable[[bytes], None],
+        now: float,
+        timeout: float,
+    ) -> None:
+        self.key = key
+        self.qid = key[1]
+        self.query = query
+        self.question = question
+        self.match = match  # the question section a reply must repeat (lower-cased name)
+        self.client = client
+        self.respond = respond  # writes the final reply bytes to the client (UDP packet or TCP stream)
+        self.started = now
+        self.deadline = now + timeout
+        self.attempt = 0  # bumped on every (re)send so late answers to an old attempt are recognised
+        self.upstream_index = 0
+        self.sent_at = now
+        self.done = False
+        self.channel: Any = None  # the UDP channel holding our upstream id, to forget it on failover
+        self.upstream_id = -1
+        self.tried = 0
+
+    def __repr__(self) -> str:
+        return f"PendingQuery({self.question.qname!r}, id={self.qid}, attempt={self.attempt})"

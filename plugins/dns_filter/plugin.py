@@ -1,0 +1,341 @@
+"""dns_filter: answer the device's DNS (UDP and TCP port 53, to any address) through upstream resolvers.
+
+Why it is shaped this way (DESIGN §3, §6):
+
+* **Never stall the packet loop.** A query becomes a pending entry and is sent at once; the reply is
+  written from the upstream socket's callback (UDP) or the transport's task (TCP, DoT, DoH, DoQ). The
+  seed resolved synchronously in its read loop, so one slow upstream froze every connection.
+* **The allow-list never races the application.** ``dnsgate_dns_answer`` is called synchronously, and only
+  when it has returned is the reply written to the device: by the time the app has an address,
+  ip_tracker has its lease (Cilium PR #9185).
+* **Forward, don't re-encode.** The upstream's reply bytes go to the client unchanged (only the id is
+  restored, and a UDP reply too big for the client is cut to header + question with TC). It is parsed
+  once, by a small hand-written walker, to build the event.
+* **Fail loudly to the client, not silently.** No upstream answer within ``timeout`` -> SERVFAIL, so
+  resolvers retry or fail over instead of hanging.
+* Local policy: block/allow rules answer NXDOMAIN or null addresses without asking upstream; a CNAME chain
+  that leads to a blocked name (CNAME cloaking) is blocked after the upstream answer.
+
+Flows labelled ``dns`` are ACCEPTed by ``dnsgate_filter`` so ip_tracker (which ignores that label anyway)
+and anything after it do not judge them; ``dnsgate_forward`` takes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from engine.decision import Decision
+from engine.events import DnsAnswer
+from engine.hookspecs import hookimpl
+from engine.packet import PROTO_TCP, PROTO_UDP
+
+from .answers import parse_answer
+from .blocklist import DomainPolicy
+from .clients import DnsClient, TcpDnsServer, UdpDnsHandler
+from .config import Config as DnsFilterConfig
+from .pending import PendingQuery
+from .resolver import Resolver
+from .upstream_url import UpstreamError, UpstreamUrl, check_not_through_tun, host_upstreams, parse_upstream
+from .wire import (
+    FLAG_QR,
+    OPCODE_MASK,
+    RCODE_NXDOMAIN,
+    RCODE_SERVFAIL,
+    WireError,
+    error_reply,
+    null_reply,
+    question_bytes,
+    read_question,
+)
+
+if TYPE_CHECKING:
+    from engine.flow import Flow, FlowHandler, FlowKey
+    from engine.packet import Packet
+    from engine.runtime import Engine
+
+    from .wire import Question
+
+log = logging.getLogger("dnsgate.dns_filter")
+
+DNS_LABEL = "dns"
+DNS_PORT = 53
+_MAX_TCP_GSO = 65535
+
+
+class DnsCounters:
+    """Plain integer counters: bumped on the query path, read by :meth:`DnsFilter.snapshot`."""
+
+    __slots__ = (
+        "queries", "answers", "servfail", "blocked", "blocked_cname", "malformed", "duplicates",
+        "overload", "bad_replies", "unanswered", "event_errors", "tcp_connections",
+    )
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.answers = 0
+        self.servfail = 0  # SERVFAIL we generated (no upstream answer, bad reply, overload)
+        self.blocked = 0
+        self.blocked_cname = 0
+        self.malformed = 0
+        self.duplicates = 0
+        self.overload = 0
+        self.bad_replies = 0
+        self.unanswered = 0
+        self.event_errors = 0
+        self.tcp_connections = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class DnsFilter:
+    """Intercept DNS, apply the local block/allow policy, resolve upstream, emit ``dnsgate_dns_answer``."""
+
+    name = "dns_filter"
+    Config = DnsFilterConfig
+
+    def __init__(self, config: DnsFilterConfig) -> None:
+        self.config = config
+        self.policy = DomainPolicy.from_sources(
+            config.blocklist, config.allowlist, config.blocklist_files, config.allowlist_files
+        )
+        self.urls: list[UpstreamUrl] = [parse_upstream(text) for text in config.upstreams]
+        self.counters = DnsCounters()
+        self.pending: dict[tuple[FlowKey, int], PendingQuery] = {}
+        self.resolver: Resolver | None = None
+        self._engine: Engine | None = None
+        self._udp_flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self._tcp_servers: set[TcpDnsServer] = set()
+        self._tcp_config: Any = None
+        self._tcp_config_key: tuple[int, bool] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_configure(self, engine: Engine) -> None:
+        self._engine = engine
+        if not self.urls:
+            self.urls = host_upstreams(self.config.resolv_conf)
+            log.info("dns_filter: no upstreams configured; using the host's %s", ", ".join(map(str, self.urls)))
+        networks = list(engine.config.engine.device_networks)
+        for url in self.urls:
+            check_not_through_tun(url, networks)
+        self.resolver = Resolver(
+            self.urls,
+            deliver=self._deliver,
+            clock=engine.now,
+            spawn=engine.spawn,
+            policy=engine.socket_options,
+            timeout=self.config.timeout,
+            attempt_timeout=self.config.attempt_timeout,
+            udp_sockets=self.config.udp_sockets,
+        )
+
+    @hookimpl
+    async def dnsgate_start(self, engine: Engine) -> None:
+        assert self.resolver is not None
+        await self.resolver.open()
+
+    @hookimpl
+    def dnsgate_stop(self, engine: Engine) -> None:
+        if self.resolver is not None:
+            self.resolver.close()
+        for pending in self.pending.values():
+            pending.done = True
+        self.pending.clear()
+
+    @hookimpl
+    def dnsgate_tick(self, engine: Engine, now: float) -> None:
+        """Close client flows idle for ``flow_idle`` so one-shot DNS sockets do not fill the flow table."""
+        limit = now - self.config.flow_idle
+        flows = self._udp_flows
+        while flows:
+            key, flow = next(iter(flows.items()))
+            if flow.closed:
+                del flows[key]
+                continue
+            if flow.last_seen >= limit:
+                break
+            handler = flow.handler
+            if isinstance(handler, UdpDnsHandler) and handler.inflight > 0:
+                flows.move_to_end(key)
+                flow.last_seen = now
+                continue
+            del flows[key]
+            engine.close_flow(flow, now, "dns idle")
+        for server in list(self._tcp_servers):
+            if server.closed:
+                self._tcp_servers.discard(server)
+            elif server.last_activity < limit:
+                server.idle_close(now)
+
+    # -- the pipeline ----------------------------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_classify(self, packet: Packet, flow: Flow, now: float) -> None:
+        if packet.dport == DNS_PORT and (packet.proto == PROTO_UDP or packet.proto == PROTO_TCP):
+            flow.labels.add(DNS_LABEL)
+
+    @hookimpl
+    def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
+        if DNS_LABEL in flow.labels:
+            return _ACCEPT_DNS
+        return None
+
+    @hookimpl
+    def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> FlowHandler | None:
+        if DNS_LABEL not in flow.labels or self._engine is None:
+            return None
+        engine = self._engine
+        if flow.proto == PROTO_UDP:
+            handler = UdpDnsHandler(engine, flow, self.handle_query)
+            self._udp_flows[flow.key] = flow
+            handler.on_packet(packet, now)
+            return handler
+        return self._accept_tcp(engine, packet, flow, now)
+
+    def _accept_tcp(self, engine: Engine, packet: Packet, flow: Flow, now: float) -> FlowHandler | None:
+        """DNS over TCP: terminate with the engine's TCP endpoint; we are the server, so accept at once."""
+        from engine.tcp.adapter import TcpConnection
+        from engine.tcp.endpoint import TcpEndpoint
+
+        server = TcpDnsServer(engine, flow, self.handle_query)
+        endpoint = TcpEndpoint.from_syn(packet, self._endpoint_config(engine), now)
+        conn = TcpConnection(engine, flow, endpoint, server)
+        server.conn = conn
+        self._tcp_servers.add(server)
+        self.counters.tcp_connections += 1
+        conn.accept(now)
+        return conn
+
+    def _endpoint_config(self, engine: Engine) -> Any:
+        from engine.tcp.config import TcpConfig
+
+        key = (engine.mtu, engine.offload)
+        if self._tcp_config is None or self._tcp_config_key != key:
+            # DNS messages are small: modest buffers keep many idle DNS connections cheap.
+            self._tcp_config = TcpConfig(
+                mtu=engine.mtu,
+                recv_buffer=256 * 1024,
+                send_buffer=256 * 1024,
+                max_gso_bytes=_MAX_TCP_GSO if engine.offload else 0,
+            )
+            self._tcp_config_key = key
+        return self._tcp_config
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def handle_query(self, flow: Flow, query: bytes, client: DnsClient, now: float) -> None:
+        """One DNS message from a client: answer locally, or send upstream and return at once."""
+        counters = self.counters
+        try:
+            question = read_question(query)
+            flags = (query[2] << 8) | query[3]
+            if flags & FLAG_QR:
+                raise WireError("a response, not a query")
+            match = question_bytes(query)
+        except WireError:
+            counters.malformed += 1
+            client.discard()
+            return
+        counters.queries += 1
+        if flags & OPCODE_MASK == 0 and self.policy.active:
+            rule = self.policy.blocking_rule(question.qname)
+            if rule is not None:
+                counters.blocked += 1
+                client.responder(query, question)(self._block_reply(query, question))
+                return
+        key = (flow.key, (query[0] << 8) | query[1])
+        if key in self.pending:
+            counters.duplicates += 1  # a client retransmission: the first copy's answer serves both
+            client.discard()
+            return
+        if len(self.pending) >= self.config.max_pending:
+            counters.overload += 1
+            counters.servfail += 1
+            client.responder(query, question)(error_reply(query, question, RCODE_SERVFAIL))
+            return
+        pending = PendingQuery(
+            key, query, question, match, flow.src, client.responder(query, question), now, self.config.timeout
+        )
+        self.pending[key] = pending
+        if flow.proto == PROTO_UDP:
+            flows = self._udp_flows
+            if flow.key in flows:
+                flows.move_to_end(flow.key)
+        assert self.resolver is not None
+        self.resolver.submit(pending, now)
+
+    def _block_reply(self, query: bytes, question: Question) -> bytes:
+        if self.config.block_response == "null":
+            return null_reply(query, question, self.config.block_ttl)
+        return error_reply(query, question, RCODE_NXDOMAIN)
+
+    def _deliver(self, pending: PendingQuery, reply: bytes | None, upstream: str, now: float) -> None:
+        """The outcome of one query: emit the event, then (only then) write the reply."""
+        if pending.done:
+            return
+        pending.done = True
+        self.pending.pop(pending.key, None)
+        counters = self.counters
+        question = pending.question
+        if reply is None:
+            counters.unanswered += 1
+            counters.servfail += 1
+            pending.respond(error_reply(pending.query, question, RCODE_SERVFAIL))
+            return
+        try:
+            parsed = parse_answer(reply, question.qname)
+        except WireError:
+            counters.bad_replies += 1
+            counters.servfail += 1
+            pending.respond(error_reply(pending.query, question, RCODE_SERVFAIL))
+            return
+        if parsed.cnames and self.policy.active:
+            hit = self.policy.blocked_in_chain(question.qname, parsed.cnames)
+            if hit is not None:
+                counters.blocked += 1
+                counters.blocked_cname += 1
+                log.info("dns_filter: %s blocked: its CNAME %s matches rule %s", question.qname, hit[0], hit[1])
+                pending.respond(self._block_reply(pending.query, question))
+                return
+        counters.answers += 1
+        engine = self._engine
+        if engine is not None:
+            answer = DnsAnswer(
+                qname=question.qname,
+                qtype=question.qtype,
+                rcode=parsed.rcode,
+                cnames=parsed.cnames,
+                addresses=parsed.addresses,
+                client=pending.client,
+                upstream=upstream,
+            )
+            try:
+                engine.hook.dnsgate_dns_answer(answer=answer, now=now)
+            except Exception:
+                counters.event_errors += 1
+                log.exception("dnsgate_dns_answer failed for %s", question.qname)
+        pending.respond(reply)
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, in-flight queries, upstream health and latency percentiles."""
+        resolver = self.resolver
+        return {
+            **self.counters.as_dict(),
+            "pending": len(self.pending),
+            "timeouts": resolver.timeouts if resolver else 0,
+            "latency": resolver.latency_percentiles() if resolver else {},
+            "upstreams": resolver.upstream_stats() if resolver else [],
+            "block_rules": len(self.policy.blocked),
+            "allow_rules": len(self.policy.allowed),
+        }
+
+
+_ACCEPT_DNS = Decision.accept(DnsFilter.name, "dns: answered by dns_filter")
+
+__all__ = ["DNS_LABEL", "DnsFilter", "UpstreamError"]

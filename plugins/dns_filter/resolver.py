@@ -1,0 +1,174 @@
+"""Send queries upstream with failover and deadlines, without a task or timer per query on the UDP path.
+
+* Upstreams are tried in order starting at the one that last worked ("remember the healthy one"): an
+  upstream that failed is skipped by later queries until another one fails too.
+* Each attempt has a deadline (``attempt_timeout`` when there is another upstream to fail over to, else
+  the query's remaining time); the query has an overall deadline (``timeout``) after which the client
+  gets SERVFAIL. Deadlines live in one heap swept every 50 ms: pushing a heap item costs far less than an
+  asyncio timer handle per query.
+* Answers and failures come back through callbacks carrying the attempt number, so a late answer from
+  an upstream we already failed over from is recognised and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from plugins.dns_filter.pending import PendingQuery
+from plugins.dns_filter.transports import DnspythonUpstream, StreamUpstream, UdpUpstream, Upstream
+from plugins.dns_filter.upstream_url import UpstreamUrl
+
+if TYPE_CHECKING:
+    from engine.net_policy import SocketPolicy
+
+log = logging.getLogger("dnsgate.dns_filter")
+
+#: ``deliver(pending, reply_or_None, upstream_name, now)``: None means "no answer": send SERVFAIL.
+Deliver = Callable[[PendingQuery, "bytes | None", str, float], None]
+
+SWEEP_INTERVAL = 0.05
+LATENCY_SAMPLES = 2048
+
+
+class Resolver:
+    """Failover, deadlines and latency samples over a list of upstream transports."""
+
+    def __init__(
+        self,
+        urls: list[UpstreamUrl],
+        *,
+        deliver: Deliver,
+        clock: Callable[[], float],
+        spawn: Callable[..., asyncio.Task[Any]],
+        policy: SocketPolicy | None,
+        timeout: float,
+        attempt_timeout: float,
+        udp_sockets: int = 4,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one upstream is needed")
+        self.deliver = deliver
+        self.clock = clock
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self.upstreams: list[Upstream] = []
+        for url in urls:
+            if url.scheme == "udp":
+                self.upstreams.append(UdpUpstream(url, policy, self._on_reply, self._on_failure, udp_sockets))
+            elif url.scheme in ("tcp", "tls"):
+                self.upstreams.append(StreamUpstream(url, policy, self._on_reply, self._on_failure, spawn, timeout))
+            else:
+                self.upstreams.append(DnspythonUpstream(url, policy, self._on_reply, self._on_failure, spawn, timeout))
+        self.healthy = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.timeouts = 0
+        self._deadlines: list[tuple[float, int, PendingQuery, int]] = []
+        self._sequence = itertools.count()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def open(self) -> None:
+        for upstream in self.upstreams:
+            await upstream.open()
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep_timer)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for upstream in self.upstreams:
+            upstream.close()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def submit(self, pending: PendingQuery, now: float) -> None:
+        """Send ``pending`` to the healthy upstream; its answer or failure arrives via ``deliver``."""
+        pending.upstream_index = self.healthy
+        self._send(pending, now)
+
+    def _send(self, pending: PendingQuery, now: float) -> None:
+        pending.attempt += 1
+        pending.tried += 1
+        pending.sent_at = now
+        more = pending.tried < len(self.upstreams)
+        deadline = min(now + self.attempt_timeout, pending.deadline) if more else pending.deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), pending, pending.attempt))
+        self.upstreams[pending.upstream_index].send(pending)
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    def _on_reply(self, pending: PendingQuery, attempt: int, reply: bytes) -> None:
+        if pending.done or attempt != pending.attempt:
+            return
+        now = self.clock()
+        self.latencies.append(now - pending.sent_at)
+        self.healthy = pending.upstream_index
+        self.deliver(pending, reply, str(self.upstreams[pending.upstream_index].url), now)
+
+    def _on_failure(self, pending: PendingQuery, attempt: int, reason: str) -> None:
+        if pending.done or attempt != pending.attempt:
+            return
+        self._attempt_failed(pending, self.clock(), reason)
+
+    def _attempt_failed(self, pending: PendingQuery, now: float, reason: str) -> None:
+        upstream = self.upstreams[pending.upstream_index]
+        upstream.failures += 1
+        upstream.forget(pending)
+        if upstream.failures <= 10 or upstream.failures % 1000 == 0:
+            log.warning("dns upstream %s failed for %s: %s", upstream.url, pending.question.qname, reason)
+        next_index = (pending.upstream_index + 1) % len(self.upstreams)
+        if self.healthy == pending.upstream_index:
+            self.healthy = next_index
+        if pending.tried < len(self.upstreams) and now < pending.deadline:
+            pending.upstream_index = next_index
+            self._send(pending, now)
+            return
+        self.deliver(pending, None, str(upstream.url), now)
+
+    def sweep(self, now: float) -> int:
+        """Fail every attempt whose deadline passed; returns how many."""
+        heap = self._deadlines
+        failed = 0
+        while heap and heap[0][0] <= now:
+            _deadline, _seq, pending, attempt = heapq.heappop(heap)
+            if pending.done or attempt != pending.attempt:
+                continue
+            failed += 1
+            self.timeouts += 1
+            self._attempt_failed(pending, now, "timeout")
+        return failed
+
+    def _sweep_timer(self) -> None:
+        try:
+            self.sweep(self.clock())
+        finally:
+            if self._loop is not None and self._sweeper is not None:
+                self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep_timer)
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        """p50/p99 upstream latency in milliseconds over the last samples (None before any answer)."""
+        samples = sorted(self.latencies)
+        if not samples:
+            return {"p50_ms": None, "p99_ms": None, "samples": 0}
+        def pick(q: float) -> float:
+            return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1000, 3)
+        return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "samples": len(samples)}
+
+    def upstream_stats(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "url": str(u.url),
+                "healthy": index == self.healthy,
+                "answers": u.answers,
+                "failures": u.failures,
+            }
+            for index, u in enumerate(self.upstreams)
+        ]

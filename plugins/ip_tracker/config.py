@@ -1,0 +1,68 @@
+"""The ``[plugins.ip_tracker]`` table.
+
+```toml
+[plugins.ip_tracker]
+ttl = "5m"                 # fixed lease per answer (the seed's behaviour), or "record"
+min_ttl = "30s"            # with ttl = "record": the record TTL is clamped to [min_ttl, max_ttl]
+max_ttl = "1h"
+grace = "30s"              # an IP stays allowed this long after its last open flow closed
+cleanup_interval = "30s"
+exempt = ["10.0.0.0/24"]   # destinations never judged (the TUN subnet by default)
+per_client = false         # true: an IP resolved by one device is not allowed for another
+max_entries = 65536
+max_ips_per_name = 64
+state_file = ""            # JSON persisted on stop and every save_interval, restored on start
+save_interval = "5m"
+action = "reject"          # "reject" (TCP RST / ICMP unreachable) or "drop"
+```
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Literal
+
+import attrs
+
+from engine.profile import Duration
+
+
+def _check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{attribute.name}: {item!r} is not a network like 10.0.0.0/24") from None
+
+
+def _check_ttl(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value != "record" and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{attribute.name}: expected a duration like \"5m\" or \"record\", got {value!r}")
+
+
+@attrs.frozen
+class Config:
+    """Lease length, bounds, exemptions and persistence of the tracker (DESIGN §6)."""
+
+    ttl: Duration | Literal["record"] = attrs.field(default=Duration(300.0), validator=_check_ttl)
+    min_ttl: Duration = Duration(30.0)
+    max_ttl: Duration = Duration(3600.0)
+    grace: Duration = Duration(30.0)
+    cleanup_interval: Duration = Duration(30.0)
+    exempt: tuple[str, ...] = attrs.field(default=("10.0.0.0/24",), converter=tuple, validator=_check_cidrs)
+    per_client: bool = False
+    max_entries: int = attrs.field(default=65536, validator=attrs.validators.ge(1))
+    max_ips_per_name: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    state_file: str = ""
+    save_interval: Duration = Duration(300.0)
+    action: Literal["reject", "drop"] = attrs.field(default="reject", validator=attrs.validators.in_(("reject", "drop")))
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_ttl > self.max_ttl:
+            raise ValueError(f"min_ttl ({self.min_ttl}) is larger than max_ttl ({self.max_ttl})")
+
+    def lease_seconds(self, record_ttl: int) -> float:
+        """How long one answer allows its address: fixed, or the record TTL clamped."""
+        if self.ttl == "record":
+            return min(max(float(record_ttl), self.min_ttl), self.max_ttl)
+        return float(self.ttl)

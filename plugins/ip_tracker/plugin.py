@@ -1,0 +1,238 @@
+"""ip_tracker: a new flow may only go to an address that DNS handed out (DESIGN §6).
+
+The table learns **only** from ``dnsgate_dns_answer``, i.e. from answers to queries the engine itself sent
+upstream; nothing a client or a spoofer puts in a packet can add an address. dns_filter calls that hook
+before it writes the reply, so by the time an application has the address, the lease exists.
+
+``dnsgate_filter`` returns ``None`` (not ACCEPT) for a tracked address: firstresult means an ACCEPT would
+short-circuit every later filter, and a profile that places quic_block after ip_tracker must still be able
+to block QUIC to a resolved address. For an address that is not tracked it returns a REJECT — the engine
+answers a TCP SYN with RST and UDP/ICMP with ICMP unreachable, so an application fails fast instead of
+waiting for a timeout. Flows labelled ``dns`` are never judged here (dns_filter owns them).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine.decision import Decision
+from engine.flow import StashKey
+from engine.hookspecs import hookimpl
+from engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from engine.stats import TokenBucket
+
+from . import persistence
+from .config import Config as IpTrackerConfig
+from .table import TrackerTable
+
+if TYPE_CHECKING:
+    from engine.events import DnsAnswer
+    from engine.flow import Flow
+    from engine.packet import Packet
+    from engine.runtime import Engine
+
+log = logging.getLogger("dnsgate.ip_tracker")
+
+_JUDGED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
+_COUNTED = StashKey[bool]("ip_tracker.counted")
+_REASON = "hardcoded IP: not resolved by DNS"
+
+
+class _Networks:
+    """Exempt CIDRs checked on raw address bytes (int compare, no ipaddress objects per flow)."""
+
+    __slots__ = ("_v4", "_v6")
+
+    def __init__(self, cidrs: tuple[str, ...]) -> None:
+        self._v4: list[tuple[int, int]] = []
+        self._v6: list[tuple[int, int]] = []
+        for cidr in cidrs:
+            network = ipaddress.ip_network(cidr, strict=False)
+            target = self._v4 if network.version == 4 else self._v6
+            target.append((int(network.network_address), int(network.netmask)))
+
+    def __contains__(self, address: bytes) -> bool:
+        networks = self._v4 if len(address) == 4 else self._v6
+        if not networks:
+            return False
+        value = int.from_bytes(address, "big")
+        for base, mask in networks:
+            if value & mask == base:
+                return True
+        return False
+
+
+def _endpoint(address: bytes, port: int) -> str:
+    text = str(ipaddress.ip_address(address))
+    return f"[{text}]:{port}" if len(address) == 16 else f"{text}:{port}"
+
+
+class IpTracker:
+    """Allow new flows only to addresses resolved through the engine's DNS; see the module docstring."""
+
+    name = "ip_tracker"
+    Config = IpTrackerConfig
+
+    def __init__(self, config: IpTrackerConfig) -> None:
+        self.config = config
+        self.table = TrackerTable(
+            max_entries=config.max_entries,
+            max_ips_per_name=config.max_ips_per_name,
+            per_client=config.per_client,
+            grace=config.grace,
+        )
+        self._exempt = _Networks(config.exempt)
+        self._engine: Engine | None = None
+        self._next_cleanup = 0.0
+        self._next_save = 0.0
+        self._log_bucket = TokenBucket(rate=20.0, burst=50.0)
+        self._suppressed_logs = 0
+        self.blocked = 0
+        self.learned = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_configure(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _wall_offset(self) -> float:
+        """wall = loop + offset; measured only at the edges (start, stop, periodic save)."""
+        assert self._engine is not None
+        return time.time() - self._engine.now()
+
+    @hookimpl
+    def dnsgate_start(self, engine: Engine) -> None:
+        self._engine = engine
+        now = engine.now()
+        self._next_cleanup = now + self.config.cleanup_interval
+        self._next_save = now + self.config.save_interval
+        if not self.config.state_file:
+            return
+        try:
+            restored = persistence.restore(self.config.state_file, self.table, self._wall_offset(), now)
+        except (OSError, ValueError) as error:
+            log.warning("ip_tracker: could not restore %s (%s); starting empty", self.config.state_file, error)
+            return
+        if restored:
+            log.info("ip_tracker: restored %d leases from %s", restored, self.config.state_file)
+
+    @hookimpl
+    def dnsgate_stop(self, engine: Engine) -> None:
+        self.save()
+
+    def save(self) -> None:
+        """Persist the table now (no-op without ``state_file``); errors are logged, never raised."""
+        if not self.config.state_file or self._engine is None:
+            return
+        try:
+            persistence.save(self.config.state_file, self.table, self._wall_offset())
+        except OSError as error:
+            log.warning("ip_tracker: could not save %s: %s", self.config.state_file, error)
+
+    @hookimpl
+    def dnsgate_tick(self, engine: Engine, now: float) -> None:
+        if now >= self._next_cleanup:
+            self._next_cleanup = now + self.config.cleanup_interval
+            removed = self.table.expire(now)
+            if removed:
+                engine.stats.incr("ip_tracker.expired", removed)
+        if self.config.state_file and now >= self._next_save:
+            self._next_save = now + self.config.save_interval
+            self.save()
+        if self._suppressed_logs and self._log_bucket.take(now):
+            log.info("ip_tracker: %d more blocked flows not logged", self._suppressed_logs)
+            self._suppressed_logs = 0
+
+    # -- learning ------------------------------------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_dns_answer(self, answer: DnsAnswer, now: float) -> None:
+        lease = self.config.lease_seconds
+        learn = self.table.learn
+        for address, ttl in answer.addresses:
+            learn(address, answer.qname, now + lease(ttl), answer.client)
+        self.learned += len(answer.addresses)
+
+    # -- the policy ----------------------------------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
+        if "dns" in flow.labels or flow.proto not in _JUDGED_PROTOCOLS:
+            return None
+        if flow.dst in self._exempt or self.table.allowed(flow.dst, flow.src, now):
+            return None
+        self.blocked += 1
+        detail = self._history(flow.dst, flow.src, now)
+        if self._engine is not None:
+            self._engine.stats.incr("ip_tracker.blocked")
+        if self._log_bucket.take(now):
+            log.info(
+                "BLOCKED hardcoded IP %s -> %s%s",
+                _endpoint(flow.src, flow.sport),
+                _endpoint(flow.dst, flow.dport),
+                f" {detail}" if detail else "",
+            )
+        else:
+            self._suppressed_logs += 1
+        if self.config.action == "drop":
+            return Decision.drop(self.name, _REASON, detail=detail)
+        return Decision.reject(self.name, _REASON, detail=detail)
+
+    def _history(self, address: bytes, client: bytes, now: float) -> str:
+        """``(was example.com, expired 12 s ago)`` when the address had a lease, else ``""``."""
+        info = self.table.expired_info(address, client, now)
+        if info is None:
+            names = self.table.names_for(address)  # per-client: resolved, but by another device
+            return f"(resolved by another client as {', '.join(names)})" if names else ""
+        names, ago = info
+        shown = ", ".join(names) if names else "?"
+        return f"(was {shown}, expired {max(0, round(ago))} s ago)"
+
+    # -- open flows keep their address allowed -------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_flow_opened(self, flow: Flow, now: float) -> None:
+        if "dns" in flow.labels or flow.proto not in _JUDGED_PROTOCOLS:
+            return
+        if self.table.flow_opened(flow.dst, flow.src):
+            flow.stash[_COUNTED] = True
+
+    @hookimpl
+    def dnsgate_flow_closed(self, flow: Flow, now: float, reason: str) -> None:
+        if flow.stash.get(_COUNTED, False):
+            flow.stash[_COUNTED] = False
+            self.table.flow_closed(flow.dst, flow.src, now)
+
+    # -- views for logs, the dashboard and the control socket ------------------------------------
+
+    def names_for(self, address: bytes) -> tuple[str, ...]:
+        """Names that resolved to ``address`` (raw bytes), for logs and the dashboard."""
+        return self.table.names_for(address)
+
+    def snapshot(self, now: float | None = None, limit: int = 200) -> dict[str, Any]:
+        """Size, leases expiring within a minute, and the ``limit`` soonest-expiring entries."""
+        if now is None:
+            now = self._engine.now() if self._engine is not None else 0.0
+        entries = sorted(self.table, key=lambda e: e.expiry)[:limit]
+        return {
+            "size": len(self.table),
+            "expiring_soon": self.table.expiring_within(now, 60.0),
+            "learned": self.learned,
+            "blocked": self.blocked,
+            "expired": self.table.expired,
+            "evicted": self.table.evicted,
+            "entries": [
+                {
+                    "address": str(ipaddress.ip_address(e.address)),
+                    "client": str(ipaddress.ip_address(e.client)) if e.client else None,
+                    "names": list(e.names),
+                    "expires_in": round(e.expiry - now, 1),
+                    "open_flows": e.open_flows,
+                }
+                for e in entries
+            ],
+        }

@@ -1,0 +1,229 @@
+"""dns_filter on the plugin harness against a real UDP/TCP DNS server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable
+
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+
+from engine.decision import Verdict
+from engine.packet import ACK, FIN, PROTO_TCP, PROTO_UDP, SYN, Packet
+from engine.testing import syn, tcp, udp
+
+Bench = Callable[..., Any]
+
+
+def query(name: str, rdtype: str = "A", qid: int = 0x4242, **kw: Any) -> bytes:
+    message = dns.message.make_query(name, rdtype, **kw)
+    message.id = qid
+    return message.to_wire()
+
+
+def replies(bench: Any) -> list[Packet]:
+    return [p for p in bench.harness.take_written() if p.proto == PROTO_UDP]
+
+
+def wait_reply(bench: Any, timeout: float = 3.0) -> tuple[Packet, dns.message.Message]:
+    found: list[Packet] = []
+
+    def got() -> bool:
+        found.extend(replies(bench))
+        return bool(found)
+
+    assert bench.harness.run_until(got, timeout), "no reply written"
+    packet = found[0]
+    return packet, dns.message.from_wire(bytes(packet.payload))
+
+
+@pytest.mark.parametrize(
+    ("client", "resolver"), [("10.0.0.2", "203.0.113.99"), ("fd00:db8::2", "2001:db8::53")], ids=["v4", "v6"]
+)
+def test_query_to_any_address_is_answered_after_the_event(dns_bench: Bench, client: str, resolver: str) -> None:
+    bench = dns_bench()
+    result = bench.harness.feed(udp(client, 40000, resolver, 53, query("Example.test.")))
+    assert result.flow is not None and "dns" in result.flow.labels
+    assert result.decision is not None and result.decision.verdict is Verdict.ACCEPT
+    assert result.written == []  # never answered synchronously: the upstream is asked first
+    packet, reply = wait_reply(bench)
+    # The reply comes from the address the client asked, to the client's port.
+    assert packet.src == ipaddress.ip_address(resolver).packed and packet.sport == 53
+    assert packet.dst == ipaddress.ip_address(client).packed and packet.dport == 40000
+    assert reply.id == 0x4242 and reply.rcode() == dns.rcode.NOERROR
+    assert [r.to_text() for r in reply.answer[0]] == ["198.51.100.10"]
+    # The upstream was asked (with our own id) and its bytes were forwarded unchanged but for the id.
+    assert len(bench.upstream.queries) == 1
+    assert bytes(packet.payload)[2:] == bench.upstream.replies[0][2:]
+    # The event fired before the reply reached the device.
+    ((answer, written_before),) = bench.recorder.events
+    assert written_before == 0
+    assert answer.qname == "example.test" and answer.qtype == 1 and answer.rcode == 0
+    assert answer.addresses == ((ipaddress.ip_address("198.51.100.10").packed, 300),)
+    assert answer.client == ipaddress.ip_address(client).packed
+    assert answer.upstream.startswith("udp://127.0.0.1:")
+    snap = bench.plugin.snapshot()
+    assert snap["queries"] == 1 and snap["answers"] == 1 and snap["pending"] == 0
+    assert snap["latency"]["samples"] == 1
+
+
+def test_cname_chain_in_event(dns_bench: Bench) -> None:
+    bench = dns_bench()
+    bench.harness.feed(udp("10.0.0.2", 40001, "10.0.0.1", 53, query("alias.test.")))
+    wait_reply(bench)
+    ((answer, _),) = bench.recorder.events
+    assert answer.cnames == ("example.test",)
+    assert answer.address_strings() == ["198.51.100.10"]
+
+
+def test_timeout_answers_servfail(dns_bench: Bench) -> None:
+    bench = dns_bench({"timeout": "300ms"})
+    bench.harness.feed(udp("10.0.0.2", 40002, "10.0.0.1", 53, query("silent.test.")))
+    _packet, reply = wait_reply(bench)
+    assert reply.rcode() == dns.rcode.SERVFAIL and reply.id == 0x4242
+    assert bench.recorder.events == []
+    snap = bench.plugin.snapshot()
+    assert snap["servfail"] == 1 and snap["timeouts"] == 1 and snap["pending"] == 0
+
+
+def test_failover_to_the_next_upstream_and_remember_it(dns_bench: Bench) -> None:
+    # A first upstream that never answers (a bound socket nobody reads).
+    import socket
+
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    try:
+        bench = dns_bench(
+            {"attempt_timeout": "200ms"}, extra_upstreams=(f"udp://127.0.0.1:{dead.getsockname()[1]}",)
+        )
+        bench.harness.feed(udp("10.0.0.2", 40003, "10.0.0.1", 53, query("example.test.")))
+        _packet, reply = wait_reply(bench)
+        assert reply.rcode() == dns.rcode.NOERROR
+        stats = bench.plugin.snapshot()["upstreams"]
+        assert stats[0]["failures"] == 1 and stats[1]["healthy"]
+        # The next query goes straight to the healthy upstream: answered without another failure.
+        bench.harness.feed(udp("10.0.0.2", 40004, "10.0.0.1", 53, query("example.test.")))
+        wait_reply(bench, timeout=0.15)
+        assert bench.plugin.snapshot()["upstreams"][0]["failures"] == 1
+    finally:
+        dead.close()
+
+
+@pytest.mark.parametrize(("mode", "rcode", "answer"), [("nxdomain", 3, None), ("null", 0, "0.0.0.0")])
+def test_blocklist_answers_locally(dns_bench: Bench, mode: str, rcode: int, answer: str | None) -> None:
+    bench = dns_bench({"blocklist": ["ads.test"], "allowlist": ["ok.ads.test"], "block_response": mode})
+    result = bench.harness.feed(udp("10.0.0.2", 40005, "10.0.0.1", 53, query("x.ads.test.")))
+    (packet,) = [p for p in result.written if p.proto == PROTO_UDP]  # answered at once, no upstream
+    reply = dns.message.from_wire(bytes(packet.payload))
+    assert reply.rcode() == rcode
+    assert ([r.to_text() for r in reply.answer[0]] if reply.answer else None) == ([answer] if answer else None)
+    assert bench.upstream.queries == [] and bench.recorder.events == []
+    # The allowlist overrides the block: this one goes upstream (NXDOMAIN from the zone, but asked).
+    bench.harness.feed(udp("10.0.0.2", 40006, "10.0.0.1", 53, query("ok.ads.test.")))
+    wait_reply(bench)
+    assert len(bench.upstream.queries) == 1
+    assert bench.plugin.snapshot()["blocked"] == 1
+
+
+def test_cname_cloaking_is_blocked(dns_bench: Bench) -> None:
+    bench = dns_bench({"blocklist": ["tracker.test"]})
+    bench.harness.feed(udp("10.0.0.2", 40007, "10.0.0.1", 53, query("cloaked.test.")))
+    _packet, reply = wait_reply(bench)
+    assert reply.rcode() == dns.rcode.NXDOMAIN and not reply.answer
+    assert len(bench.upstream.queries) == 1
+    assert bench.recorder.events == []  # nothing learned from a blocked answer
+    assert bench.plugin.snapshot()["blocked_cname"] == 1
+
+
+def test_large_answer_truncated_to_client_edns_size(dns_bench: Bench) -> None:
+    bench = dns_bench()
+    bench.harness.feed(udp("10.0.0.2", 40008, "10.0.0.1", 53, query("big.test.", use_edns=False)))
+    packet, reply = wait_reply(bench)
+    assert len(packet.payload) <= 512
+    assert reply.flags & dns.flags.TC and not reply.answer
+    bench.harness.feed(udp("10.0.0.2", 40009, "10.0.0.1", 53, query("big.test.", use_edns=0, payload=1400)))
+    packet, reply = wait_reply(bench)
+    assert not reply.flags & dns.flags.TC and len(reply.answer[0]) == 60
+    assert 512 < len(packet.payload) <= 1400
+    # The tracker still learned every address from the full upstream answer.
+    assert len(bench.recorder.events[-1][0].addresses) == 60
+
+
+def test_upstream_tc_is_forwarded(dns_bench: Bench) -> None:
+    bench = dns_bench()
+    bench.harness.feed(udp("10.0.0.2", 40010, "10.0.0.1", 53, query("tc.test.")))
+    _packet, reply = wait_reply(bench)
+    assert reply.flags & dns.flags.TC
+
+
+def test_malformed_and_response_packets_are_counted_and_dropped(dns_bench: Bench) -> None:
+    bench = dns_bench()
+    bench.harness.feed(udp("10.0.0.2", 40011, "10.0.0.1", 53, b"\x00\x01garbage"))
+    forged = dns.message.make_response(dns.message.from_wire(query("example.test.")))
+    bench.harness.feed(udp("10.0.0.2", 40012, "10.0.0.1", 53, forged.to_wire()))
+    bench.harness.run(0.05)
+    assert replies(bench) == []
+    assert bench.plugin.snapshot()["malformed"] == 2 and bench.upstream.queries == []
+
+
+def test_retransmitted_query_is_answered_once(dns_bench: Bench) -> None:
+    bench = dns_bench({"timeout": "300ms"})
+    packet = udp("10.0.0.2", 40013, "10.0.0.1", 53, query("silent.test."))
+    bench.harness.feed(packet)
+    bench.harness.feed(packet)
+    wait_reply(bench)
+    bench.harness.run(0.1)
+    assert replies(bench) == []
+    assert bench.plugin.snapshot()["duplicates"] == 1
+
+
+def test_idle_dns_flows_are_closed(dns_bench: Bench) -> None:
+    bench = dns_bench({"flow_idle": "10s"})
+    bench.harness.feed(udp("10.0.0.2", 40014, "10.0.0.1", 53, query("example.test.")))
+    wait_reply(bench)
+    assert len(bench.harness.engine.flows) == 1
+    bench.harness.advance(11)
+    assert len(bench.harness.engine.flows) == 0
+
+
+def test_tcp_query_over_the_user_space_stack(dns_bench: Bench) -> None:
+    bench = dns_bench(tcp=True)
+    harness = bench.harness
+    client, server, port = "10.0.0.2", "203.0.113.99", 41000
+    result = harness.feed(syn(client, port, server, 53, seq=1000))
+    (synack,) = [p for p in result.written if p.proto == PROTO_TCP]
+    assert synack.tcp_flags & (SYN | ACK) == SYN | ACK
+    server_seq = synack.seq + 1
+    harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001, ack=server_seq))
+    first, second = query("example.test.", qid=1), query("alias.test.", qid=2)
+    stream = len(first).to_bytes(2, "big") + first + len(second).to_bytes(2, "big") + second
+    harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001, ack=server_seq, payload=stream))
+    received = bytearray()
+
+    def two_answers() -> bool:
+        for packet in harness.take_written():
+            if packet.proto == PROTO_TCP and packet.payload_len:
+                received.extend(packet.payload)
+        if len(received) < 2:
+            return False
+        first_len = int.from_bytes(received[:2], "big")
+        rest = received[2 + first_len :]
+        return len(rest) >= 2 and len(rest) >= 2 + int.from_bytes(rest[:2], "big")
+
+    assert harness.run_until(two_answers, 3.0)
+    first_len = int.from_bytes(received[:2], "big")
+    ids = {
+        dns.message.from_wire(bytes(received[2 : 2 + first_len])).id,
+        dns.message.from_wire(bytes(received[4 + first_len :])).id,
+    }
+    assert ids == {1, 2}
+    assert len(bench.recorder.events) == 2
+    # Half-close from the client: the server finishes too.
+    harness.feed(
+        tcp(client, port, server, 53, flags=ACK | FIN, seq=1001 + len(stream), ack=server_seq + len(received))
+    )
+    assert harness.run_until(
+        lambda: any(p.proto == PROTO_TCP and p.tcp_flags & FIN for p in harness.take_written()), 2.0
+    )
