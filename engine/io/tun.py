@@ -68,6 +68,7 @@ OFFLOAD_CANDIDATES = (OFFLOAD_FULL, OFFLOAD_TSO, TUN_F_CSUM | TUN_F_TSO4 | TUN_F
 IFNAMSIZ = 16
 READ_SLOT = VNET_HDR_LEN + 65535  # one read can never be larger than this
 DEFAULT_TXQUEUELEN = 5000
+ARENA_MAX = 2 * 1024 * 1024
 _IFREQ_FLAGS = struct.Struct("16sH22x")
 _IFREQ_INT = struct.Struct("16si20x")
 _ZERO_VNET = bytes(VNET_HDR_LEN)
@@ -135,8 +136,9 @@ class TunDevice:
         os.set_blocking(fd, False)
         self._file = io.FileIO(fd, "r+b", closefd=False)
         self._readinto = self._file.readinto
-        # Offload reads can be ~64 KB each: give them room for a useful batch; plain reads are <= MTU.
-        body = 2 * 1024 * 1024 if vnet_hdr else max(256 * 1024, 128 * (mtu + 64))
+        # Offload reads can be ~64 KB each: give them room for a useful batch (~32); plain reads are
+        # <= MTU, so 128 of them fit in far less. Bounded either way: a batch ends when the arena is full.
+        body = ARENA_MAX if vnet_hdr else min(ARENA_MAX, max(256 * 1024, 128 * (mtu + 64)))
         self._arena = bytearray(READ_SLOT + body)
         self._view = memoryview(self._arena)
         self._last_slot = len(self._arena) - READ_SLOT
