@@ -18,6 +18,7 @@ from engine.packet import (
     ACK,
     GSO_NONE,
     GSO_TCPV4,
+    GSO_UDP_L4,
     PROTO_TCP,
     PROTO_UDP,
     RST,
@@ -219,3 +220,28 @@ def test_engine_on_the_tun_blocks_quic_and_forwards_other_udp(topology: Topology
     device = engine.request("stats")["device"]
     assert device["rx_packets"] >= 4 and device["tx_packets"] >= 2
     assert engine.poll() is None, engine.log_tail()
+
+
+@pytest.mark.topology(vnet_hdr=True)
+def test_udp_segmentation_offload_both_ways(topology: Topology) -> None:
+    """A client using UDP_SEGMENT hands the TUN one USO super-packet (read with gso_type UDP_L4), and one
+    GSO_UDP_L4 write reaches the client socket as separate, intact datagrams."""
+    dev = topology.device()
+    sock = topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(5)
+    sock.bind((CLIENT_V4, 0))
+    sport = sock.getsockname()[1]
+    segment_size, count = 1200, 10
+    chunks = [bytes([i]) * segment_size for i in range(count)]
+    sock.setsockopt(socket.IPPROTO_UDP, 103, segment_size)  # UDP_SEGMENT
+    sock.sendto(b"".join(chunks), (WEB_V4, 4500))
+    pkt, vnet, length = _wait_for(dev, lambda p: p.proto == PROTO_UDP and p.dport == 4500)
+    assert vnet is not None and vnet.gso_type & 0x7F == GSO_UDP_L4 and vnet.gso_size == segment_size
+    assert length > topology.mtu and bytes(pkt.buf[pkt.payload_offset :]) == b"".join(chunks)
+
+    sock.setsockopt(socket.IPPROTO_UDP, 103, 0)
+    super_packet = build_udp(_ip(WEB_V4), _ip(CLIENT_V4), 4500, sport, b"".join(reversed(chunks)), partial_csum=True)
+    dev.write_gso(super_packet, VnetHeader.for_udp(20, segment_size))
+    received = [sock.recvfrom(65536) for _ in range(count)]
+    assert [data for data, _ in received] == list(reversed(chunks))
+    assert all(peer == (WEB_V4, 4500) for _, peer in received)
