@@ -201,7 +201,7 @@ class Dashboard:
     def _engine_panel(self) -> Panel:
         snap = self.snapshot
         table = Table.grid(padding=(0, 1))
-        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, min_width=9)
         table.add_column(no_wrap=True, overflow="ellipsis")
         open_flows = _get(snap, "flows", "open") or {}
         parts = [f"{proto} {count}" for proto, count in sorted(open_flows.items())] if isinstance(open_flows, Mapping) else []
@@ -227,7 +227,7 @@ class Dashboard:
     def _dns_panel(self) -> Panel:
         dns = _get(self.snapshot, "plugins", "dns_filter") or {}
         table = Table.grid(padding=(0, 1))
-        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, min_width=9)
         table.add_column(no_wrap=True, overflow="ellipsis")
         qps = self.rates.get("dns_queries")
         table.add_row("queries/s", f"{human_count(qps)}  {sparkline(self.history['dns_queries'], 16)}")

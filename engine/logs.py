@@ -133,14 +133,17 @@ class BlockObserver:
 
     @hookimpl
     def dnsgate_blocked(self, packet: Any, flow: Any, decision: Any, now: float) -> None:
-        reason = str(getattr(decision, "reason", "") or getattr(getattr(decision, "verdict", None), "value", "blocked"))
+        full_reason = str(getattr(decision, "reason", "") or getattr(getattr(decision, "verdict", None), "value", "blocked"))
+        # "hardcoded IP: not resolved by DNS" -> "hardcoded IP": the short label counts and reads best in
+        # the feed; the full reason stays in the log line and the feed entry.
+        reason = full_reason.split(":", 1)[0].strip() or full_reason
         plugin = str(getattr(decision, "plugin", "") or "?")
         detail = str(getattr(decision, "detail", "") or "")
         self.total += 1
         self.by_reason[reason] += 1
         self.by_plugin[plugin] += 1
         self.recent.append({"at": self._wall(), "text": block_line(flow.describe(), reason, detail),
-                            "plugin": plugin, "reason": reason})
+                            "plugin": plugin, "reason": full_reason})
         if self.pcap is not None:
             try:
                 self.pcap.record(bytes(packet.buf), self._wall())

@@ -213,7 +213,7 @@ def test_block_observer_counts_feeds_and_records() -> None:
     pcap = RecordingPcap()
     observer = BlockObserver(recent=2, pcap=pcap, wall_clock=lambda: 1000.0)
     for _ in range(3):
-        observer.dnsgate_blocked(Packet(), FakeFlow(), Decision.reject("ip_tracker", "hardcoded IP",
+        observer.dnsgate_blocked(Packet(), FakeFlow(), Decision.reject("ip_tracker", "hardcoded IP: not resolved by DNS",
                                                                         detail="(was example.com)"), 1.0)
     observer.dnsgate_blocked(Packet(), FakeFlow(), Decision.drop("quic_block", "QUIC"), 2.0)
     snap = observer.snapshot()
@@ -223,4 +223,5 @@ def test_block_observer_counts_feeds_and_records() -> None:
     assert len(snap["recent"]) == 2
     assert snap["recent"][0]["text"] == "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (was example.com)"
     assert snap["recent"][1]["at"] == 1000.0
+    assert snap["recent"][0]["reason"] == "hardcoded IP: not resolved by DNS"
     assert len(pcap.packets) == 4 and pcap.packets[0][0] == 0x45
