@@ -329,8 +329,8 @@ def parse(data: Buffer) -> Packet:
     """
     try:
         buf = memoryview(data)
-        if type(data) is memoryview and data.format != "B":
-            buf = buf.cast("B")  # a view of another shape: address it as bytes
+        if type(data) is not bytes and (buf.format != "B" or buf.ndim != 1 or not buf.c_contiguous):
+            buf = memoryview(buf.tobytes())  # typed, shaped or strided: copy into plain bytes (rare)
         first = buf[0]
     except (TypeError, ValueError, IndexError):
         raise PacketError("empty or not a byte buffer") from None
