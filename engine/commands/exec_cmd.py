@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, nl.NetnsError) as error:
             print(f"dnsgate exec: cannot build the namespace: {error}", file=sys.stderr)
             return 1
+        log.info("namespace %s: %s behind the engine", name, " ".join(command))
 
         async def watch(process: asyncio.subprocess.Process) -> None:
             child["status"] = await process.wait()
