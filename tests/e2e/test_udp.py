@@ -194,3 +194,20 @@ def test_iperf3_udp_200_mbit_loss_close_to_the_direct_path(topology: Topology) -
           f"{direct_packets} direct; engine counters {engine.counters()}")
     assert packets > 40_000  # 200 Mbit/s for 3 s of 1400-byte datagrams is ~53,500
     assert through <= direct + 0.5
+
+
+@pytest.mark.parametrize("topology", [{"vnet_hdr": True}], indirect=True)
+def test_udp_gso_from_the_client_is_split_and_echoed(topology: Topology) -> None:
+    """A client sending with UDP_SEGMENT hands the TUN one super-packet; every segment reaches the server."""
+    topology.udp_echo_server(WEB_V4, 7)
+    engine = topology.start_engine(write_profile(topology))
+    sock = topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((WEB_V4, 7))
+    sock.settimeout(2.0)
+    sock.setsockopt(socket.SOL_UDP, 103, 1000)  # UDP_SEGMENT: the kernel cuts sends into 1000-byte datagrams
+    segments = [bytes([i]) * 1000 for i in range(20)] + [b"tail"]
+    sock.send(b"".join(segments))
+    echoed = sorted(sock.recv(2048) for _ in segments)
+    assert echoed == sorted(segments)
+    counters = engine.counters()
+    assert counters.get("udp_forward.gso_in", 0) >= 1, counters

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-import tracemalloc
 
 from engine.testing import PluginHarness, udp
 
 SESSIONS = 5000
 EXTRA = 500
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def open_fds() -> int:
@@ -25,8 +29,7 @@ def test_five_thousand_sessions_bounded_memory_and_fds() -> None:
     fds_before = open_fds()
     harness = PluginHarness("udp_forward", {"max_sessions": SESSIONS}, engine={"allow_loopback": True})
     try:
-        tracemalloc.start()
-        baseline = tracemalloc.get_traced_memory()[0]
+        baseline = resident_bytes()
         peers = []
         for index in range(SESSIONS + EXTRA):
             # 10.0.0.2 .. with distinct source ports: one session per client 5-tuple
@@ -40,15 +43,16 @@ def test_five_thousand_sessions_bounded_memory_and_fds() -> None:
                     peers.append((int.from_bytes(data, "big"), peer))
                     if len(peers) == index + 1:
                         break
-        in_use = tracemalloc.get_traced_memory()[0] - baseline
-        tracemalloc.stop()
+        in_use = resident_bytes() - baseline
         assert sorted(number for number, _ in peers) == list(range(SESSIONS + EXTRA))
         assert len(harness.plugin.sessions) == SESSIONS
         assert harness.engine.stats.get("udp_forward.evicted") == EXTRA
         # One socket per live session, none leaked for the evicted ones.
         assert open_fds() - fds_before <= SESSIONS + 16
-        # Python-side state per session stays small (flow + session + table entry).
-        assert in_use / SESSIONS < 6000, f"{in_use / SESSIONS:.0f} B per session"
+        # Process memory per session stays small (flow + session + table entry + socket object); the
+        # sockets' buffers live in the kernel and are bounded by SO_RCVBUF/SO_SNDBUF.
+        assert in_use / SESSIONS < 8192, f"{in_use / SESSIONS:.0f} B per session"
+        print(f"{SESSIONS} sessions: {in_use / SESSIONS:.0f} B resident per session")
         # The most recent sessions still answer: upstream -> client through their own sockets.
         for number, peer in peers[-50:]:
             server.sendto(number.to_bytes(4, "big"), peer)
