@@ -54,6 +54,7 @@ WEB_V4, DNS_V4 = "198.51.100.10", "198.51.100.53"
 WEB_V6, DNS_V6 = "2001:db8:100::10", "2001:db8:100::53"
 OTHER_NET_V4 = "203.0.113.0/24"
 SILENT_V4 = "198.51.100.200"  # routed into the server, which drops it: SYNs time out
+HTTP_INDEX = "<html><body>dnsgate e2e test server</body></html>\n"
 
 _PY = sys.executable
 
@@ -398,7 +399,7 @@ class Topology:
             f"srv = socket.socket(socket.{family}, socket.SOCK_STREAM)\n"
             "srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
             f"srv.bind(({address!r}, {port}))\n"
-            "srv.listen(128)\n"
+            "srv.listen(4096)\n"
             "def serve(c):\n"
             "    with c:\n"
             "        while (data := c.recv(65536)):\n"
@@ -412,11 +413,25 @@ class Topology:
         return proc
 
     def http_server(self, address: str = WEB_V4, port: int = 80, directory: str | None = None) -> Process:
-        """``python -m http.server`` in the server namespace."""
-        argv = [_PY, "-m", "http.server", "--bind", address, str(port)]
-        if directory:
-            argv += ["--directory", directory]
-        proc = self.server.spawn(argv, name=f"http-{port}")
+        """A threaded static-file HTTP/1.0 server (http.server) in the server namespace, with a deep
+        listen backlog (the stdlib default of 5 drops SYNs under a connection-rate test). Without
+        ``directory`` it serves ``HTTP_INDEX`` as ``/`` (and ``/index.html``)."""
+        if directory is None:
+            www = self.workdir / "www"
+            www.mkdir(exist_ok=True)
+            (www / "index.html").write_text(HTTP_INDEX)
+            directory = str(www)
+        family = "AF_INET6" if ":" in address else "AF_INET"
+        code = (
+            "import functools, http.server, socket\n"
+            "class Server(http.server.ThreadingHTTPServer):\n"
+            f"    address_family = socket.{family}\n"
+            "    request_queue_size = 4096\n"
+            "    daemon_threads = True\n"
+            f"handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory={directory!r})\n"
+            f"Server(({address!r}, {port}), handler).serve_forever()\n"
+        )
+        proc = self.server.spawn([_PY, "-c", code], name=f"http-{port}")
         self.server.wait_listening(port, "tcp", proc=proc)
         return proc
 
