@@ -26,6 +26,7 @@ Internals worth knowing before editing:
 from __future__ import annotations
 
 import secrets
+import struct
 from typing import NamedTuple, Optional, Protocol, Union
 
 from engine.tcp import events as ev
@@ -34,7 +35,7 @@ from engine.tcp.options import max_sack_blocks, sack_option, syn_ack_options, ts
 from engine.tcp.reassembly import Reassembly
 from engine.tcp.rtt import RttEstimator
 from engine.tcp.scoreboard import Scoreboard
-from engine.tcp.seq import MASK, unwrap
+from engine.tcp.seq import HALF, MASK, unwrap
 from engine.tcp.state import RECEIVING, SENDING, SYNCHRONIZED, TcpState, Trigger, next_state
 
 __all__ = ["TcpEndpoint", "OutSegment", "SegmentIn", "TcpOptionsView"]
@@ -51,6 +52,8 @@ _KEEPALIVE_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT, _S.FIN_WAIT_2})
 _DEFAULT_PEER_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
 _CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7: rate-limit challenge ACKs
 _MAX_CWND = 64 << 20
+_TS_PREFIX = 0x0101080A  # NOP NOP TS len=10: Linux's layout on every established segment
+_TS_BLOCK = struct.Struct("!III")
 
 
 class TcpOptionsView(Protocol):
@@ -69,8 +72,13 @@ class TcpOptionsView(Protocol):
 
 
 class SegmentIn(Protocol):
-    """What the endpoint reads from an incoming segment (``engine.packet.Packet`` satisfies it)."""
+    """What the endpoint reads from an incoming segment (``engine.packet.Packet`` satisfies it).
+    ``buf``/``l4_offset``/``payload_offset`` let the hot path decode the common timestamp-only option
+    block itself instead of building a full options object per segment."""
 
+    buf: memoryview
+    l4_offset: int
+    payload_offset: int
     version: int
     seq: int
     ack: int
@@ -447,14 +455,27 @@ class TcpEndpoint:
             if not flags & RST:
                 self._reply_reset(packet)
             return
-        try:
-            opts = packet.tcp_options()
-        except ValueError:
-            self.dropped += 1
-            return
+        # Options: the layouts Linux sends on established flows are decoded inline (no object per segment).
+        l4 = packet.l4_offset
+        olen = packet.payload_offset - l4 - 20
+        ts: Optional[tuple[int, int]]
+        sack_blocks: tuple[tuple[int, int], ...] = ()
+        if olen == 0:
+            ts = None
+        elif olen == 12 and (block := _TS_BLOCK.unpack_from(packet.buf, l4 + 20))[0] == _TS_PREFIX:
+            ts = (block[1], block[2])
+        else:
+            try:
+                opts = packet.tcp_options()
+            except ValueError:
+                self.dropped += 1
+                return
+            ts = opts.timestamp
+            sack_blocks = opts.sack_blocks
         self._last_recv = now
         self._ka_probes = 0
-        seq = unwrap(packet.seq, self._rcv_nxt)
+        rcv_nxt = self._rcv_nxt
+        seq = rcv_nxt + ((packet.seq - rcv_nxt + HALF) & MASK) - HALF  # unwrap(), inlined
         payload = packet.payload
         plen = len(payload)
 
@@ -474,7 +495,6 @@ class TcpEndpoint:
             return
 
         # RFC 9293 3.10.7.4 first check, with the zero-window allowance for ACKs.
-        rcv_nxt = self._rcv_nxt
         rcv_adv = self._rcv_adv
         seg_len = plen + (flags & FIN)
         if seg_len == 0:
@@ -484,20 +504,20 @@ class TcpEndpoint:
         if not acceptable:
             self._ack_pending = True
             return
-        ts = opts.timestamp
         if ts is not None and self._ts_ok and seq <= self._last_ack_sent:
             if (ts[0] - self._ts_recent) & MASK < 0x80000000:
                 self._ts_recent = ts[0]
         if not flags & ACK:
             return
-        ack = unwrap(packet.ack, self._snd_una)
+        snd_una = self._snd_una
+        ack = snd_una + ((packet.ack - snd_una + HALF) & MASK) - HALF
         if state is _S.SYN_RECEIVED:
             if not self._snd_una < ack <= self._snd_max:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED draws <SEQ=SEG.ACK><CTL=RST>.
                 self._out.append(OutSegment(packet.ack, 0, RST, 0, b"", b""))
                 return
             self._on_handshake_ack(seq, ack, packet.window, now)
-        if not self._on_ack(ack, seq, packet.window, plen, flags, opts, now):
+        if not self._on_ack(ack, seq, packet.window, plen, flags, sack_blocks, ts, now):
             return
         if seg_len:
             self._on_data(seq, payload, plen, flags & FIN, now)
@@ -551,8 +571,8 @@ class TcpEndpoint:
             seg_len = len(packet.payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             self._out.append(OutSegment(0, (packet.seq + seg_len) & MASK, RST | ACK, 0, b"", b""))
 
-    def _on_ack(self, ack: int, seq: int, window: int, plen: int, flags: int, opts: TcpOptionsView,
-                now: float) -> bool:
+    def _on_ack(self, ack: int, seq: int, window: int, plen: int, flags: int,
+                blocks: tuple[tuple[int, int], ...], ts: Optional[tuple[int, int]], now: float) -> bool:
         """Process the ACK field; False when the segment must be dropped (RFC 5961 5.2 ACK checks)."""
         snd_una = self._snd_una
         if ack > self._snd_max or ack < snd_una - self._max_snd_wnd - 1:
@@ -573,12 +593,11 @@ class TcpEndpoint:
             if wnd:
                 self._persist_deadline = None
                 self._persist_backoff = 0
-        blocks = opts.sack_blocks
         if blocks and self._sack_ok:
             sb = self._scoreboard
             sb.add(((unwrap(s, snd_una), unwrap(e, snd_una)) for s, e in blocks), max(ack, snd_una), self._snd_max)
         if ack > snd_una:
-            self._ack_advanced(ack, opts, now)
+            self._ack_advanced(ack, ts, now)
         elif (ack == snd_una and plen == 0 and not flags & FIN and not window_changed
               and self._snd_nxt > snd_una):
             self._dupacks += 1
@@ -600,7 +619,7 @@ class TcpEndpoint:
         self._rtx_budget = 1
         self._rtt_seq = None
 
-    def _ack_advanced(self, ack: int, opts: TcpOptionsView, now: float) -> None:
+    def _ack_advanced(self, ack: int, ts: Optional[tuple[int, int]], now: float) -> None:
         acked = ack - self._snd_una
         sbuf_seq = self._sbuf_seq
         data_end = sbuf_seq + len(self._sbuf)
@@ -615,7 +634,6 @@ class TcpEndpoint:
         if self._scoreboard:
             self._scoreboard.advance(ack)
         # RTT sample: timestamps when negotiated (RFC 7323 4.1), else the one timed segment (Karn).
-        ts = opts.timestamp
         if self._ts_ok and ts is not None and ts[1]:
             elapsed = (self._ts_now(now) - ts[1]) & MASK
             if elapsed < 0x80000000:

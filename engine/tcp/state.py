@@ -17,6 +17,10 @@ __all__ = ["TcpState", "Trigger", "next_state", "InvalidTransition", "SYNCHRONIZ
 
 
 class TcpState(enum.Enum):
+    # Identity hash: Enum's own __hash__ is Python code, and the endpoint tests state-set membership on
+    # every segment (members are singletons, so identity is the right equality anyway).
+    __hash__ = object.__hash__
+
     SYN_PENDING = "SYN_PENDING"
     SYN_RECEIVED = "SYN_RECEIVED"
     ESTABLISHED = "ESTABLISHED"
