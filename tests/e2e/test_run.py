@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from engine.linux import netns as nl
-from tests.e2e.topology import DNS_V4, REPO_ROOT, WEB_V4, EngineProcess, Topology
+from tests.e2e.topology import DNS_V4, DNS_V6, REPO_ROOT, WEB_V4, WEB_V6, EngineProcess, Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -120,6 +120,9 @@ def test_firewall_mode_switch_with_open_connection(topology: Topology) -> None:
     sock_path = topology.workdir / "ctl.sock"
     assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
     assert len(our_rules(topology)) == 8  # per family: mark->main, mark guard, from device, firewall catch-all
+    # IPv6 is captured too (no leak past the firewall); marked sockets leave through the veth
+    assert f"dev {TUN}" in topology.engine.run(["ip", "-6", "route", "get", WEB_V6]).stdout
+    assert "e-srv" in topology.engine.run(["ip", "-6", "route", "get", WEB_V6, "mark", "0x2027"]).stdout
 
     # firewall: DNS (to any server) is answered by the engine, resolved addresses work, others are reset
     dig = topology.engine.run(["dig", "+short", "+time=3", "+tries=1", f"@{DNS_V4}", "echo.example.com"])
@@ -197,6 +200,9 @@ def test_dns_only_profile_routes_only_dns(topology: Topology) -> None:
     assert dig.stdout.strip() == WEB_V4
     dig_tcp = topology.engine.run(["dig", "+tcp", "+short", "+time=3", "+tries=1", f"@{DNS_V4}", "www.example.com"])
     assert dig_tcp.stdout.strip() == WEB_V4
+    for family, dns, web in (("-4", DNS_V4, WEB_V4), ("-6", DNS_V6, WEB_V6)):
+        assert f"dev {TUN}" in topology.engine.run(["ip", family, "route", "get", dns, "ipproto", "tcp", "dport", "53"]).stdout
+        assert "e-srv" in topology.engine.run(["ip", family, "route", "get", web, "ipproto", "tcp", "dport", "443"]).stdout
     stats = ctl_json(topology, "stats")
     assert isinstance(stats, dict) and stats["mode"] == "dns-only"
     assert stats["plugins"]["dns_filter"]["queries"] >= 2
