@@ -12,6 +12,7 @@ COMMANDS = [
     "engine.commands.check",
     "engine.commands.replay",
     "engine.commands.serve",
+    "engine.commands.run", "engine.commands.exec_cmd", "engine.commands.demo", "engine.commands.top", "engine.commands.ctl",
 ]
 
 
