@@ -99,3 +99,17 @@ def test_open_errors_are_clear(ns: str) -> None:
         TunDevice.open("tun0", netns="dgt-no-such-namespace")
     with TunDevice.open("", netns=ns) as dev:  # the kernel picks the name
         assert dev.name.startswith("tun")
+
+
+def test_adopt_a_persistent_tun_by_name_with_vnet_headers(ns: str) -> None:
+    nl.ip("tuntap", "add", "mode", "tun", "name", "ptun0", netns=ns)  # created by someone else, no reader
+    with TunDevice.open("ptun0", vnet_hdr=True, netns=ns) as dev:
+        assert dev.name == "ptun0" and dev.offload
+        sock = _up(ns, dev)
+        sock.sendto(b"to the adopted tun", ("10.0.0.9", 7777))
+        deadline = time.monotonic() + 2
+        got: list[bytes] = []
+        while not got and time.monotonic() < deadline:
+            got = [bytes(parse(v).payload) for v, _ in dev.read_batch() if parse(v).proto == PROTO_UDP]
+        assert got == [b"to the adopted tun"]
+    assert nl.link_exists("ptun0", ns)  # persistent: closing our queue does not delete it
