@@ -593,6 +593,8 @@ def build_tcp_headers(
     ip = _ip_header(src, dst, addr, PROTO_TCP, tcp_len, ttl)
     s = addr + PROTO_TCP + tcp_len  # pseudo header
     off = hlen << 2
+    seq &= 0xFFFFFFFF  # sequence space is modulo 2**32 (RFC 9293 3.4); callers may pass unwrapped sums
+    ack &= 0xFFFFFFFF
     if partial_csum:
         csum = s % 0xFFFF or 0xFFFF
     else:
@@ -717,6 +719,47 @@ def is_icmp_error(packet: Packet) -> bool:
     if packet.proto == PROTO_ICMPV6:
         return packet.icmp_type < 128
     return False
+
+
+def quoted_flow_key(packet: Packet) -> Optional[tuple[int, bytes, int, bytes, int]]:
+    """For an ICMP/ICMPv6 error: ``(proto, src, sport, dst, dport)`` of the packet it quotes, as that
+    packet was sent (so for an error the device sends about a packet the engine wrote, src is the remote
+    side). ``None`` when ``packet`` is no error or the quote is too short to say. The quote is truncated by
+    design, so it is read leniently here instead of through :func:`parse`."""
+    if not is_icmp_error(packet):
+        return None
+    quote = packet.buf[packet.payload_offset : packet.payload_end]
+    size = len(quote)
+    if packet.version == 4:
+        if size < 20 or quote[0] >> 4 != 4:
+            return None
+        l4 = (quote[0] & 0x0F) << 2
+        proto = quote[9]
+        src, dst = bytes(quote[12:16]), bytes(quote[16:20])
+        non_first = bool(_U16.unpack_from(quote, 6)[0] & 0x1FFF)
+        if l4 < 20:
+            return None
+    else:
+        if size < 40 or quote[0] >> 4 != 6:
+            return None
+        proto = quote[6]
+        src, dst = bytes(quote[8:24]), bytes(quote[24:40])
+        try:
+            proto, l4, _, non_first = _skip_v6_extensions(quote, proto, size) if proto in _V6_EXTENSIONS else (
+                proto, 40, False, False)
+        except PacketError:
+            return None
+    sport = dport = 0
+    if not non_first:
+        if proto in (PROTO_TCP, PROTO_UDP):
+            if size < l4 + 4:
+                return None
+            sport, dport = struct.unpack_from("!HH", quote, l4)
+        elif proto in (PROTO_ICMP, PROTO_ICMPV6) and size >= l4 + 6:
+            echo = _ICMP_ECHO_TYPES if proto == PROTO_ICMP else _ICMPV6_ECHO_TYPES
+            if quote[l4] in echo:
+                sport = _U16.unpack_from(quote, l4 + 4)[0]
+    return (proto, src, sport, dst, dport)
 
 
 def _check_may_send_error(original: Packet) -> None:

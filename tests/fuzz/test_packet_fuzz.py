@@ -50,7 +50,7 @@ def exercise(data: bytes | bytearray | memoryview) -> None:
     assert 0 <= pkt.l4_offset <= pkt.payload_offset <= pkt.payload_end <= len(pkt.buf)
     assert len(pkt.src) == len(pkt.dst) == (4 if pkt.version == 4 else 16)
     bytes(pkt.payload)
-    _ = pkt.flow_key, pkt.src_ip, pkt.dst_ip, repr(pkt)
+    _ = pkt.flow_key, pkt.src_ip, pkt.dst_ip, repr(pkt), P.quoted_flow_key(pkt)
     try:
         pkt.tcp_options()
     except PacketError:

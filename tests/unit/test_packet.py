@@ -428,3 +428,23 @@ def test_builders_reject_bad_addresses_and_sizes() -> None:
         P.build_udp(V4_A, V6_B, 1, 2, b"")
     with pytest.raises(ValueError):
         P.build_udp(V4_A, V4_B, 1, 2, b"x" * 65530)
+
+
+def test_sequence_numbers_wrap() -> None:
+    pkt = parse(P.build_tcp(V4_A, V4_B, 1, 2, 2**32 + 5, 2**33 + 7, P.ACK, 5))
+    assert (pkt.seq, pkt.ack) == (5, 7)
+
+
+def test_quoted_flow_key() -> None:
+    for orig in (UDP4, TCP6, P.build_icmp_echo(V4_A, V4_B, 99, 1, b"x", False),
+                 P.build_icmp_echo(V6_A, V6_B, 98, 1, b"x", False)):
+        original = parse(orig)
+        err = parse(P.build_icmp_unreachable(original))
+        assert P.quoted_flow_key(err) == original.flow_key
+        big = parse(P.build_icmp_too_big(original, 1280))
+        assert P.quoted_flow_key(big) == original.flow_key
+    assert P.quoted_flow_key(parse(UDP4)) is None
+    # A quote cut inside the ports says nothing.
+    short = P.build_icmp_echo(V4_B, V4_A, 0, 0, b"", False)[:20] + bytes([3, 3, 0, 0, 0, 0, 0, 0]) + UDP4[:22]
+    short = P.build_ipv4_header(V4_B, V4_A, P.PROTO_ICMP, len(short) - 20) + short[20:]
+    assert P.quoted_flow_key(parse(short)) is None

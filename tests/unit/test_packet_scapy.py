@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -212,7 +212,12 @@ def test_build_tcp_dissects_in_scapy(version: int, sport: int, dport: int, seq: 
     src, dst = (b"\x0a\0\0\x02", b"\xc0\0\x02\x01") if version == 4 else (
         _addr("fd00:db8::2", 6), _addr("2001:db8::1", 6))
     want = expected_options(opts)
-    encoded = P.encode_tcp_options(want.mss, want.wscale, want.sack_permitted, want.sack_blocks, want.timestamp)
+    try:
+        encoded = P.encode_tcp_options(want.mss, want.wscale, want.sack_permitted, want.sack_blocks,
+                                       want.timestamp)
+    except ValueError:  # fits unaligned but not with the alignment NOPs: a combination TCP never sends
+        assume(False)
+        return
     raw = P.build_tcp(src, dst, sport, dport, seq, ack, flags, window, encoded, data, ttl=ttl)
     s = (IP if version == 4 else IPv6)(raw)
     tcp = s[TCP]
@@ -329,6 +334,7 @@ def test_reject_builders_on_scapy_packets(case: tuple[bytes, dict[str, Any]]) ->
         assert (s[ICMPv6DestUnreach].type, s[ICMPv6DestUnreach].code) == (1, 1)
         assert len(err) <= 1280 and bytes(s[ICMPv6DestUnreach].payload) == raw[: 1280 - 48]
     assert s.dst == (IP(raw).src if want["version"] == 4 else IPv6(raw).src)
+    assert P.quoted_flow_key(parse(err)) == original.flow_key
     checksums_as_scapy_computes(err)
     too_big = P.build_icmp_too_big(original, 1280)
     if want["version"] == 4:
