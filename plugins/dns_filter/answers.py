@@ -81,7 +81,7 @@ def parse_answer(reply: bytes, qname: str) -> ParsedAnswer:
     if offset > end:
         raise WireError("truncated question")
 
-    names_at: dict[int, str] = {}
+    names_at: dict[int, str] = {HEADER_LEN: qname} if qdcount else {}  # owners usually point at the question
     cname_of: dict[str, str] = {}
     records: list[tuple[str, int, int, int, int]] = []  # owner, type, ttl, rdata start, rdata end
     for _ in range(ancount):

@@ -12,7 +12,7 @@ import struct
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from engine.packet import build_udp
-from plugins.dns_filter.wire import Question, client_udp_limit, fit_udp
+from plugins.dns_filter.wire import fit_udp
 
 if TYPE_CHECKING:
     from engine.flow import Flow
@@ -26,7 +26,9 @@ Respond = Callable[[bytes], None]
 class DnsClient(Protocol):
     """A client transport: it makes the function that writes one query's reply back."""
 
-    def responder(self, query: bytes, question: Question) -> Respond: ...
+    def responder(self, udp_limit: int) -> Respond:
+        """The writer for one query's reply; ``udp_limit`` is the client's EDNS size (UDP only)."""
+        ...
 
     def discard(self) -> None:
         """The query will never be answered (dropped as malformed or a duplicate)."""
@@ -59,9 +61,9 @@ class UdpDnsHandler:
     def on_packet(self, packet: Packet, now: float) -> None:
         self.sink(self.flow, bytes(packet.payload), self, now)
 
-    def responder(self, query: bytes, question: Question) -> Respond:
+    def responder(self, udp_limit: int) -> Respond:
         """Replies to this query are cut to the client's EDNS size (512 without), capped by the MTU."""
-        limit = min(client_udp_limit(query, question.end), self._mtu_limit)
+        limit = udp_limit if udp_limit < self._mtu_limit else self._mtu_limit
         self.inflight += 1
 
         def respond(reply: bytes) -> None:
@@ -150,7 +152,7 @@ class TcpDnsServer:
 
     # -- replies -----------------------------------------------------------------------------------
 
-    def responder(self, query: bytes, question: Question) -> Respond:
+    def responder(self, udp_limit: int) -> Respond:
         return self._respond
 
     def discard(self) -> None:

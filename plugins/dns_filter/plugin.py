@@ -46,8 +46,7 @@ from .wire import (
     WireError,
     error_reply,
     null_reply,
-    question_bytes,
-    read_question,
+    parse_query,
 )
 
 if TYPE_CHECKING:
@@ -110,6 +109,8 @@ class DnsFilter:
         self._tcp_servers: set[TcpDnsServer] = set()
         self._tcp_config: Any = None
         self._tcp_config_key: tuple[int, bool] | None = None
+        self._timeout = float(config.timeout)
+        self._submit = self._not_started
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -137,9 +138,15 @@ class DnsFilter:
     async def dnsgate_start(self, engine: Engine) -> None:
         assert self.resolver is not None
         await self.resolver.open()
+        self._submit = self.resolver.submit
+
+    def _not_started(self, pending: PendingQuery, now: float) -> None:
+        """Queries before start (or after stop) fail at once instead of waiting for a timeout."""
+        self._deliver(pending, None, "not started", now)
 
     @hookimpl
     def dnsgate_stop(self, engine: Engine) -> None:
+        self._submit = self._not_started
         if self.resolver is not None:
             self.resolver.close()
         for pending in self.pending.values():
@@ -231,42 +238,40 @@ class DnsFilter:
         """One DNS message from a client: answer locally, or send upstream and return at once."""
         counters = self.counters
         try:
-            question = read_question(query)
-            flags = (query[2] << 8) | query[3]
-            if flags & FLAG_QR:
-                raise WireError("a response, not a query")
-            match = question_bytes(query)
+            parsed = parse_query(query)
         except WireError:
-            counters.malformed += 1
+            parsed = None
+        if parsed is None or parsed.flags & FLAG_QR:
+            counters.malformed += 1  # garbage, or a *response* sent to port 53: never forwarded
             client.discard()
             return
         counters.queries += 1
-        if flags & OPCODE_MASK == 0 and self.policy.active:
+        question = parsed.question
+        if parsed.flags & OPCODE_MASK == 0 and self.policy.active:
             rule = self.policy.blocking_rule(question.qname)
             if rule is not None:
                 counters.blocked += 1
-                client.responder(query, question)(self._block_reply(query, question))
+                client.responder(parsed.udp_limit)(self._block_reply(query, question))
                 return
         key = (flow.key, (query[0] << 8) | query[1])
-        if key in self.pending:
+        pending_table = self.pending
+        if key in pending_table:
             counters.duplicates += 1  # a client retransmission: the first copy's answer serves both
             client.discard()
             return
-        if len(self.pending) >= self.config.max_pending:
+        if len(pending_table) >= self.config.max_pending:
             counters.overload += 1
             counters.servfail += 1
-            client.responder(query, question)(error_reply(query, question, RCODE_SERVFAIL))
+            client.responder(parsed.udp_limit)(error_reply(query, question, RCODE_SERVFAIL))
             return
         pending = PendingQuery(
-            key, query, question, match, flow.src, client.responder(query, question), now, self.config.timeout
+            key, query, question, parsed.match, flow.src, client.responder(parsed.udp_limit), now, self._timeout
         )
-        self.pending[key] = pending
-        if flow.proto == PROTO_UDP:
-            flows = self._udp_flows
-            if flow.key in flows:
-                flows.move_to_end(flow.key)
-        assert self.resolver is not None
-        self.resolver.submit(pending, now)
+        pending_table[key] = pending
+        flows = self._udp_flows
+        if flow.key in flows:
+            flows.move_to_end(flow.key)
+        self._submit(pending, now)
 
     def _block_reply(self, query: bytes, question: Question) -> bytes:
         if self.config.block_response == "null":

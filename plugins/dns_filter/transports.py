@@ -18,7 +18,7 @@ Every transport reports through two callbacks: ``on_reply(pending, attempt, repl
 from __future__ import annotations
 
 import asyncio
-import secrets
+import os
 import socket
 import ssl
 import struct
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.upstream_url import UpstreamUrl
-from plugins.dns_filter.wire import WireError, question_bytes
+from plugins.dns_filter.wire import reply_matches
 
 if TYPE_CHECKING:
     from engine.net_policy import SocketPolicy
@@ -36,6 +36,8 @@ OnFailure = Callable[[PendingQuery, int, str], None]
 
 #: Ids in flight per UDP socket before it counts as full (of 65536).
 _MAX_IDS_PER_CHANNEL = 60000
+#: Datagrams read per readiness event before yielding to the loop.
+_READ_BATCH = 256
 
 
 class Upstream(Protocol):
@@ -54,49 +56,100 @@ class Upstream(Protocol):
     def close(self) -> None: ...
 
 
-class _UdpChannel(asyncio.DatagramProtocol):
-    """One connected UDP socket with its table of upstream ids in flight."""
+class _RandomIds:
+    """Unpredictable 16-bit ids, read from the OS CSPRNG in blocks (one syscall per 4096 ids, not one each)."""
 
-    def __init__(self, owner: UdpUpstream) -> None:
+    __slots__ = ("_block", "_offset")
+
+    def __init__(self) -> None:
+        self._block = b""
+        self._offset = 0
+
+    def next(self) -> int:
+        offset = self._offset
+        if offset >= len(self._block):
+            self._block = os.urandom(8192)
+            offset = 0
+        self._offset = offset + 2
+        return (self._block[offset] << 8) | self._block[offset + 1]
+
+
+class _UdpChannel:
+    """One connected UDP socket with its table of upstream ids in flight.
+
+    Read with ``loop.add_reader`` and drained in a loop on each readiness event: asyncio's datagram
+    transport reads one datagram per event-loop iteration, which at tens of thousands of replies per second
+    costs more than the replies themselves.
+    """
+
+    __slots__ = ("owner", "sock", "inflight", "_loop")
+
+    def __init__(self, owner: UdpUpstream, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = sock
         self.inflight: dict[int, PendingQuery] = {}
+        self._loop = loop
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def itself(self) -> _UdpChannel:
-        """The protocol factory asyncio wants, for a protocol that already exists."""
-        return self
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        recv = sock.recv
+        for _ in range(_READ_BATCH):
+            try:
+                data = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ICMP port/host unreachable on the connected socket: the upstream is down. Queries in
+                # flight fail over at their attempt deadline; counting makes the failure visible at once.
+                self.owner.errors += 1
+                continue
+            self._datagram(data)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def _datagram(self, data: bytes) -> None:
+        owner = self.owner
         if len(data) < 12:
-            self.owner.ignored += 1
+            owner.ignored += 1
             return
         upstream_id = (data[0] << 8) | data[1]
         pending = self.inflight.get(upstream_id)
         if pending is None:
-            self.owner.ignored += 1  # late (already failed over / timed out) or unsolicited
+            owner.ignored += 1  # late (already failed over / timed out) or unsolicited
             return
-        try:
-            matches = question_bytes(data) == pending.match
-        except WireError:
-            matches = False
-        if not matches:
-            self.owner.ignored += 1  # a reply that does not answer our question: not ours
+        if not reply_matches(data, pending.match):
+            owner.ignored += 1  # a reply that does not answer our question: not ours
             return
         del self.inflight[upstream_id]
         pending.channel = None
-        self.owner.answers += 1
-        self.owner.on_reply(pending, pending.attempt, pending.qid.to_bytes(2, "big") + data[2:])
+        owner.answers += 1
+        owner.on_reply(pending, pending.attempt, pending.query[:2] + data[2:])
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port/host unreachable on the connected socket: the upstream is down. Queries in flight
-        # fail over at their attempt deadline; counting here makes the failure visible at once.
-        self.owner.errors += 1
+    def send(self, data: bytes) -> str | None:
+        """Send one datagram; returns why it failed, or None."""
+        sock = self.sock
+        if sock is None:
+            return "upstream socket closed"
+        try:
+            sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return "upstream socket buffer full"
+        except OSError as error:
+            self.owner.errors += 1
+            return f"send failed: {error.strerror or error}"
+        return None
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+    def close(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            try:
+                self._loop.remove_reader(sock.fileno())
+            except (ValueError, RuntimeError):
+                pass
+            sock.close()
+        self.inflight.clear()
 
 
 class UdpUpstream:
@@ -117,6 +170,7 @@ class UdpUpstream:
         self.channels: list[_UdpChannel] = []
         self._size = sockets
         self._next = 0
+        self._ids = _RandomIds()
         self.failures = 0
         self.answers = 0
         self.ignored = 0
@@ -136,29 +190,34 @@ class UdpUpstream:
             except BaseException:
                 sock.close()
                 raise
-            channel = _UdpChannel(self)
-            await loop.create_datagram_endpoint(channel.itself, sock=sock)
-            self.channels.append(channel)
+            self.channels.append(_UdpChannel(self, sock, loop))
 
     def send(self, pending: PendingQuery) -> None:
         channels = self.channels
         if not channels:
             self.on_failure(pending, pending.attempt, "upstream socket not open")
             return
-        self._next = (self._next + 1) % len(channels)
-        channel = channels[self._next]
-        transport = channel.transport
+        index = self._next + 1
+        if index >= len(channels):
+            index = 0
+        self._next = index
+        channel = channels[index]
         inflight = channel.inflight
-        if transport is None or len(inflight) >= _MAX_IDS_PER_CHANNEL:
-            self.on_failure(pending, pending.attempt, "upstream socket full or closed")
+        if len(inflight) >= _MAX_IDS_PER_CHANNEL:
+            self.on_failure(pending, pending.attempt, "too many queries in flight")
             return
-        upstream_id = secrets.randbits(16)
+        next_id = self._ids.next
+        upstream_id = next_id()
         while upstream_id in inflight:
-            upstream_id = secrets.randbits(16)
+            upstream_id = next_id()
         inflight[upstream_id] = pending
         pending.channel = channel
         pending.upstream_id = upstream_id
-        transport.sendto(upstream_id.to_bytes(2, "big") + pending.query[2:])
+        error = channel.send(upstream_id.to_bytes(2, "big") + pending.query[2:])
+        if error is not None:
+            del inflight[upstream_id]
+            pending.channel = None
+            self.on_failure(pending, pending.attempt, error)
 
     def forget(self, pending: PendingQuery) -> None:
         channel = pending.channel
@@ -169,9 +228,7 @@ class UdpUpstream:
 
     def close(self) -> None:
         for channel in self.channels:
-            if channel.transport is not None:
-                channel.transport.close()
-            channel.inflight.clear()
+            channel.close()
         self.channels.clear()
 
 
@@ -219,6 +276,9 @@ class _TaskUpstream:
             raise
         except Exception as error:  # every transport error means "try the next upstream"
             self.on_failure(pending, attempt, f"{type(error).__name__}: {error}".rstrip(": "))
+            return
+        if reply[:2] != pending.query[:2] or not reply_matches(reply, pending.match):
+            self.on_failure(pending, attempt, "the reply does not answer the query")
             return
         self.answers += 1
         self.on_reply(pending, attempt, reply)

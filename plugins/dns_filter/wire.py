@@ -145,6 +145,74 @@ def read_question(msg: bytes) -> Question:
     return Question(qname, qtype, qclass, offset + 4)
 
 
+class Query:
+    """Everything the query path needs from one client message, found in a single pass."""
+
+    __slots__ = ("question", "match", "udp_limit", "flags")
+
+    def __init__(self, question: Question, match: bytes, udp_limit: int, flags: int) -> None:
+        self.question = question
+        self.match = match  # the question section a reply must repeat (name lower-cased)
+        self.udp_limit = udp_limit  # the client's EDNS size, or 512
+        self.flags = flags
+
+
+def parse_query(msg: bytes) -> Query:
+    """Header, question, reply-matching key and EDNS size of a query, in one pass over the bytes.
+
+    The common shape (one uncompressed question, no answer/authority records, at most an OPT record)
+    takes a fast path of a few slices; anything else goes through the general helpers.
+    """
+    if len(msg) < HEADER_LEN:
+        raise WireError("message shorter than a DNS header")
+    _id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(msg, 0)
+    if qdcount != 1:
+        raise WireError(f"expected one question, got {qdcount}")
+    end = len(msg)
+    offset = HEADER_LEN
+    labels: list[bytes] = []
+    while True:
+        if offset >= end:
+            raise WireError("name runs past the end of the message")
+        length = msg[offset]
+        if length == 0:
+            break
+        if length & 0xC0:
+            # Compressed or exotic question name: rare, take the general path.
+            question = read_question(msg)
+            return Query(question, question_bytes(msg), client_udp_limit(msg, question.end), flags)
+        labels.append(msg[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+    name_end = offset + 1
+    if name_end + 4 > end or name_end - HEADER_LEN > 255:
+        raise WireError("truncated question or name too long")
+    raw_name = b".".join(labels)
+    try:
+        qname = raw_name.decode("ascii").lower()
+    except UnicodeDecodeError:
+        qname = raw_name.decode("ascii", "backslashreplace").lower()
+    qtype, qclass = struct.unpack_from("!HH", msg, name_end)
+    question_end = name_end + 4
+    match = msg[HEADER_LEN:name_end].lower() + msg[name_end:question_end]
+    question = Question(qname, qtype, qclass, question_end)
+    if arcount == 0:
+        return Query(question, match, CLASSIC_UDP_SIZE, flags)
+    if ancount == 0 and nscount == 0 and arcount == 1 and question_end + 11 <= end and msg[question_end] == 0:
+        rtype, rclass = struct.unpack_from("!HH", msg, question_end + 1)
+        if rtype == TYPE_OPT:
+            return Query(question, match, max(CLASSIC_UDP_SIZE, rclass), flags)
+    return Query(question, match, client_udp_limit(msg, question_end), flags)
+
+
+def reply_matches(reply: bytes, match: bytes) -> bool:
+    """Does ``reply`` repeat the question recorded as ``match`` (name compared case-insensitively)?"""
+    stop = HEADER_LEN + len(match)
+    if len(reply) < stop or reply[4:6] != b"\x00\x01":
+        return False
+    name_stop = stop - 4
+    return reply[name_stop:stop] == match[-4:] and reply[HEADER_LEN:name_stop].lower() == match[:-4]
+
+
 def _skip_records(msg: bytes, offset: int, count: int) -> int:
     for _ in range(count):
         offset = skip_name(msg, offset)
