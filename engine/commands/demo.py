@@ -151,7 +151,18 @@ def child_env() -> dict[str, str]:
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A throw-away self-signed certificate for www.example.com (the demo's client does not verify it)."""
+    """A throw-away self-signed certificate for www.example.com (the demo's client does not verify it).
+
+    ``cryptography`` comes with aioquic (the ``doq`` extra); without it the ``openssl`` command is used.
+    """
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-subj", "/CN=www.example.com", "-keyout", str(keyfile),
+                        "-out", str(certfile)], check=True, capture_output=True)
+        return certfile, keyfile
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -167,7 +178,6 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in NAMES]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
     certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))

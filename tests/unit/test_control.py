@@ -32,7 +32,6 @@ class ServerThread:
         self.loop.run_until_complete(self.server.start())
         self.ready.set()
         self.loop.run_forever()
-        self.loop.run_until_complete(self.server.close())
         self.loop.close()
 
     def __enter__(self) -> ServerThread:
@@ -41,6 +40,7 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
