@@ -1,0 +1,39 @@
+"""The ``[plugins.tcp_forward]`` table.
+
+Defaults follow the forwarders this project is measured against (tun2socks / newt netstack2, see
+REFERENCE.md): 5 s to dial, 60 s half-close wait, keepalive 60 s idle / 30 s interval / 9 probes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from engine.profile import Duration
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen
+class Config:
+    """How the plugin dials and relays.
+
+    ``ports`` empty means every destination port. The upstream write-buffer limits decide when the client's
+    window starts to close: above ``upstream_buffer_high`` bytes queued toward a slow server we stop telling
+    the endpoint that data was consumed, so the client is throttled instead of our memory growing.
+    """
+
+    ports: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    connect_timeout: Duration = attrs.field(default=Duration(5.0), validator=_positive)
+    half_close_timeout: Duration = attrs.field(default=Duration(60.0), validator=_positive)
+    keepalive_idle: Duration = attrs.field(default=Duration(60.0), validator=_positive)
+    keepalive_interval: Duration = attrs.field(default=Duration(30.0), validator=_positive)
+    keepalive_count: int = attrs.field(default=9, validator=attrs.validators.ge(1))
+    nodelay: bool = True
+    upstream_buffer_high: int = attrs.field(default=512 * 1024, validator=attrs.validators.ge(1))
+    upstream_buffer_low: int = attrs.field(default=128 * 1024, validator=attrs.validators.ge(0))
+    max_connections: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))

@@ -1,0 +1,206 @@
+"""tcp_forward: terminate the client's TCP in the engine and relay it to the real destination.
+
+The order of events for one accepted SYN is the point of this plugin (DESIGN §5, sing-box's "lazy
+handshake"): the upstream is dialed **first**, and the client gets its SYN-ACK only once that connect
+succeeded. A refused or unreachable destination is answered with RST (after ``connect_timeout`` for a
+black hole), so the client sees exactly what it would have seen without the engine in between, instead
+of a connection that opens and then dies.
+
+``dnsgate_forward`` itself never blocks: it builds the endpoint (state SYN_PENDING: nothing sent yet),
+starts the dial as an engine task and returns the connection as the flow's handler. Retransmitted SYNs
+that arrive meanwhile reach the pending endpoint, which ignores them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import socket
+from typing import TYPE_CHECKING, Any
+
+from engine.hookspecs import hookimpl
+from engine.packet import ACK, PROTO_TCP, SYN
+from engine.tcp.adapter import TcpConnection
+from engine.tcp.config import TcpConfig
+from engine.tcp.endpoint import TcpEndpoint
+
+from .config import Config as TcpForwardConfig
+from .dial import connect, open_upstream_socket
+from .relay import Relay
+
+if TYPE_CHECKING:
+    from engine.flow import Flow
+    from engine.packet import Packet
+    from engine.runtime import Engine
+
+log = logging.getLogger("dnsgate.tcp_forward")
+
+# Largest GSO super-segment we ask the endpoint for: an IP packet is at most 64 KB including headers.
+_MAX_GSO_BYTES = 65535 - 60 - 60
+
+
+class TcpForward:
+    """Accepts TCP SYNs of allowed flows, dials their destination and relays bytes both ways."""
+
+    name = "tcp_forward"
+    Config = TcpForwardConfig
+
+    def __init__(self, config: TcpForwardConfig) -> None:
+        self.config = config
+        self._ports = frozenset(config.ports)
+        self._buffer_limits = (config.upstream_buffer_high, config.upstream_buffer_low)
+        self._engine: Engine | None = None
+        self._tcp_config: TcpConfig | None = None
+        self._tcp_config_key: tuple[int, bool] | None = None
+        self.active: set[Relay] = set()
+        self.dialing = 0
+        self.dials_ok = 0
+        self.dials_failed = 0
+        self.dial_timeouts = 0
+        self.refused_by_policy = 0
+        self.refused_full = 0
+        self.closed = 0
+        self.bytes_up = 0  # payload of closed connections; open ones are summed in snapshot()
+        self.bytes_down = 0
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    @hookimpl
+    def dnsgate_configure(self, engine: Engine) -> None:
+        self._engine = engine
+        _raise_fd_limit(self.config.max_connections + 1024)
+
+    @hookimpl(trylast=True)
+    def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> TcpConnection | None:
+        if packet.proto != PROTO_TCP or packet.tcp_flags & (SYN | ACK) != SYN:
+            return None
+        if self._ports and packet.dport not in self._ports or "dns" in flow.labels:
+            return None  # another forwarder's flow (dns_filter takes TCP 53)
+        engine = self._engine
+        assert engine is not None, "dnsgate_configure was not called"
+        why = engine.socket_options.check_destination(packet.dst)
+        if why is not None:
+            self.refused_by_policy += 1
+            engine.stats.incr("tcp_forward.refused_by_policy")
+            log.info("refusing %s: %s destination", flow.describe(), why)
+            return None  # no handler: the pipeline rejects the flow (RST)
+        if len(self.active) >= self.config.max_connections:
+            self.refused_full += 1
+            engine.stats.incr("tcp_forward.refused_full")
+            return None
+        endpoint = TcpEndpoint.from_syn(packet, self._endpoint_config(engine), now)
+        relay = Relay(engine, self._relay_done, now, self._buffer_limits)
+        conn = TcpConnection(engine, flow, endpoint, relay)
+        relay.conn = conn
+        self.active.add(relay)
+        self.dialing += 1
+        task = engine.spawn(self._dial(relay, flow), name="tcp_forward dial")
+        task.add_done_callback(self._dial_done)  # also runs when cancelled before it started
+        relay.dial_task = task
+        return conn
+
+    @hookimpl
+    def dnsgate_stop(self, engine: Engine) -> None:
+        now = engine.now()
+        for relay in list(self.active):
+            if relay.conn is not None:
+                relay.conn.abort(now)
+
+    # -- dialing -----------------------------------------------------------------------------
+
+    async def _dial(self, relay: Relay, flow: Flow) -> None:
+        engine = self._engine
+        conn = relay.conn
+        assert engine is not None and conn is not None
+        config = self.config
+        family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
+        address = (socket.inet_ntop(family, flow.dst), flow.dport)
+        try:
+            sock = open_upstream_socket(engine.socket_options, family, config)
+            transport = await connect(engine.loop, sock, address, relay, config.connect_timeout)
+        except asyncio.TimeoutError:
+            self.dial_timeouts += 1
+            engine.stats.incr("tcp_forward.dial_timeouts")
+            log.debug("dial %s timed out after %.1fs", flow.describe(), config.connect_timeout)
+            conn.refuse(engine.now())
+            return
+        except OSError as error:
+            self.dials_failed += 1
+            engine.stats.incr("tcp_forward.dials_failed")
+            log.debug("dial %s failed: %s", flow.describe(), error)
+            conn.refuse(engine.now())
+            return
+        if conn.closed:  # the client went away (RST, engine close) while we dialed
+            transport.close()
+            return
+        self.dials_ok += 1
+        engine.stats.incr("tcp_forward.dials_ok")
+        conn.accept(engine.now())
+
+    def _dial_done(self, task: asyncio.Task[None]) -> None:
+        self.dialing -= 1
+
+    def _relay_done(self, relay: Relay, reason: str) -> None:
+        if relay in self.active:
+            self.active.discard(relay)
+            self.closed += 1
+            self.bytes_up += relay.bytes_up
+            self.bytes_down += relay.bytes_down
+
+    def _endpoint_config(self, engine: Engine) -> TcpConfig:
+        """The endpoint settings for the device as attached now (offload is known only after attach)."""
+        key = (engine.mtu, engine.offload)
+        if self._tcp_config is None or self._tcp_config_key != key:
+            config = self.config
+            self._tcp_config = TcpConfig(
+                mtu=engine.mtu,
+                keepalive=True,
+                keepalive_idle=config.keepalive_idle,
+                keepalive_interval=config.keepalive_interval,
+                keepalive_probes=config.keepalive_count,
+                half_close_timeout=config.half_close_timeout,
+                max_gso_bytes=_MAX_GSO_BYTES if engine.offload else 0,
+            )
+            self._tcp_config_key = key
+        return self._tcp_config
+
+    # -- views -------------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Counters and the busiest open connections, for the dashboard and ``ctl stats``."""
+        relays = list(self.active)
+        busiest = sorted(relays, key=lambda relay: relay.bytes_up + relay.bytes_down, reverse=True)[:20]
+        return {
+            "active": len(relays),
+            "dialing": self.dialing,
+            "dials_ok": self.dials_ok,
+            "dials_failed": self.dials_failed,
+            "dial_timeouts": self.dial_timeouts,
+            "refused_by_policy": self.refused_by_policy,
+            "refused_full": self.refused_full,
+            "closed": self.closed,
+            "bytes_up": self.bytes_up + sum(relay.bytes_up for relay in relays),
+            "bytes_down": self.bytes_down + sum(relay.bytes_down for relay in relays),
+            "connections": [
+                {
+                    "flow": relay.conn.flow.describe() if relay.conn else "?",
+                    "age": round(now - relay.created, 3),
+                    "bytes_up": relay.bytes_up,
+                    "bytes_down": relay.bytes_down,
+                }
+                for relay in busiest
+            ],
+        }
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Each relayed connection holds one upstream socket: lift the soft fd limit toward ``wanted`` (never
+    above the hard limit, which needs privileges to change) so ``max_connections`` is reachable."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        log.warning("could not raise the open-file limit; at most %s connections", soft)
