@@ -69,6 +69,7 @@ IFNAMSIZ = 16
 READ_SLOT = VNET_HDR_LEN + 65535  # one read can never be larger than this
 DEFAULT_TXQUEUELEN = 5000
 ARENA_MAX = 2 * 1024 * 1024
+_HEADER_CACHE_MAX = 1024
 _IFREQ_FLAGS = struct.Struct("16sH22x")
 _IFREQ_INT = struct.Struct("16si20x")
 _ZERO_VNET = bytes(VNET_HDR_LEN)
@@ -142,6 +143,7 @@ class TunDevice:
         self._arena = bytearray(READ_SLOT + body)
         self._view = memoryview(self._arena)
         self._last_slot = len(self._arena) - READ_SLOT
+        self._headers: dict[bytes, VnetHeader] = {}
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -240,6 +242,7 @@ class TunDevice:
         readinto = self._readinto
         last_slot = self._last_slot
         vnet = self.vnet_hdr
+        headers = self._headers
         counters = self.counters
         off = 0
         nbytes = 0
@@ -258,7 +261,17 @@ class TunDevice:
                     counters.rx_errors += 1
                     continue
                 # flags byte (NEEDS_CSUM=1) or gso_type byte set -> the runtime must look; else plain.
-                hdr = VnetHeader.unpack(view[off : off + VNET_HDR_LEN]) if view[off + 1] or view[off] & 1 else None
+                if view[off + 1] or view[off] & 1:
+                    # Few distinct headers occur (MSS and header lengths repeat): share the immutable
+                    # parsed header instead of unpacking each one (~0.2 us instead of ~0.7 us).
+                    key = view[off : off + VNET_HDR_LEN].tobytes()
+                    hdr = headers.get(key)
+                    if hdr is None:
+                        if len(headers) >= _HEADER_CACHE_MAX:
+                            headers.clear()
+                        hdr = headers[key] = VnetHeader.unpack(key)
+                else:
+                    hdr = None
                 out.append((view[off + VNET_HDR_LEN : off + n], hdr))
                 nbytes += n - VNET_HDR_LEN
             else:
