@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import sys
 import threading
@@ -136,6 +137,31 @@ def mode_handler(engine_ref: dict[str, Any], manager: RouteManager) -> Any:
     return set_mode
 
 
+def reload_handler(engine_ref: dict[str, Any], set_mode: Any) -> Any:
+    """``ctl reload``: the engine rebuilds changed plugins; if the profile's own ``mode`` was edited, the
+    routes follow it (a mode chosen with ``ctl mode`` is kept while the file's mode stays the same)."""
+
+    async def reload(request: dict[str, Any]) -> Any:
+        from engine.control import engine_handlers
+
+        engine = engine_ref["engine"]
+        path = str(request.get("profile") or engine.config.path)
+        before = engine.config.engine.mode
+        result = engine_handlers(engine)["reload"](request)
+        if inspect.isawaitable(result):
+            result = await result
+        try:
+            after = load_profile(path).engine.mode
+        except ProfileError:
+            return result
+        if after != before and after != engine.mode:
+            switched = await set_mode({"mode": after})
+            result = {**result, "mode": switched} if isinstance(result, dict) else {"result": result, "mode": switched}
+        return result
+
+    return reload
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         require_net_admin("dnsgate run")
@@ -204,12 +230,15 @@ def run(args: argparse.Namespace) -> int:
             await thread.stop()
         manager.teardown()
 
+    set_mode = mode_handler(engine_ref, manager)
+    extra_handlers = {"mode": set_mode, "reload": reload_handler(engine_ref, set_mode)}
+
     from engine.commands.serve import run_engine
 
     try:
         return asyncio.run(run_engine(
             profile, device, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
-            on_stopping=on_stopping, extra_handlers={"mode": mode_handler(engine_ref, manager)},
+            on_stopping=on_stopping, extra_handlers=extra_handlers,
         ))
     except (ProfileError, ControlError, OSError) as error:
         print(f"dnsgate: {error}", file=sys.stderr)

@@ -225,3 +225,67 @@ def test_block_observer_counts_feeds_and_records() -> None:
     assert snap["recent"][1]["at"] == 1000.0
     assert snap["recent"][0]["reason"] == "hardcoded IP: not resolved by DNS"
     assert len(pcap.packets) == 4 and pcap.packets[0][0] == 0x45
+
+
+@pytest.fixture
+def real_engine() -> Iterator[Any]:
+    """A real Engine from the firewall profile, no device: the handlers see real flows and plugins."""
+    from engine.profile import load_profile
+    from engine.runtime import Engine
+
+    loop = asyncio.new_event_loop()
+    engine = Engine(load_profile("firewall"), loop=loop)
+    try:
+        yield engine
+    finally:
+        loop.close()
+
+
+def run_handler(handler: Any, request: dict[str, Any]) -> Any:
+    result = handler(request)
+    if asyncio.iscoroutine(result):
+        return asyncio.new_event_loop().run_until_complete(result)
+    return result
+
+
+def test_engine_handlers_over_a_real_engine(real_engine: Any, tmp_path: Path) -> None:
+    from engine.control import BLOCK_OBSERVER_NAME, engine_handlers
+    from engine.decision import Decision
+    from engine.events import DnsAnswer
+
+    web, other, device = bytes([203, 0, 113, 10]), bytes([203, 0, 113, 20]), bytes([10, 0, 0, 2])
+    real_engine.hook.dnsgate_dns_answer(
+        answer=DnsAnswer("www.example.com", 1, 0, (), ((web, 60),), device), now=real_engine.now())
+    allowed, _ = real_engine.flows.create((6, device, 5000, web, 443), 4, real_engine.now())
+    allowed.bytes_in = 5000
+    blocked, _ = real_engine.flows.create((6, device, 5001, other, 80), 4, real_engine.now())
+    observer = BlockObserver()
+    real_engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
+    real_engine.hook.dnsgate_blocked(packet=None, flow=blocked, decision=Decision.reject("ip_tracker", "hardcoded IP"),
+                                     now=real_engine.now())
+    handlers = engine_handlers(real_engine)
+
+    flows = run_handler(handlers["flows"], {})
+    assert [flow["dst"] for flow in flows] == ["203.0.113.10", "203.0.113.20"]  # busiest first
+    assert flows[0]["name"] == "www.example.com" and flows[1]["name"] is None
+    stats = run_handler(handlers["stats"], {})
+    assert stats["blocks"]["by_reason"] == {"hardcoded IP": 1}
+    assert stats["top_flows"][0]["name"] == "www.example.com"
+    json.dumps(stats)  # the socket can send it
+    tracker = run_handler(handlers["tracker"], {"limit": 10})
+    assert [entry["address"] for entry in tracker["entries"]] == ["203.0.113.10"]
+
+    assert run_handler(handlers["close"], {"flow": str(allowed.id)}) == {"closed": allowed.describe()}
+    assert run_handler(handlers["close"], {"flow": "10.0.0.2:5001->203.0.113.20:80/tcp"})["closed"] == blocked.describe()
+    assert len(real_engine.flows) == 0
+    with pytest.raises(ControlError, match="no open flow"):
+        run_handler(handlers["close"], {"flow": "99"})
+
+    with pytest.raises(ControlError, match="profile not reloaded"):
+        run_handler(handlers["reload"], {"profile": str(tmp_path / "missing.toml")})
+    seen: list[Any] = []
+    real_engine.reload = lambda profile: seen.append(profile) or {"rebuilt": ["ip_tracker"]}
+    changed = tmp_path / "changed.toml"
+    changed.write_text('extends = "firewall"\n[plugins.ip_tracker]\nttl = "1m"\n')
+    assert run_handler(handlers["reload"], {"profile": str(changed)}) == {"rebuilt": ["ip_tracker"]}
+    assert seen[0].plugin_tables["ip_tracker"]["ttl"] == "1m"
