@@ -506,6 +506,10 @@ def reap_stale_namespaces(current_session_only: bool = False) -> list[str]:
         except nl.NetnsError:
             pass
         shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+    for workdir in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}*"):
+        m = pattern.match(workdir.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(workdir, ignore_errors=True)
     return removed
 
 
