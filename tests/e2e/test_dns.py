@@ -1,0 +1,157 @@
+"""DNS-first policy end to end: dig/curl in the client namespace, dnsmasq and HTTP in the server namespace.
+
+The engine (dns_filter + ip_tracker + tcp_forward) runs on the topology's real TUN. What is checked is what
+a user sees: answers over UDP and TCP to any resolver address, blocklisted and CNAME-cloaked names, a
+resolved address reachable and a hard-coded one refused with a RST at once, a lease that runs out, an
+upstream outage answered with SERVFAIL (and recovery), and leases surviving an engine restart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.topology import DNS_V4, GATEWAY_V4, WEB_V4, WEB_V6, EngineProcess, Topology
+
+pytestmark = pytest.mark.e2e
+
+HARD_CODED_V4 = "198.51.100.11"  # a live host in the server namespace that DNS never hands out
+SHORT_V4 = "198.51.100.12"  # resolved with a 2 s TTL
+ARBITRARY_RESOLVER = "203.0.113.99"  # a "hard-coded DNS server": intercepted like the gateway
+
+
+def dig(topology: Topology, *args: str, server: str = GATEWAY_V4, timeout: float = 10.0) -> str:
+    done = topology.client.run(["dig", "+time=3", "+tries=1", f"@{server}", *args], timeout=timeout, check=False)
+    return done.stdout
+
+
+def short(topology: Topology, *args: str, server: str = GATEWAY_V4) -> list[str]:
+    return dig(topology, "+short", *args, server=server).split()
+
+
+def status(output: str) -> str:
+    for line in output.splitlines():
+        if "status:" in line:
+            return line.split("status:")[1].split(",")[0].strip()
+    return "no answer"
+
+
+def start(topology: Topology, dns_filter: str = "", ip_tracker: str = "") -> EngineProcess:
+    profile = topology.write_file(
+        "dns.toml",
+        f"""
+[engine]
+plugins = ["dns_filter", "ip_tracker", "tcp_forward"]
+
+[plugins.dns_filter]
+upstreams = ["udp://{DNS_V4}:53"]
+{dns_filter}
+
+[plugins.ip_tracker]
+{ip_tracker}
+
+[plugins.tcp_forward]
+connect_timeout = "2s"
+""",
+    )
+    return topology.start_engine(profile)
+
+
+# Connect from the client namespace and report how it went, timed inside the client (no startup cost).
+CONNECT = """
+import socket, sys, time
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.settimeout(5)
+start = time.monotonic()
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("connected", round(time.monotonic() - start, 4))
+except ConnectionRefusedError:
+    print("refused", round(time.monotonic() - start, 4))
+except OSError as error:
+    print("error", type(error).__name__, round(time.monotonic() - start, 4))
+"""
+
+
+def connect(topology: Topology, address: str, port: int = 80) -> tuple[str, float]:
+    out = topology.client.run(["python3", "-c", CONNECT, address, str(port)], timeout=15).stdout.split()
+    return out[0], float(out[-1])
+
+
+def test_answers_over_udp_and_tcp_to_any_resolver_with_local_policy(topology: Topology) -> None:
+    topology.dns_server(
+        {"example.test": [WEB_V4, WEB_V6], "metrics.tracker.test": "198.51.100.66", "ok.ads.test": "198.51.100.67"},
+        extra=["--cname=cloaked.test,metrics.tracker.test"],
+    )
+    engine = start(topology, dns_filter='blocklist = ["tracker.test", "ads.test"]\nallowlist = ["ok.ads.test"]')
+    assert short(topology, "example.test", "A") == [WEB_V4]
+    assert short(topology, "example.test", "AAAA") == [WEB_V6]
+    assert short(topology, "+tcp", "example.test", "A") == [WEB_V4]  # DNS over TCP, user-space stack
+    # A resolver address the device hard-codes is intercepted all the same (v4 and v6, UDP and TCP).
+    assert short(topology, "example.test", "A", server=ARBITRARY_RESOLVER) == [WEB_V4]
+    assert short(topology, "+tcp", "example.test", "AAAA", server="2001:db8:ffff::53") == [WEB_V6]
+    # Local policy: a blocklisted name is NXDOMAIN without asking upstream; the allowlist wins.
+    assert status(dig(topology, "x.ads.test", "A")) == "NXDOMAIN"
+    assert short(topology, "ok.ads.test", "A") == ["198.51.100.67"]
+    # CNAME cloaking: the upstream answer's chain reaches a blocked name.
+    cloaked = dig(topology, "cloaked.test", "A")
+    assert status(cloaked) == "NXDOMAIN" and "198.51.100.66" not in cloaked
+    snapshot = engine.request("stats")["plugins"]["dns_filter"]
+    assert snapshot["blocked"] == 2 and snapshot["blocked_cname"] == 1
+    assert snapshot["tcp_connections"] == 2 and snapshot["answers"] >= 5
+    log = topology.logs()
+    assert "x.ads.test" not in log.split("----- engine")[0]  # dnsmasq never saw the blocked query
+
+
+def test_resolved_address_reachable_hard_coded_refused_lease_expires(topology: Topology) -> None:
+    # dnsmasq's local records have TTL 0 unless told: web.test gets an hour, short.test 2 s.
+    topology.dns_server({"web.test": WEB_V4, "short.test": f"{SHORT_V4},2"}, extra=["--local-ttl=3600"])
+    topology.http_server(WEB_V4)
+    topology.http_server(SHORT_V4)
+    topology.http_server(HARD_CODED_V4)
+    start(topology, ip_tracker='ttl = "record"\nmin_ttl = "1s"\ngrace = "0s"')
+    assert short(topology, "web.test", "A") == [WEB_V4]
+    page = topology.client.run(["curl", "-sS", "--max-time", "5", f"http://{WEB_V4}/"], timeout=10)
+    assert "dnsgate e2e test server" in page.stdout
+    # Never resolved: ip_tracker rejects the SYN and the engine answers with a RST before any handshake.
+    outcome, seconds = connect(topology, HARD_CODED_V4)
+    assert outcome == "refused" and seconds < 0.1, (outcome, seconds)
+    # A lease from a 2 s record: reachable now, refused once it ran out (no flow keeps it open).
+    assert short(topology, "short.test", "A") == [SHORT_V4]
+    assert connect(topology, SHORT_V4)[0] == "connected"
+    time.sleep(2.5)
+    assert connect(topology, SHORT_V4)[0] == "refused"
+    assert connect(topology, WEB_V4)[0] == "connected"  # 1 h record: still fine
+
+
+def test_upstream_down_answers_servfail_then_recovers(topology: Topology) -> None:
+    server = topology.dns_server({"web.test": WEB_V4})
+    start(topology, dns_filter='timeout = "1s"')
+    assert short(topology, "web.test", "A") == [WEB_V4]
+    server.stop()
+    began = time.monotonic()
+    output = dig(topology, "+time=4", "web.test", "A")
+    elapsed = time.monotonic() - began
+    assert status(output) == "SERVFAIL", output
+    assert elapsed < 3.0, elapsed  # the 1 s timeout, not the client's 4 s
+    topology.dns_server({"web.test": WEB_V4})
+    assert short(topology, "web.test", "A") == [WEB_V4]
+
+
+def test_restart_restores_the_tracker(topology: Topology) -> None:
+    topology.dns_server({"web.test": WEB_V4})
+    topology.http_server(WEB_V4)
+    state = Path(topology.workdir) / "tracker.json"
+    engine = start(topology, ip_tracker=f'state_file = "{state}"')
+    assert short(topology, "web.test", "A") == [WEB_V4]
+    engine.stop()
+    entries = json.loads(state.read_text())["entries"]
+    assert [e["address"] for e in entries] == [WEB_V4] and entries[0]["names"] == ["web.test"]
+    start(topology, ip_tracker=f'state_file = "{state}"')
+    # No new DNS query: the restored lease lets the connection through.
+    assert connect(topology, WEB_V4)[0] == "connected"
+    assert connect(topology, HARD_CODED_V4)[0] == "refused"
