@@ -66,6 +66,11 @@ def open_upstream_socket(plugin: UdpForward, flow: Flow) -> socket.socket:
     return sock
 
 
+def _first_segment(packet: Packet, gso_size: int) -> bytes:
+    """The first datagram of a GSO super-packet, as a complete packet (for ICMP quotes)."""
+    return build_udp(packet.src, packet.dst, packet.sport, packet.dport, packet.payload[:gso_size])
+
+
 class UdpSession:
     """The :class:`~engine.flow.FlowHandler` of one UDP flow.
 
@@ -99,13 +104,17 @@ class UdpSession:
             return
         payload = packet.payload
         vnet = self.engine.pipeline.current_vnet
+        gso_size = 0
+        if vnet is not None and vnet.gso_type & 0x7F == GSO_UDP_L4 and 0 < vnet.gso_size < len(payload):
+            gso_size = vnet.gso_size
+        # Copied before sending: an error the send reports must quote this datagram (for a super-packet,
+        # its first segment; ICMP quotes only need the headers and the start of the data).
+        self._last_datagram = _first_segment(packet, gso_size) if gso_size else bytes(packet.buf)
         try:
-            if vnet is not None and vnet.gso_type & 0x7F == GSO_UDP_L4 and 0 < vnet.gso_size < len(payload):
-                self._send_segmented(payload, vnet.gso_size)
-                self._last_datagram = bytes(packet.buf[: packet.payload_offset + vnet.gso_size])
+            if gso_size:
+                self._send_segmented(payload, gso_size)
             else:
                 self.sock.send(payload)
-                self._last_datagram = bytes(packet.buf)
         except BlockingIOError:
             plugin.count("send_buffer_full")  # UDP may lose; queueing here would only add latency
         except OSError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.linux import netns as nl
-from tests.e2e.topology import CLIENT_V4, CLIENT_V6, WEB_V4, WEB_V6, EngineProcess, Topology
+from tests.e2e.topology import ENGINE_LINK_V4, WEB_V4, WEB_V6, EngineProcess, Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -34,13 +35,15 @@ tick_interval = "250ms"
 
 ECHO_CLIENT = r"""
 import hashlib, json, socket, sys, time
-family, server, port, count, window = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+family, server, port, count, window, largest = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 sock = socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET, socket.SOCK_DGRAM)
 sock.connect((server, port))
 sock.settimeout(2.0)
 
 def payload(i):
-    body = i.to_bytes(4, "big") * (1 + i % 300)          # 4..1200 bytes, varying sizes
+    # sizes vary from 12 bytes to `largest` (a full MTU datagram every 50th)
+    size = largest - 8 if i % 50 == 0 else 4 + (i * 7919) % (largest - 12)
+    body = (i.to_bytes(4, "big") * (size // 4 + 1))[:size]
     return body + hashlib.blake2s(body, digest_size=8).digest()
 
 received, corrupted, sent = set(), 0, 0
@@ -71,7 +74,7 @@ def test_ten_thousand_datagrams_round_trip_unharmed(topology: Topology) -> None:
     topology.udp_echo_server(WEB_V4, 7)
     engine = topology.start_engine(write_profile(topology))
     done = topology.client.run(
-        ["python3", "-c", ECHO_CLIENT, "4", WEB_V4, "7", "10000", "32"], timeout=60
+        ["python3", "-c", ECHO_CLIENT, "4", WEB_V4, "7", "10000", "32", "1472"], timeout=60
     )
     result = json.loads(done.stdout)
     assert result == {"received": 10000, "corrupted": 0, "seconds": result["seconds"]}
@@ -84,7 +87,7 @@ def test_ten_thousand_datagrams_round_trip_unharmed(topology: Topology) -> None:
 def test_ipv6_round_trip_without_offloads(topology: Topology) -> None:
     topology.udp_echo_server(WEB_V6, 7)
     topology.start_engine(write_profile(topology))
-    done = topology.client.run(["python3", "-c", ECHO_CLIENT, "6", WEB_V6, "7", "500", "16"], timeout=30)
+    done = topology.client.run(["python3", "-c", ECHO_CLIENT, "6", WEB_V6, "7", "500", "16", "1452"], timeout=30)
     result = json.loads(done.stdout)
     assert (result["received"], result["corrupted"]) == (500, 0)
 
@@ -211,3 +214,28 @@ def test_udp_gso_from_the_client_is_split_and_echoed(topology: Topology) -> None
     assert echoed == sorted(segments)
     counters = engine.counters()
     assert counters.get("udp_forward.gso_in", 0) >= 1, counters
+
+
+
+def test_upstream_port_unreachable_and_refused_destinations_reach_the_client(topology: Topology) -> None:
+    """ICMP from upstream is relayed (ECONNREFUSED at the client); the engine's own address is refused
+    with admin-prohibited (EHOSTUNREACH at the client) before any socket is opened."""
+    engine = topology.start_engine(write_profile(topology))
+    closed = topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.connect((WEB_V4, 9999))
+    closed.settimeout(2.0)
+    closed.send(b"anyone?")
+    with pytest.raises(ConnectionRefusedError):
+        closed.recv(100)
+    assert engine.counters()["udp_forward.icmp_unreachable_relayed"] == 1
+
+    host = topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.connect((ENGINE_LINK_V4, 7))  # an address of the engine's own host
+    host.settimeout(2.0)
+    host.send(b"let me in")
+    with pytest.raises(OSError) as refused:
+        host.recv(100)
+    assert refused.value.errno == errno.EHOSTUNREACH
+    counters = engine.counters()
+    assert counters["udp_forward.refused.host_address"] == 1
+    assert counters["udp_forward.sessions"] == 1  # only the first flow got a socket
