@@ -91,8 +91,11 @@ _V6_DEST_OPTS = 60
 _V6_EXTENSIONS = frozenset((_V6_HOP_BY_HOP, _V6_ROUTING, _V6_FRAGMENT, _V6_AH, _V6_DEST_OPTS, 135, 139, 140))
 
 _V4_HDR = struct.Struct("!BxHxxHBBxx4s4s")  # ver/ihl, total length, flags/frag offset, ttl, proto, src, dst
-_V6_HDR = struct.Struct("!BxxxHBB16s16s")  # version nibble, payload length, next header, hop limit, src, dst
+_V6_HDR = struct.Struct("!4xHBB16s16s")  # payload length, next header, hop limit, src, dst
 _TCP_HDR = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, flags, window
+# IPv4 (no options) + TCP and IPv6 + TCP in one unpack, for the fast paths of parse().
+_V4_TCP = struct.Struct("!2xHxxHBxxx4s4sHHIIBBH")
+_V6_TCP = struct.Struct("!4xHxB16s16sHHIIBBH")
 _UDP_HDR = struct.Struct("!HHH")  # sport, dport, length
 _ICMP_HDR = struct.Struct("!BBxxH")  # type, code, identifier (meaningful for echo only)
 _U16 = struct.Struct("!H")
@@ -335,6 +338,66 @@ def parse(data: Buffer) -> Packet:
     except (TypeError, ValueError, IndexError):
         raise PacketError("empty or not a byte buffer") from None
     size = len(buf)
+
+    # Fast paths for the packets that dominate: TCP over IPv4 without options / IPv6 without extension
+    # headers, read with one unpack. Anything unusual (fragments, bad lengths) falls through to
+    # _parse_general, which alone decides what is an error; tests check both agree.
+    if first == 0x45 and size >= 40 and buf[9] == PROTO_TCP:
+        total, frag, ttl, src, dst, sport, dport, seq, ack, off, flags, window = _V4_TCP.unpack_from(buf)
+        hlen = (off >> 4) << 2
+        if not frag & 0x3FFF and total <= size and hlen >= 20 and 20 + hlen <= total:
+            if total != size:
+                buf = buf[:total]
+            pkt = _new_packet(Packet)
+            pkt.buf = buf
+            pkt.version = 4
+            pkt.src = src
+            pkt.dst = dst
+            pkt.proto = PROTO_TCP
+            pkt.ttl = ttl
+            pkt.l4_offset = 20
+            pkt.payload_offset = 20 + hlen
+            pkt.payload_end = total
+            pkt.is_fragment = False
+            pkt.sport = sport
+            pkt.dport = dport
+            pkt.seq = seq
+            pkt.ack = ack
+            pkt.tcp_flags = flags
+            pkt.window = window
+            pkt.icmp_type = pkt.icmp_code = 0
+            return pkt
+    elif first >> 4 == 6 and size >= 60 and buf[6] == PROTO_TCP:
+        plen, ttl, src, dst, sport, dport, seq, ack, off, flags, window = _V6_TCP.unpack_from(buf)
+        total = plen + 40
+        hlen = (off >> 4) << 2
+        if total <= size and hlen >= 20 and 40 + hlen <= total:
+            if total != size:
+                buf = buf[:total]
+            pkt = _new_packet(Packet)
+            pkt.buf = buf
+            pkt.version = 6
+            pkt.src = src
+            pkt.dst = dst
+            pkt.proto = PROTO_TCP
+            pkt.ttl = ttl
+            pkt.l4_offset = 40
+            pkt.payload_offset = 40 + hlen
+            pkt.payload_end = total
+            pkt.is_fragment = False
+            pkt.sport = sport
+            pkt.dport = dport
+            pkt.seq = seq
+            pkt.ack = ack
+            pkt.tcp_flags = flags
+            pkt.window = window
+            pkt.icmp_type = pkt.icmp_code = 0
+            return pkt
+    return _parse_general(buf, first, size)
+
+
+def _parse_general(buf: memoryview, first: int, size: int) -> Packet:
+    """Every packet the fast paths of :func:`parse` do not take; the reference for all validation."""
     version = first >> 4
     pkt = _new_packet(Packet)
     if version == 4:
@@ -355,7 +418,7 @@ def parse(data: Buffer) -> Packet:
     elif version == 6:
         if size < 40:
             raise PacketError(f"IPv6 packet of {size} bytes is shorter than its header")
-        _, plen, proto, ttl, src, dst = _V6_HDR.unpack_from(buf)
+        plen, proto, ttl, src, dst = _V6_HDR.unpack_from(buf)
         total = plen + 40
         if plen == 0 and proto == _V6_HOP_BY_HOP:
             raise PacketError("IPv6 jumbograms are not supported")

@@ -40,12 +40,29 @@ SEEDS = [
 ]
 
 
+def general_path(data: bytes | bytearray | memoryview) -> P.Packet:
+    """parse() without its TCP fast paths: the reference the fast paths must agree with."""
+    view = memoryview(bytes(data))
+    if not len(view):
+        raise PacketError("empty")
+    return P._parse_general(view, view[0], len(view))
+
+
+def same_fields(a: P.Packet, b: P.Packet) -> bool:
+    return all(getattr(a, s) == getattr(b, s) for s in P.Packet.__slots__ if s != "buf") and a.buf == b.buf
+
+
 def exercise(data: bytes | bytearray | memoryview) -> None:
     """Parse, then touch everything a consumer may touch; only PacketError may escape."""
     try:
         pkt = parse(data)
     except PacketError:
-        return
+        try:
+            general_path(memoryview(data).tobytes())
+        except PacketError:
+            return
+        raise AssertionError("the fast path refused what the general path accepts")
+    assert same_fields(pkt, general_path(memoryview(data).tobytes()))
     assert pkt.version in (4, 6)
     assert 0 <= pkt.l4_offset <= pkt.payload_offset <= pkt.payload_end <= len(pkt.buf)
     assert len(pkt.src) == len(pkt.dst) == (4 if pkt.version == 4 else 16)

@@ -448,3 +448,21 @@ def test_quoted_flow_key() -> None:
     short = P.build_icmp_echo(V4_B, V4_A, 0, 0, b"", False)[:20] + bytes([3, 3, 0, 0, 0, 0, 0, 0]) + UDP4[:22]
     short = P.build_ipv4_header(V4_B, V4_A, P.PROTO_ICMP, len(short) - 20) + short[20:]
     assert P.quoted_flow_key(parse(short)) is None
+
+
+@pytest.mark.parametrize("frag_field,non_first", [(0x2000, False), (0x6000, False), (0x0001, True), (0x2005, True)])
+def test_ipv4_tcp_fragments_leave_the_fast_path(frag_field: int, non_first: bool) -> None:
+    raw = bytearray(P.build_tcp(V4_A, V4_B, 1, 2, 3, 4, P.ACK, 5, payload=b"y" * 32))
+    struct.pack_into("!H", raw, 6, frag_field)
+    pkt = parse(bytes(raw))
+    assert pkt.is_fragment
+    assert (pkt.sport, pkt.payload_offset) == ((0, 20) if non_first else (1, 40))
+
+
+def test_ipv6_tcp_fast_path_falls_back_for_bad_lengths() -> None:
+    with pytest.raises(PacketError):
+        parse(_mutate(TCP6, 52, "!B", 0x40))  # data offset 4
+    with pytest.raises(PacketError):
+        parse(_mutate(TCP6, 52, "!B", 0xF0))  # data offset beyond the packet
+    pkt = parse(TCP6 + b"pad")
+    assert len(pkt.buf) == len(TCP6) and bytes(pkt.payload) == b"abcd"

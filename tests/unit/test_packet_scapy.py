@@ -168,6 +168,9 @@ def test_parse_agrees_with_scapy(case: tuple[bytes, dict[str, Any]], trailer: by
     if want["proto"] in (1, 58):
         assert (pkt.icmp_type, pkt.icmp_code) == (want["icmp_type"], want["icmp_code"])
     assert pkt.flow_key == (want["proto"], want["src"], want["sport"], want["dst"], want["dport"])
+    view = memoryview(raw + trailer)
+    reference = P._parse_general(view, view[0], len(view))  # parse() without its TCP fast paths
+    assert all(getattr(reference, s) == getattr(pkt, s) for s in P.Packet.__slots__)
 
 
 @SETTINGS
