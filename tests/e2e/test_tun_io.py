@@ -152,8 +152,10 @@ def test_write_gso_needs_offloads_and_the_fd_flags_are_authoritative(topology: T
         dev.write_gso(b"", VnetHeader())
     with pytest.raises(TunError):
         TunDevice.from_fd(os.dup(topology.tun_fd), vnet_hdr=True)  # the fd has no IFF_VNET_HDR
-    detected = TunDevice.from_fd(os.dup(topology.tun_fd))
+    detected = TunDevice.from_fd(os.dup(topology.tun_fd), txqueuelen=4321)
     assert detected.vnet_hdr is False and detected.name == "tun0"
+    # MTU read and txqueuelen set in the device's own (client) namespace, found with TUNGETDEVNETNS
+    assert detected.mtu == topology.mtu and "qlen 4321" in topology.client.ip("link", "show", "tun0")
     detected.close()
 
 
