@@ -45,6 +45,11 @@ class EchoSession:
         if packet.icmp_type not in _ECHO_REQUEST_TYPES or packet.icmp_code != 0:
             plugin.count("not_echo_request")
             return
+        if len(packet.buf) > plugin.engine.mtu:
+            # Larger than the link the engine serves (a profile MTU below the device's): answer like a
+            # router whose next hop is smaller, so the client's path-MTU discovery converges.
+            plugin.packet_too_big(packet, now)
+            return
         payload = packet.payload
         if len(payload) > plugin.config.max_payload:
             plugin.count("too_large")

@@ -121,3 +121,28 @@ def test_unavailable_socket_kind_is_rejected_not_crashed() -> None:
         result = harness.feed(ping("10.0.0.2", "127.0.0.1"))
         assert result.decision is not None and result.decision.verdict is Verdict.REJECT
         assert harness.engine.stats.get("icmp_echo.unavailable") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raw ICMP sockets need CAP_NET_RAW")
+@pytest.mark.parametrize(
+    ("client", "target", "itype", "code"),
+    [("10.0.0.2", "127.0.0.1", 3, 4), ("fd00:db8::2", "::1", 2, 0)],
+    ids=["ipv4", "ipv6"],
+)
+def test_requests_above_the_mtu_get_rate_limited_packet_too_big(client: str, target: str, itype: int, code: int) -> None:
+    """A profile MTU below the device's: oversized requests are answered like a smaller next hop would."""
+    config = {"icmp_rate": 10, "socket": "raw"}
+    with PluginHarness("icmp_echo", config, engine=LOOPBACK, mtu=1280) as harness:
+        first = harness.feed(ping(client, target, ident=3, payload=bytes(1400)))
+        [too_big] = first.written
+        assert (too_big.icmp_type, too_big.icmp_code) == (itype, code)
+        header = bytes(too_big.buf[too_big.l4_offset : too_big.l4_offset + 8])
+        assert int.from_bytes(header[4:8] if itype == 2 else header[6:8], "big") == 1280
+        for seq in range(2, 101):
+            harness.feed(ping(client, target, ident=3, seq=seq, payload=bytes(1400)))
+        stats = harness.engine.stats
+        assert stats.get("icmp_echo.too_big_sent") == 10  # the burst, then nothing: no time has passed
+        assert stats.get("icmp_echo.icmp_rate_limited") == 90
+        assert stats.get("icmp_echo.requests") == 0  # nothing oversized left the host
+        harness.run(0.05)
+        assert harness.take_written() == []
