@@ -86,6 +86,14 @@ def curl(topology: Topology, url: str) -> subprocess.CompletedProcess[str]:
                                timeout=15)
 
 
+def in_engine_netns(topology: Topology, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in the engine's *network* namespace only (``nsenter --net``), like a process on a host:
+    unlike ``ip netns exec`` it keeps the host's mount namespace, so the namespaces ``dnsgate exec`` names
+    are visible to the test (``ip netns add`` mounts under /run/netns)."""
+    return subprocess.run(["nsenter", f"--net=/run/netns/{topology.engine.name}", "--", *argv], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
 def our_rules(topology: Topology) -> list[str]:
     out = topology.engine.run("ip -4 rule show; ip -6 rule show").stdout
     return [line for line in out.splitlines() if "proto 245" in line]
@@ -279,9 +287,9 @@ def test_exec_runs_one_command_behind_the_engine(topology: Topology) -> None:
     log = topology.workdir / "exec.log"
 
     def dnsgate_exec(*command: str) -> subprocess.CompletedProcess[str]:
-        return topology.engine.run([PY, "-m", "engine.cli", "exec", "--profile", str(profile), "--log-level", "3",
-                                    "--log-file", str(log), "--state-dir", str(topology.workdir / "state"), "--",
-                                    *command], check=False, timeout=30)
+        return in_engine_netns(topology, [PY, "-m", "engine.cli", "exec", "--profile", str(profile), "--log-level",
+                                          "3", "--log-file", str(log), "--state-dir", str(topology.workdir / "state"),
+                                          "--", *command])
 
     allowed = dnsgate_exec("curl", "-sS", "-m", "5", "http://www.example.com/")
     assert allowed.returncode == 0, allowed
@@ -297,3 +305,33 @@ def test_exec_runs_one_command_behind_the_engine(topology: Topology) -> None:
         assert not nl.netns_exists(name)
         assert not (Path("/etc/netns") / name).exists()
     assert list((topology.workdir / "state").glob("exec-*.json")) == []
+
+
+def test_exec_leftovers_after_sigkill_are_removed_by_the_next_exec(topology: Topology) -> None:
+    profile = write_profile(topology)
+    state = topology.workdir / "state"
+    log = topology.workdir / "exec-killed.log"
+    killed = subprocess.Popen(["nsenter", f"--net=/run/netns/{topology.engine.name}", "--", PY, "-m", "engine.cli",
+                               "exec", "--profile", str(profile), "--log-level", "3", "--log-file", str(log),
+                               "--state-dir", str(state), "--", "sleep", "60"], cwd=REPO_ROOT,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    topology.cleanup.push("kill exec", killed.kill)
+    deadline = time.monotonic() + 15
+    while not (log.exists() and "behind the engine" in log.read_text()):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    name = re.findall(r"(dnsgate-x[0-9a-f]+)", log.read_text())[0]
+    while not nl.netns_pids(name):  # the command has started
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)  # only the dnsgate process: its `sleep` lives on in the namespace
+    killed.wait(5)
+    assert nl.netns_exists(name) and nl.netns_pids(name)
+    assert (state / f"exec-{name}.json").exists()
+
+    done = in_engine_netns(topology, [PY, "-m", "engine.cli", "exec", "--profile", str(profile), "--state-dir",
+                                      str(state), "--", "true"])
+    assert done.returncode == 0, done.stderr
+    assert not nl.netns_exists(name)
+    assert not (Path("/etc/netns") / name).exists()
+    assert list(state.glob("exec-*.json")) == []
