@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from engine.packet import PROTO_ICMP, build_icmp_echo
+from engine.packet import build_icmp_echo
 
 if TYPE_CHECKING:
     from engine.flow import Flow
@@ -79,10 +79,6 @@ class EchoSession:
         flow.last_seen = now
         engine.write(build_icmp_echo(flow.dst, flow.src, self.client_id, seq, data, reply=True), flow)
         self.plugin.count("replies")
-
-    @property
-    def version(self) -> int:
-        return 4 if self.flow.proto == PROTO_ICMP else 6
 
     def close(self, now: float) -> None:
         """Release the upstream identifier/socket. Idempotent; never raises."""
