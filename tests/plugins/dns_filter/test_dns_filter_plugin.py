@@ -11,32 +11,12 @@ import dns.rcode
 import pytest
 
 from engine.decision import Verdict
-from engine.packet import ACK, FIN, PROTO_TCP, PROTO_UDP, SYN, Packet
+from engine.packet import ACK, FIN, PROTO_TCP, PROTO_UDP, SYN
 from engine.testing import syn, tcp, udp
 
+from dnsfilter_support import query, replies, wait_reply
+
 Bench = Callable[..., Any]
-
-
-def query(name: str, rdtype: str = "A", qid: int = 0x4242, **kw: Any) -> bytes:
-    message = dns.message.make_query(name, rdtype, **kw)
-    message.id = qid
-    return message.to_wire()
-
-
-def replies(bench: Any) -> list[Packet]:
-    return [p for p in bench.harness.take_written() if p.proto == PROTO_UDP]
-
-
-def wait_reply(bench: Any, timeout: float = 3.0) -> tuple[Packet, dns.message.Message]:
-    found: list[Packet] = []
-
-    def got() -> bool:
-        found.extend(replies(bench))
-        return bool(found)
-
-    assert bench.harness.run_until(got, timeout), "no reply written"
-    packet = found[0]
-    return packet, dns.message.from_wire(bytes(packet.payload))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,197 @@
+"""Upstream URLs, the host-resolver default with loop detection, and the TCP / DoT / DoH transports."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import dns.message
+import dns.rcode
+import pytest
+
+from engine.testing import udp
+from plugins.dns_filter.upstream_url import (
+    UpstreamError,
+    UpstreamUrl,
+    check_not_through_tun,
+    host_upstreams,
+    parse_upstream,
+)
+
+from dnsfilter_support import build_reply, query, wait_reply
+
+Bench = Callable[..., Any]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.53", UpstreamUrl("udp", "192.0.2.53", 53)),
+        ("192.0.2.53:5353", UpstreamUrl("udp", "192.0.2.53", 5353)),
+        ("udp://[2001:db8::53]:54", UpstreamUrl("udp", "2001:db8::53", 54)),
+        ("tcp://192.0.2.53", UpstreamUrl("tcp", "192.0.2.53", 53)),
+        ("tls://192.0.2.53", UpstreamUrl("tls", "192.0.2.53", 853)),
+        ("https://dns.test/q?bootstrap=192.0.2.9", UpstreamUrl("https", "dns.test", 443, "/q", "192.0.2.9")),
+        ("quic://192.0.2.53?verify=false", UpstreamUrl("quic", "192.0.2.53", 853, verify=False)),
+    ],
+)
+def test_parse_upstream(text: str, expected: UpstreamUrl) -> None:
+    assert parse_upstream(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ftp://192.0.2.1", "unknown scheme"),
+        ("udp://dns.test", "must be IP addresses"),
+        ("tls://dns.test", "bootstrap"),
+        ("https://dns.test/?bootstrap=name", "bootstrap must be an IP"),
+    ],
+)
+def test_bad_upstreams_are_explained(text: str, message: str) -> None:
+    with pytest.raises(UpstreamError, match=message):
+        parse_upstream(text)
+
+
+def test_host_resolvers_used_directly(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search lan\nnameserver 192.0.2.53\nnameserver 2001:db8::53%eth0\n")
+    assert [str(u) for u in host_upstreams(conf, tmp_path / "none")] == [
+        "udp://192.0.2.53:53",
+        "udp://[2001:db8::53]:53",
+    ]
+
+
+def test_local_stub_is_followed_to_its_upstreams(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\noptions edns0\n")
+    resolved = tmp_path / "resolved.conf"
+    resolved.write_text("nameserver 198.51.100.53\n")
+    assert [u.host for u in host_upstreams(conf, resolved)] == ["198.51.100.53"]
+
+
+def test_local_stub_without_known_upstreams_is_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\n")
+    with pytest.raises(UpstreamError, match="loop"):
+        host_upstreams(conf, tmp_path / "none")
+    empty = tmp_path / "empty.conf"
+    empty.write_text("# nothing\n")
+    with pytest.raises(UpstreamError, match="no nameserver"):
+        host_upstreams(empty, tmp_path / "none")
+
+
+def test_upstream_inside_the_tun_network_is_refused() -> None:
+    with pytest.raises(UpstreamError, match="loop"):
+        check_not_through_tun(parse_upstream("10.0.0.1"), [ipaddress.ip_network("10.0.0.0/24")])
+    check_not_through_tun(parse_upstream("192.0.2.1"), [ipaddress.ip_network("10.0.0.0/24")])
+
+
+def test_tcp_upstream(dns_bench: Bench) -> None:
+    bench = dns_bench(scheme="tcp")
+    bench.harness.feed(udp("10.0.0.2", 40100, "10.0.0.1", 53, query("example.test.")))
+    _packet, reply = wait_reply(bench)
+    assert reply.rcode() == dns.rcode.NOERROR and [r.to_text() for r in reply.answer[0]] == ["198.51.100.10"]
+    assert bench.plugin.snapshot()["upstreams"][0]["url"].startswith("tcp://")
+    assert bench.plugin.snapshot()["upstreams"][0]["answers"] == 1
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dns.test",
+         "-addext", "subjectAltName=DNS:dns.test,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def _tls_context(certificate: tuple[str, str]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+@pytest.fixture
+def dot_server(certificate: tuple[str, str]) -> Iterator[int]:
+    """A DNS-over-TLS server in a thread (RFC 7858 framing), answering from the test zone."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    context = _tls_context(certificate)
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(raw, server_side=True) as conn:
+                    length = struct.unpack("!H", conn.recv(2))[0]
+                    data = b""
+                    while len(data) < length:
+                        data += conn.recv(length - len(data))
+                    reply = build_reply(dns.message.from_wire(data))
+                    assert reply is not None
+                    wire = reply.to_wire()
+                    conn.sendall(struct.pack("!H", len(wire)) + wire)
+            except (OSError, ssl.SSLError):
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.fixture
+def doh_server(certificate: tuple[str, str]) -> Iterator[int]:
+    """A DNS-over-HTTPS server (RFC 8484 POST, HTTP/1.1) in a thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            data = self.rfile.read(int(self.headers["Content-Length"]))
+            reply = build_reply(dns.message.from_wire(data))
+            assert reply is not None
+            wire = reply.to_wire()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dns-message")
+            self.send_header("Content-Length", str(len(wire)))
+            self.end_headers()
+            self.wfile.write(wire)
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = _tls_context(certificate).wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["tls", "https"])
+def test_encrypted_upstreams(dns_bench: Bench, kind: str, request: pytest.FixtureRequest) -> None:
+    port = request.getfixturevalue("dot_server" if kind == "tls" else "doh_server")
+    url = f"{kind}://127.0.0.1:{port}" + ("/dns-query" if kind == "https" else "") + "?verify=false"
+    bench = dns_bench({"upstreams": [url]})
+    bench.harness.feed(udp("10.0.0.2", 40200, "10.0.0.1", 53, query("alias.test.")))
+    _packet, reply = wait_reply(bench, timeout=8.0)
+    assert reply.rcode() == dns.rcode.NOERROR and reply.id == 0x4242
+    ((answer, written_before),) = bench.recorder.events
+    assert written_before == 0 and answer.cnames == ("example.test",)
+    assert answer.upstream.startswith(f"{kind}://127.0.0.1:")
