@@ -22,7 +22,6 @@ from engine.decision import Decision
 from engine.flow import StashKey
 from engine.hookspecs import hookimpl
 from engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from engine.stats import TokenBucket
 
 from . import persistence
 from .config import Config as IpTrackerConfig
@@ -38,7 +37,9 @@ log = logging.getLogger("dnsgate.ip_tracker")
 
 _JUDGED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
 _COUNTED = StashKey[bool]("ip_tracker.counted")
-_REASON = "hardcoded IP: not resolved by DNS"
+#: The pipeline logs every block as "BLOCKED <reason> <flow> <detail> [plugin verdict]", which makes
+#: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (was example.com, expired 12 s ago)".
+_REASON = "hardcoded IP"
 
 
 class _Networks:
@@ -65,11 +66,6 @@ class _Networks:
         return False
 
 
-def _endpoint(address: bytes, port: int) -> str:
-    text = str(ipaddress.ip_address(address))
-    return f"[{text}]:{port}" if len(address) == 16 else f"{text}:{port}"
-
-
 class IpTracker:
     """Allow new flows only to addresses resolved through the engine's DNS; see the module docstring."""
 
@@ -88,8 +84,6 @@ class IpTracker:
         self._engine: Engine | None = None
         self._next_cleanup = 0.0
         self._next_save = 0.0
-        self._log_bucket = TokenBucket(rate=20.0, burst=50.0)
-        self._suppressed_logs = 0
         self.blocked = 0
         self.learned = 0
 
@@ -143,9 +137,6 @@ class IpTracker:
         if self.config.state_file and now >= self._next_save:
             self._next_save = now + self.config.save_interval
             self.save()
-        if self._suppressed_logs and self._log_bucket.take(now):
-            log.info("ip_tracker: %d more blocked flows not logged", self._suppressed_logs)
-            self._suppressed_logs = 0
 
     # -- learning ------------------------------------------------------------------------------------
 
@@ -169,15 +160,6 @@ class IpTracker:
         detail = self._history(flow.dst, flow.src, now)
         if self._engine is not None:
             self._engine.stats.incr("ip_tracker.blocked")
-        if self._log_bucket.take(now):
-            log.info(
-                "BLOCKED hardcoded IP %s -> %s%s",
-                _endpoint(flow.src, flow.sport),
-                _endpoint(flow.dst, flow.dport),
-                f" {detail}" if detail else "",
-            )
-        else:
-            self._suppressed_logs += 1
         if self.config.action == "drop":
             return Decision.drop(self.name, _REASON, detail=detail)
         return Decision.reject(self.name, _REASON, detail=detail)
