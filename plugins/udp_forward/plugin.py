@@ -108,10 +108,9 @@ class UdpForward:
         try:
             sock = open_upstream_socket(self, flow)
         except OSError as error:
-            # ENETUNREACH and friends: tell the client the way its own stack would have.
+            # ENETUNREACH, EMFILE...: no handler, so the engine rejects the flow (rate-limited ICMP).
             self.count("connect_failed")
             log.debug("udp upstream socket for %s failed: %s", flow.describe(), error)
-            self.relay_unreachable(bytes(packet.buf), 0, now)  # code 0: net unreachable / no route
             return None
         session = UdpSession(self, flow, sock)
         for old in self.sessions.add(flow.key, session, self.config.timeout_for(flow.dport), now):
