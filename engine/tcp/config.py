@@ -67,7 +67,8 @@ class TcpConfig:
     keepalive_probes: int = attrs.field(default=9, validator=attrs.validators.ge(1))
     half_close_timeout: float = attrs.field(default=60.0, validator=_positive)
     time_wait: float = attrs.field(default=1.0, validator=_non_negative)
-    max_gso_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    # A super-segment must still fit a 16-bit IP length with 60-byte IP and TCP headers around it.
+    max_gso_bytes: int = attrs.field(default=0, validator=[attrs.validators.ge(0), attrs.validators.le(65535 - 120)])
     persist_min: float = attrs.field(default=0.2, validator=_positive)
     persist_max: float = attrs.field(default=60.0, validator=_positive)
     max_ooo_blocks: int = attrs.field(default=64, validator=attrs.validators.ge(1))

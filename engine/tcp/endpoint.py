@@ -453,7 +453,7 @@ class TcpEndpoint:
             return
         if state is _S.CLOSED:
             if not flags & RST:
-                self._reply_reset(packet)
+                self._reply_reset(packet, now)
             return
         # Options: the layouts Linux sends on established flows are decoded inline (no object per segment).
         l4 = packet.l4_offset
@@ -562,8 +562,15 @@ class TcpEndpoint:
             self._challenge_count += 1
             self._ack_pending = True
 
-    def _reply_reset(self, packet: SegmentIn) -> None:
-        """RFC 9293 3.10.7.1: what a CLOSED endpoint answers to anything but an RST."""
+    def _reply_reset(self, packet: SegmentIn, now: float) -> None:
+        """RFC 9293 3.10.7.1: what a CLOSED endpoint answers to anything but an RST (rate-limited like
+        challenge ACKs, so a flood cannot grow the output queue)."""
+        if now - self._challenge_window >= 1.0:
+            self._challenge_window = now
+            self._challenge_count = 0
+        if self._challenge_count >= _CHALLENGE_ACKS_PER_SECOND:
+            return
+        self._challenge_count += 1
         if packet.tcp_flags & ACK:
             self._out.append(OutSegment(packet.ack, 0, RST, 0, b"", b""))
         else:

@@ -245,3 +245,17 @@ def test_our_closed_window_refuses_a_probe_but_acks_it() -> None:
     c.ep.consumed(8192, 0.3)
     (update,) = c.take(0.3)
     assert update.window == 8192
+
+
+def test_time_wait_flow_is_replaced_by_a_new_syn() -> None:
+    c = open_connection(TcpConfig(time_wait=2.0))
+    c.ep.shutdown(0.1)
+    c.take(0.1)
+    c.send_ack(0.1)
+    c.fin(0.2)
+    c.take(0.2)
+    assert c.ep.state is TcpState.TIME_WAIT
+    new_syn = syn_packet(c.seq + 100_000)
+    assert c.ep.accepts_new_syn(new_syn)  # the engine swaps in a fresh endpoint instead of dropping it
+    fresh = open_connection(TcpConfig(), now=0.3, client_iss=c.seq + 100_000)
+    assert fresh.ep.state is TcpState.ESTABLISHED
