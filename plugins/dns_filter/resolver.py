@@ -4,8 +4,10 @@
   upstream that failed is skipped by later queries until another one fails too.
 * Each attempt has a deadline (``attempt_timeout`` when there is another upstream to fail over to, else
   the query's remaining time); the query has an overall deadline (``timeout``) after which the client
-  gets SERVFAIL. Deadlines live in one heap swept every 50 ms: pushing a heap item costs far less than an
-  asyncio timer handle per query.
+  gets SERVFAIL. First attempts all get the same delay, so their deadlines arrive in order: a FIFO holds
+  them (an append per query, far cheaper than an asyncio timer handle), and the sweep every 50 ms also
+  drops answered entries from its front, so memory follows the queries in flight, not rate x timeout.
+  Failover attempts (rare, deadlines out of order) go to a small heap.
 * Answers and failures come back through callbacks carrying the attempt number, so a late answer from
   an upstream we already failed over from is recognised and ignored.
 """
@@ -67,7 +69,8 @@ class Resolver:
         self.healthy = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.timeouts = 0
-        self._deadlines: list[tuple[float, int, PendingQuery, int]] = []
+        self._first: deque[tuple[float, PendingQuery, int]] = deque()
+        self._retries: list[tuple[float, int, PendingQuery, int]] = []
         self._sequence = itertools.count()
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,7 +101,10 @@ class Resolver:
         pending.sent_at = now
         more = pending.tried < len(self.upstreams)
         deadline = min(now + self.attempt_timeout, pending.deadline) if more else pending.deadline
-        heapq.heappush(self._deadlines, (deadline, next(self._sequence), pending, pending.attempt))
+        if pending.tried == 1:
+            self._first.append((deadline, pending, pending.attempt))
+        else:
+            heapq.heappush(self._retries, (deadline, next(self._sequence), pending, pending.attempt))
         self.upstreams[pending.upstream_index].send(pending)
 
     # -- outcomes --------------------------------------------------------------------------------
@@ -133,8 +139,20 @@ class Resolver:
 
     def sweep(self, now: float) -> int:
         """Fail every attempt whose deadline passed; returns how many."""
-        heap = self._deadlines
         failed = 0
+        first = self._first
+        while first:
+            deadline, pending, attempt = first[0]
+            if pending.done or attempt != pending.attempt:
+                first.popleft()  # answered (or failed over): forget it without waiting for its deadline
+                continue
+            if deadline > now:
+                break
+            first.popleft()
+            failed += 1
+            self.timeouts += 1
+            self._attempt_failed(pending, now, "timeout")
+        heap = self._retries
         while heap and heap[0][0] <= now:
             _deadline, _seq, pending, attempt = heapq.heappop(heap)
             if pending.done or attempt != pending.attempt:
