@@ -282,6 +282,26 @@ def undo_state(state: dict[str, Any], netns: str | None = None) -> None:
             _run_quietly(["addr", "del", address, "dev", str(state.get("tun"))], netns)
 
 
+def live_owner(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[int, str] | None:
+    """``(pid, tun)`` of a running engine whose routing lives in this network namespace, if any.
+
+    One namespace has one table 2027 and one rule range, so a second engine there (on any TUN) is refused
+    rather than allowed to sweep the first one's rules.
+    """
+    inode = netns_inode()
+    for candidate in sorted(state_dir.glob("*.json")):
+        try:
+            state = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or state.get("netns_inode") != inode or "rules" not in state:
+            continue
+        pid = int(state.get("pid", 0))
+        if pid and pid != os.getpid() and pid_alive(pid):
+            return pid, str(state.get("tun", "?"))
+    return None
+
+
 def cleanup_stale(tun: str, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
     """Undo what an earlier engine on ``tun`` (in this namespace) left behind; True when it found something.
 
@@ -289,6 +309,11 @@ def cleanup_stale(tun: str, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
     TUN would fight over the same table and rules.
     """
     path = state_path(tun, state_dir)
+    owner = live_owner(state_dir)
+    if owner is not None:
+        other_pid, other_tun = owner
+        raise RouteError(f"another dnsgate (pid {other_pid}, TUN {other_tun}) owns table {ROUTE_TABLE} and rules "
+                         f"{PRIORITY_RANGE.start}-{PRIORITY_RANGE.stop - 1} in this network namespace; stop it first")
     found = False
     if path.exists():
         try:

@@ -239,6 +239,13 @@ def test_cleanup_after_sigkill(topology: Topology) -> None:
     second = start_run(topology, profile, name="second")
     assert len(our_rules(topology)) == 8  # the leftovers were replaced, not doubled
     assert "removed routes/rules left by an earlier run" in second.log()
+    # a second engine in the same namespace (even on another TUN) is refused and touches nothing
+    other = topology.write_file("other.toml", profile.read_text().replace(f'tun_name = "{TUN}"', 'tun_name = "dgt1"'))
+    refused = topology.engine.run([PY, "-m", "engine.cli", "run", "--profile", str(other), "--control",
+                                   str(topology.workdir / "other.sock"), "--state-dir", str(topology.workdir / "state")],
+                                  check=False, timeout=20)
+    assert refused.returncode == 1 and f"another dnsgate (pid {second.pid}, TUN {TUN})" in refused.stderr, refused
+    assert len(our_rules(topology)) == 8
     second.signal(signal.SIGTERM)
     assert second.popen.wait(10) == 0
     assert our_rules(topology) == []
