@@ -3,8 +3,8 @@
 
 Run from the project root: ``python3 bench/micro_packet.py``. The "reference" column is the hand-written
 struct/memoryview figure from shared/REFERENCE.md, measured on this kind of machine; the minimum over
-repeats is reported because on a shared 2-core box only the minimum is stable (compare within one run,
-and look at the printed load average).
+repeats is reported because on a shared 2-core box only the minimum is stable (the operations take turns
+in short bursts, compare within one run, and look at the printed load average).
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ SERVER6 = bytes.fromhex("20010db8000000000000000000000001")
 MSS = 1448
 
 
-def measure(fn: Callable[[], Any], repeat: int = 7) -> float:
-    """Min µs per call, with the loop count chosen so one repeat takes ~0.1 s."""
-    timer = timeit.Timer(fn)
-    number, _ = timer.autorange()
-    number = max(1, number // 2)
-    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+def measure_all(rows: list[tuple[str, Callable[[], Any]]], rounds: int = 25) -> list[float]:
+    """Min µs per call for each row. The rows take turns in short bursts (~10 ms each) over many rounds,
+    so a burst of load from other processes on a shared machine spoils a few bursts, not a whole row."""
+    timers = [timeit.Timer(fn) for _, fn in rows]
+    numbers = [max(1, timer.autorange()[0] // 20) for timer in timers]
+    best = [float("inf")] * len(rows)
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], timer.timeit(numbers[i]) / numbers[i] * 1e6)
+    return best
 
 
 def main() -> None:
@@ -84,9 +88,10 @@ def main() -> None:
     print(f"engine.packet micro-benchmark — Python {sys.version.split()[0]}, load average "
           f"{os.getloadavg()[0]:.2f}, numpy {'yes' if P._numpy() is not None else 'no'}")
     print(f"{'operation':<60} {'min µs':>9} {'reference':>10}")
-    for name, fn, reference in rows:
+    results = measure_all([(name, fn) for name, fn, _ in rows])
+    for (name, _, reference), result in zip(rows, results):
         ref = f"{reference:.1f}" if reference is not None else "-"
-        print(f"{name:<60} {measure(fn):>9.2f} {ref:>10}")
+        print(f"{name:<60} {result:>9.2f} {ref:>10}")
 
 
 if __name__ == "__main__":
