@@ -171,6 +171,8 @@ class DnsFilter:
                 flow.last_seen = now
                 continue
             del flows[key]
+            if isinstance(handler, UdpDnsHandler):
+                handler.closed = True
             engine.close_flow(flow, now, "dns idle")
         for server in list(self._tcp_servers):
             if server.closed:

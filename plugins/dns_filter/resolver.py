@@ -66,6 +66,7 @@ class Resolver:
                 self.upstreams.append(StreamUpstream(url, policy, self._on_reply, self._on_failure, spawn, timeout))
             else:
                 self.upstreams.append(DnspythonUpstream(url, policy, self._on_reply, self._on_failure, spawn, timeout))
+        self.names = [str(upstream.url) for upstream in self.upstreams]
         self.healthy = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.timeouts = 0
@@ -115,7 +116,7 @@ class Resolver:
         now = self.clock()
         self.latencies.append(now - pending.sent_at)
         self.healthy = pending.upstream_index
-        self.deliver(pending, reply, str(self.upstreams[pending.upstream_index].url), now)
+        self.deliver(pending, reply, self.names[pending.upstream_index], now)
 
     def _on_failure(self, pending: PendingQuery, attempt: int, reason: str) -> None:
         if pending.done or attempt != pending.attempt:
@@ -135,7 +136,7 @@ class Resolver:
             pending.upstream_index = next_index
             self._send(pending, now)
             return
-        self.deliver(pending, None, str(upstream.url), now)
+        self.deliver(pending, None, self.names[pending.upstream_index], now)
 
     def sweep(self, now: float) -> int:
         """Fail every attempt whose deadline passed; returns how many."""
