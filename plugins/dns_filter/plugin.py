@@ -60,7 +60,8 @@ log = logging.getLogger("dnsgate.dns_filter")
 
 DNS_LABEL = "dns"
 DNS_PORT = 53
-_MAX_TCP_GSO = 65535
+#: Largest GSO super-segment the TCP endpoint accepts (64 KB minus room for IPv6 + TCP headers).
+_MAX_TCP_GSO = 65535 - 120
 
 
 class DnsCounters:

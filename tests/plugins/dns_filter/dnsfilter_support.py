@@ -141,7 +141,12 @@ class DnsBench:
     """A harness running dns_filter (+ recorder) against a :class:`FakeUpstream` on 127.0.0.1."""
 
     def __init__(
-        self, config: dict[str, Any], tcp: bool = False, extra_upstreams: tuple[str, ...] = (), scheme: str = "udp"
+        self,
+        config: dict[str, Any],
+        tcp: bool = False,
+        extra_upstreams: tuple[str, ...] = (),
+        scheme: str = "udp",
+        offload: bool = False,
     ) -> None:
         tcp = tcp or scheme == "tcp"
         udp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -153,7 +158,9 @@ class DnsBench:
             tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             tcp_sock.bind(("127.0.0.1", port))
         config = {"upstreams": [*extra_upstreams, f"{scheme}://127.0.0.1:{port}"], **config}
-        self.harness = PluginHarness("dns_filter", config, others=[(Recorder, {})], engine={"fwmark": 0})
+        self.harness = PluginHarness(
+            "dns_filter", config, others=[(Recorder, {})], engine={"fwmark": 0}, offload=offload
+        )
         self.loop = self.harness.loop
         self.upstream = start_upstream(self.loop, udp_sock, tcp_sock)
         self.port = port

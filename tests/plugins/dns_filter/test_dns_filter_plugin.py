@@ -171,8 +171,9 @@ def test_idle_dns_flows_are_closed(dns_bench: Bench) -> None:
     assert len(bench.harness.engine.flows) == 0
 
 
-def test_tcp_query_over_the_user_space_stack(dns_bench: Bench) -> None:
-    bench = dns_bench(tcp=True)
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
+def test_tcp_query_over_the_user_space_stack(dns_bench: Bench, offload: bool) -> None:
+    bench = dns_bench(tcp=True, offload=offload)
     harness = bench.harness
     client, server, port = "10.0.0.2", "203.0.113.99", 41000
     result = harness.feed(syn(client, port, server, 53, seq=1000))
