@@ -82,6 +82,7 @@ def connect(topology: Topology, address: str, port: int = 80) -> tuple[str, floa
     return out[0], float(out[-1])
 
 
+@pytest.mark.parametrize("topology", [{"vnet_hdr": False}, {"vnet_hdr": True}], ids=["plain", "offload"], indirect=True)
 def test_answers_over_udp_and_tcp_to_any_resolver_with_local_policy(topology: Topology) -> None:
     topology.dns_server(
         {"example.test": [WEB_V4, WEB_V6], "metrics.tracker.test": "198.51.100.66", "ok.ads.test": "198.51.100.67"},
