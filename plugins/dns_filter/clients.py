@@ -102,7 +102,6 @@ class TcpDnsServer:
         self.peer_finished = False
         self.closed = False
         self.last_activity = engine.now()
-        self._held = 0  # received bytes not yet reported consumed (window held while too busy)
 
     # -- TcpApplication ----------------------------------------------------------------------------
 
@@ -113,7 +112,6 @@ class TcpDnsServer:
         now = self.engine.now()
         self.last_activity = now
         self.buffer += data
-        self._held += len(data)
         if len(self.buffer) > MAX_TCP_BUFFER + 2:
             self._abort(now)
             return
@@ -134,7 +132,6 @@ class TcpDnsServer:
         if consumed and self.conn is not None and not self.closed:
             # Window space returns only for messages we took: a client pipelining faster than the
             # upstream answers is slowed by TCP itself.
-            self._held -= consumed
             self.conn.consumed(consumed, now)
 
     def on_peer_fin(self) -> None:

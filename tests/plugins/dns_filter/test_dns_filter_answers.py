@@ -6,8 +6,11 @@ import ipaddress
 
 import dns.message
 import dns.rrset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from plugins.dns_filter.answers import parse_answer
+from plugins.dns_filter.wire import WireError, client_udp_limit, parse_query, question_bytes, read_question
 
 
 def reply_with(qname: str, rdtype: str, *rrsets: tuple[str, int, str, list[str]], rcode: int = 0) -> bytes:
@@ -81,3 +84,63 @@ def test_https_hints() -> None:
 def test_nxdomain_rcode() -> None:
     parsed = parse_answer(reply_with("nope.test.", "A", rcode=3), "nope.test")
     assert parsed.rcode == 3 and parsed.addresses == ()
+
+
+_labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
+_names = st.lists(_labels, min_size=1, max_size=4).map(lambda labels: ".".join(labels) + ".test")
+_v4 = st.integers(min_value=0, max_value=2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+_v6 = st.integers(min_value=0, max_value=2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    qname=_names,
+    chain=st.lists(_names, max_size=4, unique=True),
+    v4=st.lists(_v4, max_size=5, unique=True),
+    v6=st.lists(_v6, max_size=3, unique=True),
+    ttl=st.integers(min_value=0, max_value=2**31 - 1),
+    noise=st.lists(st.tuples(_names, _v4), max_size=3),
+)
+def test_parse_answer_agrees_with_dnspython(
+    qname: str, chain: list[str], v4: list[str], v6: list[str], ttl: int, noise: list[tuple[str, str]]
+) -> None:
+    chain = [name for name in chain if name != qname]
+    owners = [qname, *chain]
+    query = dns.message.make_query(qname + ".", "A")
+    reply = dns.message.make_response(query)
+    for owner, target in zip(owners, chain):
+        reply.answer.append(dns.rrset.from_text(owner + ".", ttl, "IN", "CNAME", target + "."))
+    final = owners[-1] + "."
+    if v4:
+        reply.answer.append(dns.rrset.from_text(final, ttl, "IN", "A", *v4))
+    if v6:
+        reply.answer.append(dns.rrset.from_text(final, ttl, "IN", "AAAA", *v6))
+    for owner, address in noise:
+        if owner not in owners:
+            reply.answer.append(dns.rrset.from_text("noise." + owner + ".", ttl, "IN", "A", address))
+    parsed = parse_answer(reply.to_wire(), qname)
+    assert parsed.cnames == tuple(chain)
+    expected = {(ipaddress.ip_address(a).packed, ttl) for a in [*v4, *v6]}
+    assert set(parsed.addresses) == expected and len(parsed.addresses) == len(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_parse_query_matches_general_helpers_and_survives_mutation(data: st.DataObject) -> None:
+    name = data.draw(_names)
+    use_edns = data.draw(st.sampled_from([False, 0]))
+    payload = data.draw(st.integers(min_value=0, max_value=65535))
+    wire = dns.message.make_query(name + ".", "AAAA", use_edns=use_edns, payload=payload).to_wire()
+    parsed = parse_query(wire)
+    question = read_question(wire)
+    assert (parsed.question.qname, parsed.question.qtype, parsed.question.end) == (
+        question.qname, question.qtype, question.end
+    )
+    assert parsed.match == question_bytes(wire)
+    assert parsed.udp_limit == client_udp_limit(wire, question.end)
+    position = data.draw(st.integers(min_value=0, max_value=len(wire) - 1))
+    mutated = wire[:position] + bytes([data.draw(st.integers(0, 255))]) + wire[position + 1 :]
+    try:
+        parse_query(mutated)
+    except WireError:
+        pass
