@@ -525,24 +525,20 @@ def _skip_v6_extensions(buf: memoryview, proto: int, total: int) -> tuple[int, i
 
 # --- checksums -------------------------------------------------------------------------------------------
 
-# Above this size numpy's vectorised sum beats int.from_bytes (REFERENCE.md: 8x at 64 KB); below it the
-# numpy call overhead loses. Decided by bench/micro_packet.py on this machine.
+# Above this size numpy's vectorised sum beats int.from_bytes (REFERENCE.md: 8x at 64 KB; measured here
+# the two cross near 2 KB); below it the numpy call overhead loses. numpy is imported with this module,
+# not on first use: a first use inside the packet loop (say a 3 KB DNS reply) would stall it for the
+# 100-300 ms numpy takes to import. Without numpy everything works, large checksums are just slower.
 _NUMPY_THRESHOLD = 2048
-_np: Any = None
-_np_checked = False
+_np: Any
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy is an optional speed-up
+    _np = None
 
 
 def _numpy() -> Any:
-    """numpy is imported on first use so a plain ``import engine.packet`` stays cheap."""
-    global _np, _np_checked
-    if not _np_checked:
-        _np_checked = True
-        try:
-            import numpy
-
-            _np = numpy
-        except ImportError:  # pragma: no cover - numpy is an optional speed-up
-            _np = None
+    """numpy, or None when it is not installed."""
     return _np
 
 
@@ -551,7 +547,7 @@ def _sum_words(data: Buffer) -> int:
     congruent to the real sum modulo 0xFFFF (odd lengths are padded with a zero byte)."""
     n = len(data)
     if n > _NUMPY_THRESHOLD:
-        np = _numpy()
+        np = _np
         if np is not None:
             even = n & ~1
             # Summing little-endian words and swapping the folded result equals the big-endian sum

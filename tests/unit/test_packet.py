@@ -466,3 +466,13 @@ def test_ipv6_tcp_fast_path_falls_back_for_bad_lengths() -> None:
         parse(_mutate(TCP6, 52, "!B", 0xF0))  # data offset beyond the packet
     pkt = parse(TCP6 + b"pad")
     assert len(pkt.buf) == len(TCP6) and bytes(pkt.payload) == b"abcd"
+
+
+@pytest.mark.parametrize("size", [2049, 9000, 65535])
+def test_checksum_without_numpy(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytes((i * 13 + 1) & 0xFF for i in range(size))
+    with_numpy = P.checksum(data)
+    monkeypatch.setattr(P, "_np", None)
+    assert P.checksum(data) == with_numpy == naive_checksum(data)
+    raw = P.build_udp(V4_A, V4_B, 1, 2, data[: size - 100])
+    assert l4_ok(raw)
