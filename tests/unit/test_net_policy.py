@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -86,6 +87,7 @@ def test_subnet_broadcast_of_a_host_interface_is_refused() -> None:
         assert policy.check_destination(address) == "broadcast"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and SO_BINDTODEVICE need CAP_NET_ADMIN / CAP_NET_RAW")
 def test_prepare_applies_mark_and_bound_interface() -> None:
     policy = SocketPolicy(fwmark=0x2022, outbound_interface="lo", host_addresses=[])
     with policy.open_socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
