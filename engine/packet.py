@@ -827,9 +827,11 @@ def quoted_flow_key(packet: Packet) -> Optional[tuple[int, bytes, int, bytes, in
     return (proto, src, sport, dst, dport)
 
 
-def _check_may_send_error(original: Packet) -> None:
-    """RFC 1122 3.2.2 / RFC 4443 2.4(e): no ICMP error about an ICMP error, a non-first fragment, or a
-    packet to or from a multicast/broadcast/unspecified address. Raises ``ValueError``."""
+def _check_may_send_error(original: Packet, too_big: bool = False) -> None:
+    """RFC 1122 3.2.2 / RFC 4443 2.4(e): no ICMP error about an ICMP error, or a packet to or from a
+    multicast/broadcast/unspecified address (IPv6 Packet Too Big about a multicast destination is the
+    exception, RFC 4443 2.4(e.3)); none about a non-first fragment either (RFC 1122; for IPv6 it carries
+    no header to judge the packet by). Raises ``ValueError``."""
     if is_icmp_error(original):
         raise ValueError("never send an ICMP error about an ICMP error")
     if original.is_fragment and original.payload_offset == original.l4_offset:
@@ -837,7 +839,7 @@ def _check_may_send_error(original: Packet) -> None:
     if original.version == 4:
         if original.dst[0] >= 224 or original.src[0] >= 224 or original.src == b"\0\0\0\0":
             raise ValueError("never send an ICMP error about multicast/broadcast/unspecified addresses")
-    elif original.dst[0] == 0xFF or original.src[0] == 0xFF or original.src == bytes(16):
+    elif original.dst[0] == 0xFF and not too_big or original.src[0] == 0xFF or original.src == bytes(16):
         raise ValueError("never send an ICMPv6 error about multicast/unspecified addresses")
 
 
@@ -864,7 +866,7 @@ def build_icmp_unreachable(original: Packet, code: Optional[int] = None) -> byte
 def build_icmp_too_big(original: Packet, mtu: int) -> bytes:
     """"Fragmentation needed" (IPv4 type 3 code 4, next-hop MTU, RFC 1191) or ICMPv6 Packet Too Big
     (type 2, RFC 4443 3.2). Same ``ValueError`` rules as :func:`build_icmp_unreachable`."""
-    _check_may_send_error(original)
+    _check_may_send_error(original, too_big=True)
     if original.version == 4:
         return _build_icmp(
             original.dst, original.src, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu & 0xFFFF,

@@ -476,3 +476,10 @@ def test_checksum_without_numpy(size: int, monkeypatch: pytest.MonkeyPatch) -> N
     assert P.checksum(data) == with_numpy == naive_checksum(data)
     raw = P.build_udp(V4_A, V4_B, 1, 2, data[: size - 100])
     assert l4_ok(raw)
+
+
+def test_icmpv6_too_big_about_multicast_destination_is_allowed() -> None:
+    mcast = parse(P.build_udp(V6_A, bytes.fromhex("ff020000000000000000000000000001"), 1, 2, b"x" * 1400))
+    with pytest.raises(ValueError):
+        P.build_icmp_unreachable(mcast)
+    assert parse(P.build_icmp_too_big(mcast, 1280)).icmp_type == P.ICMPV6_PACKET_TOO_BIG
