@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,7 @@ print(json.dumps({"response": data.decode(errors="replace")}))
 
 def start_servers(topology: Topology, address: str = WEB_V4) -> None:
     cert, key = make_certificate(topology.workdir)
-    proc = topology.server.spawn(["python3", "-c", SERVERS, address, str(cert), str(key), BODY], name="h3-https")
+    proc = topology.server.spawn([sys.executable, "-c", SERVERS, address, str(cert), str(key), BODY], name="h3-https")
     topology.server.wait_listening(443, "udp", proc=proc)
     topology.server.wait_listening(443, "tcp", proc=proc)
 
@@ -206,7 +207,7 @@ def profile(topology: Topology, quic_block: str | None) -> Path:
 
 
 def client_json(topology: Topology, script: str, *args: str, timeout: float = 20) -> dict[str, object]:
-    done = topology.client.run(["python3", "-c", script, *args], timeout=timeout)
+    done = topology.client.run([sys.executable, "-c", script, *args], timeout=timeout)
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_ten_thousand_datagrams_round_trip_unharmed(topology: Topology) -> None:
     topology.udp_echo_server(WEB_V4, 7)
     engine = topology.start_engine(write_profile(topology))
     done = topology.client.run(
-        ["python3", "-c", ECHO_CLIENT, "4", WEB_V4, "7", "10000", "32", "1472"], timeout=60
+        [sys.executable, "-c", ECHO_CLIENT, "4", WEB_V4, "7", "10000", "32", "1472"], timeout=60
     )
     result = json.loads(done.stdout)
     assert result == {"received": 10000, "corrupted": 0, "seconds": result["seconds"]}
@@ -87,7 +88,7 @@ def test_ten_thousand_datagrams_round_trip_unharmed(topology: Topology) -> None:
 def test_ipv6_round_trip_without_offloads(topology: Topology) -> None:
     topology.udp_echo_server(WEB_V6, 7)
     topology.start_engine(write_profile(topology))
-    done = topology.client.run(["python3", "-c", ECHO_CLIENT, "6", WEB_V6, "7", "500", "16", "1452"], timeout=30)
+    done = topology.client.run([sys.executable, "-c", ECHO_CLIENT, "6", WEB_V6, "7", "500", "16", "1452"], timeout=30)
     result = json.loads(done.stdout)
     assert (result["received"], result["corrupted"]) == (500, 0)
 
@@ -120,7 +121,7 @@ def expired(engine: EngineProcess) -> int:
 
 
 def test_idle_timeout_is_reset_by_traffic_in_either_direction(topology: Topology) -> None:
-    server = topology.server.spawn(["python3", "-c", SINK_AND_TALKER, WEB_V4], name="sink-talker")
+    server = topology.server.spawn([sys.executable, "-c", SINK_AND_TALKER, WEB_V4], name="sink-talker")
     topology.server.wait_listening(19, "udp", proc=server)
     engine = topology.start_engine(write_profile(topology, 'idle_timeout = "1500ms"\nport_timeouts = {}'))
 
