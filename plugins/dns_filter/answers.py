@@ -22,11 +22,11 @@ from plugins.dns_filter.wire import (
     TYPE_HTTPS,
     TYPE_SVCB,
     WireError,
-    header,
     read_name,
     skip_name,
 )
 
+_HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _MAX_CHAIN = 16
 _SVC_IPV4HINT = 4
@@ -70,20 +70,31 @@ def _svcb_hints(rdata: bytes, ttl: int, out: list[tuple[bytes, int]]) -> None:
         offset = value_end
 
 
-def parse_answer(reply: bytes, qname: str) -> ParsedAnswer:
-    """Walk the answer section once: the CNAME chain from ``qname`` and the addresses it leads to."""
-    _id, flags, qdcount, ancount, _ns, _ar = header(reply)
+def parse_answer(reply: bytes, qname: str, question_end: int = 0) -> ParsedAnswer:
+    """Walk the answer section once: the CNAME chain from ``qname`` and the addresses it leads to.
+
+    ``question_end`` (where the question section ends) may be passed when the caller already knows it —
+    dns_filter does, having checked that the reply repeats the query's question byte for byte.
+    """
+    if len(reply) < HEADER_LEN:
+        raise WireError("message shorter than a DNS header")
+    _id, flags, qdcount, ancount, _ns, _ar = _HEADER.unpack_from(reply, 0)
     rcode = flags & RCODE_MASK
-    offset = HEADER_LEN
-    for _ in range(qdcount):
-        offset = skip_name(reply, offset) + 4
     end = len(reply)
+    if question_end:
+        offset = question_end
+    else:
+        offset = HEADER_LEN
+        for _ in range(qdcount):
+            offset = skip_name(reply, offset) + 4
     if offset > end:
         raise WireError("truncated question")
 
     names_at: dict[int, str] = {HEADER_LEN: qname} if qdcount else {}  # owners usually point at the question
     cname_of: dict[str, str] = {}
-    records: list[tuple[str, int, int, int, int]] = []  # owner, type, ttl, rdata start, rdata end
+    addresses: list[tuple[bytes, int]] = []  # owned by qname itself: taken at once
+    others: list[tuple[str, int, int, int, int]] = []  # owner, type, ttl, rdata start, end: chain decides
+    unpack_fixed = _RR_FIXED.unpack_from
     for _ in range(ancount):
         if offset + 1 >= end:
             raise WireError("answer section runs past the end of the message")
@@ -98,17 +109,31 @@ def parse_answer(reply: bytes, qname: str) -> ParsedAnswer:
             owner, fixed = read_name(reply, offset)
         if fixed + 10 > end:
             raise WireError("truncated resource record")
-        rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(reply, fixed)
+        rtype, _rclass, ttl, rdlength = unpack_fixed(reply, fixed)
         rdata_start = fixed + 10
         offset = rdata_start + rdlength
         if offset > end:
             raise WireError("rdata runs past the end of the message")
-        if rtype == TYPE_CNAME:
+        if rtype == TYPE_A:
+            if rdlength == 4:
+                if owner == qname:
+                    addresses.append((reply[rdata_start:offset], ttl))
+                else:
+                    others.append((owner, rtype, ttl, rdata_start, offset))
+        elif rtype == TYPE_AAAA:
+            if rdlength == 16:
+                if owner == qname:
+                    addresses.append((reply[rdata_start:offset], ttl))
+                else:
+                    others.append((owner, rtype, ttl, rdata_start, offset))
+        elif rtype == TYPE_CNAME:
             target, _after = read_name(reply, rdata_start)
             cname_of.setdefault(owner, target)
-        elif rtype in (TYPE_A, TYPE_AAAA, TYPE_HTTPS, TYPE_SVCB):
-            records.append((owner, rtype, ttl, rdata_start, offset))
+        elif rtype == TYPE_HTTPS or rtype == TYPE_SVCB:
+            others.append((owner, rtype, ttl, rdata_start, offset))
 
+    if not cname_of and not others:
+        return ParsedAnswer(rcode, (), tuple(addresses))
     chain: list[str] = []
     current = qname
     while current in cname_of and len(chain) < _MAX_CHAIN:
@@ -117,17 +142,11 @@ def parse_answer(reply: bytes, qname: str) -> ParsedAnswer:
             break  # a CNAME loop: stop, keep what we have
         chain.append(current)
     on_chain = {qname, *chain}
-
-    addresses: list[tuple[bytes, int]] = []
-    for owner, rtype, ttl, start, stop in records:
+    for owner, rtype, ttl, start, stop in others:
         if owner not in on_chain:
             continue
-        if rtype == TYPE_A:
-            if stop - start == 4:
-                addresses.append((reply[start:stop], ttl))
-        elif rtype == TYPE_AAAA:
-            if stop - start == 16:
-                addresses.append((reply[start:stop], ttl))
+        if rtype == TYPE_A or rtype == TYPE_AAAA:
+            addresses.append((reply[start:stop], ttl))
         else:
             _svcb_hints(reply[start:stop], ttl, addresses)
     return ParsedAnswer(rcode, tuple(chain), tuple(addresses))

@@ -295,7 +295,7 @@ class DnsFilter:
             pending.respond(error_reply(pending.query, question, RCODE_SERVFAIL))
             return
         try:
-            parsed = parse_answer(reply, question.qname)
+            parsed = parse_answer(reply, question.qname, question.end)
         except WireError:
             counters.bad_replies += 1
             counters.servfail += 1
