@@ -172,13 +172,14 @@ class TcpConnection:
             if not self._closed:
                 self._finish("refused", now)
 
-    def send(self, data: bytes | bytearray | memoryview, now: float) -> int:
+    def send(self, data: bytes | bytearray | memoryview, now: float, flush: bool = True) -> int:
         """Queue bytes for the client; returns how many were taken (less means: wait for
-        ``on_send_space``)."""
+        ``on_send_space``). ``flush=False`` holds the segments back for a following call (a
+        ``shutdown`` that lets the FIN ride on the last data segment: one packet instead of two)."""
         if self._closed:
             return 0
         taken: int = self.endpoint.send(data)
-        if taken:
+        if taken and flush:
             self.flush(now)
         return taken
 

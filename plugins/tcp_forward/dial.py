@@ -2,8 +2,11 @@
 
 The socket is made here rather than by ``loop.create_connection(host, port)`` because it must be
 prepared *before* ``connect``: fwmark / bind-to-device keep it from looping back into the TUN in firewall
-mode (DESIGN §7), and keepalive / TCP_NODELAY are set once. The connect itself is ``loop.sock_connect``
-under a timeout; only then does asyncio wrap the socket in a transport.
+mode (DESIGN §7), and keepalive / TCP_NODELAY are set once. The connect itself is ``loop.sock_connect``;
+only then does asyncio wrap the socket in a transport.
+
+The timeout is a plain timer that cancels the dialing task, not ``asyncio.wait_for``: in Python 3.11
+``wait_for`` wraps the coroutine in a second task, a cost paid on every connection.
 """
 
 from __future__ import annotations
@@ -40,17 +43,38 @@ def open_upstream_socket(policy: SocketPolicy, family: int, config: Config) -> s
 async def connect(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
-    address: tuple[str, int] | tuple[str, int, int, int],
+    address: tuple[str, int],
     protocol: asyncio.Protocol,
     timeout: float,
 ) -> asyncio.Transport:
-    """Connect ``sock`` within ``timeout`` seconds and hand it to ``protocol``.
+    """Connect ``sock`` within ``timeout`` seconds and hand it to ``protocol``. Must run as a task.
 
     Raises ``asyncio.TimeoutError`` or ``OSError``; the socket is closed on any failure (also on
     cancellation) and owned by the returned transport on success.
     """
+    task = asyncio.current_task()
+    assert task is not None, "connect() must run inside a task"
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(timeout, expire)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+        await loop.sock_connect(sock, address)
+    except asyncio.CancelledError:
+        sock.close()
+        if expired:
+            raise asyncio.TimeoutError(f"connect to {address[0]}:{address[1]} timed out") from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        timer.cancel()
+    try:
         transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
     except BaseException:
         sock.close()

@@ -118,6 +118,7 @@ class TcpForward:
         address = (socket.inet_ntop(family, flow.dst), flow.dport)
         try:
             sock = open_upstream_socket(engine.socket_options, family, config)
+            relay.sock = sock
             transport = await connect(engine.loop, sock, address, relay, config.connect_timeout)
         except asyncio.TimeoutError:
             self.dial_timeouts += 1

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from engine.tcp.adapter import TcpConnection
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_FULL_READ = 256 * 1024  # asyncio's selector transports read at most this much per callback
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class Relay(asyncio.Protocol):
@@ -40,6 +42,7 @@ class Relay(asyncio.Protocol):
         "engine",
         "conn",
         "transport",
+        "sock",
         "created",
         "bytes_up",
         "bytes_down",
@@ -63,6 +66,7 @@ class Relay(asyncio.Protocol):
         self._buffer_limits = buffer_limits  # (high, low) for the upstream transport's write buffer
         self.conn: TcpConnection | None = None
         self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None  # the upstream socket, set by the dialer
         self.created = now
         self.bytes_up = 0  # client -> upstream payload bytes
         self.bytes_down = 0  # upstream -> client payload bytes
@@ -93,10 +97,20 @@ class Relay(asyncio.Protocol):
         if self._pending is not None:  # only possible if data was already in flight when we paused
             self._pending = memoryview(bytes(self._pending) + data)
             return
-        taken = conn.send(data, self.engine.now())
+        now = self.engine.now()
+        # A short read drained the socket; if the server also closed (HTTP/1.0, "Connection: close"), let
+        # the FIN ride on this data instead of following in its own packet a loop iteration later.
+        eof = len(data) < _FULL_READ and self._peek_eof()
+        taken = conn.send(data, now, flush=not eof)
         if taken < len(data):
             self._pending = memoryview(data)[taken:]
             self._pause_reading()
+            if eof:
+                self._upstream_eof = True  # the FIN follows the pending bytes (on_send_space)
+                conn.flush(now)
+        elif eof:
+            self._upstream_eof = True
+            self._send_fin()
 
     def eof_received(self) -> bool:
         """The server finished sending: FIN to the client once everything before it is queued."""
@@ -184,6 +198,17 @@ class Relay(asyncio.Protocol):
         self._on_done(self, reason)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _peek_eof(self) -> bool:
+        """True when the server's FIN is already queued behind the data we just read (one cheap
+        non-blocking MSG_PEEK)."""
+        sock = self.sock
+        if sock is None or self._upstream_eof:
+            return False
+        try:
+            return sock.recv(1, _PEEK_FLAGS) == b""
+        except OSError:  # EAGAIN: nothing more yet; a reset is reported by the transport itself
+            return False
 
     def _send_fin(self) -> None:
         conn = self.conn
