@@ -93,9 +93,11 @@ _V6_EXTENSIONS = frozenset((_V6_HOP_BY_HOP, _V6_ROUTING, _V6_FRAGMENT, _V6_AH, _
 _V4_HDR = struct.Struct("!BxHxxHBBxx4s4s")  # ver/ihl, total length, flags/frag offset, ttl, proto, src, dst
 _V6_HDR = struct.Struct("!4xHBB16s16s")  # payload length, next header, hop limit, src, dst
 _TCP_HDR = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, flags, window
-# IPv4 (no options) + TCP and IPv6 + TCP in one unpack, for the fast paths of parse().
+# IPv4 (no options) or IPv6 with TCP or UDP in one unpack, for the fast paths of parse().
 _V4_TCP = struct.Struct("!2xHxxHBxxx4s4sHHIIBBH")
 _V6_TCP = struct.Struct("!4xHxB16s16sHHIIBBH")
+_V4_UDP = struct.Struct("!2xHxxHBxxx4s4sHHH")
+_V6_UDP = struct.Struct("!4xHxB16s16sHHH")
 _UDP_HDR = struct.Struct("!HHH")  # sport, dport, length
 _ICMP_HDR = struct.Struct("!BBxxH")  # type, code, identifier (meaningful for echo only)
 _U16 = struct.Struct("!H")
@@ -318,6 +320,53 @@ class Packet:
 _new_packet: Callable[[type[Packet]], Packet] = object.__new__
 
 
+def _tcp_packet(
+    buf: memoryview, version: int, src: bytes, dst: bytes, ttl: int, l4: int, hlen: int, total: int,
+    sport: int, dport: int, seq: int, ack: int, flags: int, window: int,
+) -> Packet:
+    pkt = _new_packet(Packet)
+    pkt.buf = buf
+    pkt.version = version
+    pkt.src = src
+    pkt.dst = dst
+    pkt.proto = PROTO_TCP
+    pkt.ttl = ttl
+    pkt.l4_offset = l4
+    pkt.payload_offset = l4 + hlen
+    pkt.payload_end = total
+    pkt.is_fragment = False
+    pkt.sport = sport
+    pkt.dport = dport
+    pkt.seq = seq
+    pkt.ack = ack
+    pkt.tcp_flags = flags
+    pkt.window = window
+    pkt.icmp_type = pkt.icmp_code = 0
+    return pkt
+
+
+def _udp_packet(
+    buf: memoryview, version: int, src: bytes, dst: bytes, ttl: int, l4: int, ulen: int, total: int,
+    sport: int, dport: int,
+) -> Packet:
+    pkt = _new_packet(Packet)
+    pkt.buf = buf
+    pkt.version = version
+    pkt.src = src
+    pkt.dst = dst
+    pkt.proto = PROTO_UDP
+    pkt.ttl = ttl
+    pkt.l4_offset = l4
+    pkt.payload_offset = l4 + 8
+    pkt.payload_end = l4 + ulen
+    pkt.is_fragment = False
+    pkt.sport = sport
+    pkt.dport = dport
+    pkt.seq = pkt.ack = pkt.tcp_flags = pkt.window = 0
+    pkt.icmp_type = pkt.icmp_code = 0
+    return pkt
+
+
 def parse(data: Buffer) -> Packet:
     """Parse the IP, and if present the TCP/UDP/ICMP header of one packet without copying it.
 
@@ -339,60 +388,41 @@ def parse(data: Buffer) -> Packet:
         raise PacketError("empty or not a byte buffer") from None
     size = len(buf)
 
-    # Fast paths for the packets that dominate: TCP over IPv4 without options / IPv6 without extension
-    # headers, read with one unpack. Anything unusual (fragments, bad lengths) falls through to
-    # _parse_general, which alone decides what is an error; tests check both agree.
-    if first == 0x45 and size >= 40 and buf[9] == PROTO_TCP:
-        total, frag, ttl, src, dst, sport, dport, seq, ack, off, flags, window = _V4_TCP.unpack_from(buf)
-        hlen = (off >> 4) << 2
-        if not frag & 0x3FFF and total <= size and hlen >= 20 and 20 + hlen <= total:
-            if total != size:
-                buf = buf[:total]
-            pkt = _new_packet(Packet)
-            pkt.buf = buf
-            pkt.version = 4
-            pkt.src = src
-            pkt.dst = dst
-            pkt.proto = PROTO_TCP
-            pkt.ttl = ttl
-            pkt.l4_offset = 20
-            pkt.payload_offset = 20 + hlen
-            pkt.payload_end = total
-            pkt.is_fragment = False
-            pkt.sport = sport
-            pkt.dport = dport
-            pkt.seq = seq
-            pkt.ack = ack
-            pkt.tcp_flags = flags
-            pkt.window = window
-            pkt.icmp_type = pkt.icmp_code = 0
-            return pkt
-    elif first >> 4 == 6 and size >= 60 and buf[6] == PROTO_TCP:
-        plen, ttl, src, dst, sport, dport, seq, ack, off, flags, window = _V6_TCP.unpack_from(buf)
-        total = plen + 40
-        hlen = (off >> 4) << 2
-        if total <= size and hlen >= 20 and 40 + hlen <= total:
-            if total != size:
-                buf = buf[:total]
-            pkt = _new_packet(Packet)
-            pkt.buf = buf
-            pkt.version = 6
-            pkt.src = src
-            pkt.dst = dst
-            pkt.proto = PROTO_TCP
-            pkt.ttl = ttl
-            pkt.l4_offset = 40
-            pkt.payload_offset = 40 + hlen
-            pkt.payload_end = total
-            pkt.is_fragment = False
-            pkt.sport = sport
-            pkt.dport = dport
-            pkt.seq = seq
-            pkt.ack = ack
-            pkt.tcp_flags = flags
-            pkt.window = window
-            pkt.icmp_type = pkt.icmp_code = 0
-            return pkt
+    # Fast paths for the packets that dominate: TCP and UDP over IPv4 without options / IPv6 without
+    # extension headers, read with one unpack. Anything unusual (fragments, bad lengths) falls through to
+    # _parse_general, which alone decides what is an error; tests check that both agree.
+    if first == 0x45 and size >= 28:
+        proto = buf[9]
+        if proto == PROTO_TCP and size >= 40:
+            total, frag, ttl, src, dst, sport, dport, seq, ack, off, flags, window = _V4_TCP.unpack_from(buf)
+            hlen = (off >> 4) << 2
+            if not frag & 0x3FFF and total <= size and hlen >= 20 and 20 + hlen <= total:
+                if total != size:
+                    buf = buf[:total]
+                return _tcp_packet(buf, 4, src, dst, ttl, 20, hlen, total, sport, dport, seq, ack, flags, window)
+        elif proto == PROTO_UDP:
+            total, frag, ttl, src, dst, sport, dport, ulen = _V4_UDP.unpack_from(buf)
+            if not frag & 0x3FFF and total <= size and ulen >= 8 and 20 + ulen <= total:
+                if total != size:
+                    buf = buf[:total]
+                return _udp_packet(buf, 4, src, dst, ttl, 20, ulen, total, sport, dport)
+    elif first >> 4 == 6 and size >= 48:
+        proto = buf[6]
+        if proto == PROTO_TCP and size >= 60:
+            plen, ttl, src, dst, sport, dport, seq, ack, off, flags, window = _V6_TCP.unpack_from(buf)
+            total = plen + 40
+            hlen = (off >> 4) << 2
+            if total <= size and hlen >= 20 and 40 + hlen <= total:
+                if total != size:
+                    buf = buf[:total]
+                return _tcp_packet(buf, 6, src, dst, ttl, 40, hlen, total, sport, dport, seq, ack, flags, window)
+        elif proto == PROTO_UDP:
+            plen, ttl, src, dst, sport, dport, ulen = _V6_UDP.unpack_from(buf)
+            total = plen + 40
+            if total <= size and ulen >= 8 and 40 + ulen <= total:
+                if total != size:
+                    buf = buf[:total]
+                return _udp_packet(buf, 6, src, dst, ttl, 40, ulen, total, sport, dport)
     return _parse_general(buf, first, size)
 
 
