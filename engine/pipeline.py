@@ -175,6 +175,8 @@ class Pipeline:
             counters["flows_evicted"] += 1
             self.engine.end_flow(old, now, "evicted: flow table full")
         counters["flows_new"] += 1
+        flow.packets_out = 1
+        flow.bytes_out = len(packet.buf)
         self._safe_hook("dnsgate_classify", packet=packet, flow=flow, now=now)
         decision = self._safe_hook("dnsgate_filter", packet=packet, flow=flow, now=now)
         if not isinstance(decision, Decision):

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dnsgate.engine")
 
+HOST_ADDRESS_REFRESH = 30.0
+"""Seconds between re-reads of the host's own addresses (interfaces come and go: DHCP, VPNs)."""
+
 ICMP_CODES = {
     # reason: (ICMPv4 type-3 code, ICMPv6 type-1 code)
     "admin-prohibited": (13, 1),
@@ -85,6 +88,7 @@ class Engine:
         self._reader_fd: int | None = None
         self.started_at = 0.0
         self.running = False
+        self._next_address_refresh = 0.0
         self.hook.dnsgate_configure(engine=self)
         if device is not None:
             self.attach(device)
@@ -226,6 +230,8 @@ class Engine:
 
     async def start(self) -> None:
         self.started_at = self.now()
+        # The TUN gateway may have been added after the policy was built: re-read before forwarding.
+        self._refresh_host_addresses(self.started_at)
         await self._call_lifecycle("dnsgate_start")
         self.running = True
         self._tick_task = self.loop.create_task(self._ticker(), name="dnsgate-tick")
@@ -259,6 +265,10 @@ class Engine:
                 self.stats.plugin_error(impl.plugin_name)
                 log.exception("plugin %s failed in %s", impl.plugin_name, name)
 
+    def _refresh_host_addresses(self, now: float) -> None:
+        self._next_address_refresh = now + HOST_ADDRESS_REFRESH
+        self.socket_options.refresh_host_addresses()
+
     async def _ticker(self) -> None:
         interval = self.config.engine.tick_interval
         while True:
@@ -269,6 +279,8 @@ class Engine:
         """Expire idle flows and let plugins do their periodic work."""
         for flow in self.flows.expired(now):
             self.end_flow(flow, now, "idle")
+        if now >= self._next_address_refresh:
+            self._refresh_host_addresses(now)
         try:
             self.hook.dnsgate_tick(engine=self, now=now)
         except Exception:

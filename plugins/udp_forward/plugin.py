@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dnsgate.udp_forward")
 
-HOST_ADDRESS_REFRESH = 30.0
 """Seconds between re-reads of the host's addresses for the SocketPolicy (one netlink dump, ~0.1 ms)."""
 
 
@@ -43,7 +42,6 @@ class UdpForward:
         self.config = config
         self.sessions: SessionTable[FlowKey, UdpSession] = SessionTable(config.max_sessions)
         self._icmp_bucket = TokenBucket(config.icmp_rate)
-        self._next_refresh = 0.0
 
     engine: Engine
     """Set by ``dnsgate_configure``; hooks only run after it."""
@@ -60,16 +58,9 @@ class UdpForward:
     @hookimpl
     def dnsgate_start(self, engine: Engine) -> None:
         _raise_fd_limit(self.config.max_sessions + 1024)
-        # The device's own addresses (the TUN gateway) may have been added after the policy was built.
-        engine.socket_options.refresh_host_addresses()
-        self._next_refresh = engine.now() + HOST_ADDRESS_REFRESH
 
     @hookimpl
     def dnsgate_tick(self, engine: Engine, now: float) -> None:
-        if now >= self._next_refresh:
-            # Interfaces come and go (DHCP, VPNs): keep "the host's own addresses" current.
-            engine.socket_options.refresh_host_addresses()
-            self._next_refresh = now + HOST_ADDRESS_REFRESH
         for session in self.sessions.expired(now):
             self.count("expired")
             session.close(now)

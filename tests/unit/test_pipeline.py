@@ -26,7 +26,7 @@ def test_new_flow_runs_the_hooks_in_order_then_the_fast_path_calls_none() -> Non
         assert harness.plugin.calls == ["classify", "filter", "track", "forward"]
         handler = harness.plugin.handlers[0]
         assert handler.packets == [3, 6]  # the first packet was the forwarder's
-        assert first.flow.packets_out == 2 and first.flow.bytes_out > 0
+        assert first.flow.packets_out == 3 and first.flow.bytes_out > 0
 
 
 def test_reject_answers_tcp_with_rst_and_udp_with_the_asked_icmp() -> None:
