@@ -86,18 +86,19 @@ def ip_layer(draw: st.DrawFn, version: int) -> ScapyPacket:
     ttl = draw(st.integers(0, 255))
     if version == 4:
         layer = IP(src=draw(v4_addr), dst=draw(v4_addr), ttl=ttl, tos=draw(st.integers(0, 255)),
-                   id=draw(st.integers(0, 65535)), flags=draw(st.sampled_from([0, 2])))
+                   id=draw(st.integers(0, 65535)), flags=draw(st.sampled_from([0, 2, 0, 2, 1])))  # 1: MF
         opts = draw(ipv4_options)
         if opts:
             layer.options = opts + b"\0" * (-len(opts) % 4)
         return layer
     layer = IPv6(src=draw(v6_addr), dst=draw(v6_addr), hlim=ttl, fl=draw(st.integers(0, 2**20 - 1)))
-    for ext in draw(st.lists(st.sampled_from(["hop", "dest", "routing", "atomic"]), max_size=4)):
+    for ext in draw(st.lists(st.sampled_from(["hop", "dest", "routing", "atomic", "first"]), max_size=4)):
         layer = layer / {
             "hop": IPv6ExtHdrHopByHop(),
             "dest": IPv6ExtHdrDestOpt(),
             "routing": IPv6ExtHdrRouting(),
             "atomic": IPv6ExtHdrFragment(offset=0, m=0, id=draw(u32)),
+            "first": IPv6ExtHdrFragment(offset=0, m=1, id=draw(u32)),  # a first fragment keeps its ports
         }[ext]
     return layer
 
@@ -110,6 +111,10 @@ def scapy_packet(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
     kind = draw(st.sampled_from(["tcp", "udp", "echo", "icmp_other"]))
     data = draw(payload)
     want: dict[str, Any] = {"version": version, "ttl": ip.ttl if version == 4 else ip.hlim}
+    if version == 4:
+        want["is_fragment"] = bool(int(ip.flags) & 1)
+    else:
+        want["is_fragment"] = any(isinstance(layer, IPv6ExtHdrFragment) and layer.m for layer in ip.iterpayloads())
     if kind == "tcp":
         opts = draw(tcp_options)
         l4: ScapyPacket = TCP(sport=draw(port), dport=draw(port), seq=draw(u32), ack=draw(u32),
@@ -157,7 +162,7 @@ def test_parse_agrees_with_scapy(case: tuple[bytes, dict[str, Any]], trailer: by
     raw, want = case
     pkt = parse(raw + trailer)  # trailing link padding must not change anything
     assert len(pkt.buf) == len(raw)
-    assert not pkt.is_fragment
+    assert pkt.is_fragment == want["is_fragment"]
     for field in ("version", "src", "dst", "proto", "ttl", "sport", "dport"):
         assert getattr(pkt, field) == want[field], field
     assert bytes(pkt.payload) == want["payload"]
