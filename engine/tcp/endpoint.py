@@ -912,7 +912,6 @@ class TcpEndpoint:
         cap = self._gso_cap
         ack = self._rcv_nxt & MASK
         first = len(out)
-        start_nxt = nxt
         retransmitted = nxt < self._snd_max
         with memoryview(sbuf) as view:
             while nxt < limit:
@@ -942,7 +941,9 @@ class TcpEndpoint:
             self.retransmits += len(out) - first
         self._snd_nxt = nxt
         if nxt > self._snd_max:
-            if self._rtt_seq is None and not self._ts_ok and start_nxt >= self._snd_max:
+            # Karn: time only bytes sent for the first time. The run may start with go-back
+            # retransmissions, but the ACK covering its new tail can only come from that tail's arrival.
+            if self._rtt_seq is None and not self._ts_ok:
                 self._rtt_seq = nxt
                 self._rtt_time = now
             self._snd_max = nxt
