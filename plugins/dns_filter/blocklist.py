@@ -73,9 +73,12 @@ def parse_rules(lines: Iterable[str]) -> set[str]:
 
 
 def load_rules(path: str | Path) -> set[str]:
-    """Rules from a file; a missing or unreadable file is an error the profile check reports."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return parse_rules(handle)
+    """Rules from a file; a missing or unreadable file is a ValueError the profile loader reports."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return parse_rules(handle)
+    except OSError as error:
+        raise ValueError(f"list file {path}: {error.strerror or error}") from None
 
 
 class DomainRules:

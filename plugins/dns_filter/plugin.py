@@ -101,7 +101,12 @@ class DnsFilter:
         self.policy = DomainPolicy.from_sources(
             config.blocklist, config.allowlist, config.blocklist_files, config.allowlist_files
         )
+        # Upstream errors (bad URL, a resolv.conf stub that would loop) are ValueErrors raised here, so the
+        # engine refuses the profile with "file: plugins.dns_filter: reason" instead of starting half-blind.
         self.urls: list[UpstreamUrl] = [parse_upstream(text) for text in config.upstreams]
+        if not self.urls:
+            self.urls = host_upstreams(config.resolv_conf)
+            log.info("dns_filter: no upstreams configured; using the host's %s", ", ".join(map(str, self.urls)))
         self.counters = DnsCounters()
         self.pending: dict[tuple[FlowKey, int], PendingQuery] = {}
         self.resolver: Resolver | None = None
@@ -118,12 +123,14 @@ class DnsFilter:
     @hookimpl
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
-        if not self.urls:
-            self.urls = host_upstreams(self.config.resolv_conf)
-            log.info("dns_filter: no upstreams configured; using the host's %s", ", ".join(map(str, self.urls)))
         networks = list(engine.config.engine.device_networks)
-        for url in self.urls:
-            check_not_through_tun(url, networks)
+        try:
+            for url in self.urls:
+                check_not_through_tun(url, networks)
+        except UpstreamError as error:
+            # Fail closed: every query gets SERVFAIL rather than a loop through our own TUN.
+            log.error("dns_filter: %s; answering SERVFAIL to every query", error)
+            return
         self.resolver = Resolver(
             self.urls,
             deliver=self._deliver,
@@ -137,7 +144,8 @@ class DnsFilter:
 
     @hookimpl
     async def dnsgate_start(self, engine: Engine) -> None:
-        assert self.resolver is not None
+        if self.resolver is None:
+            return
         await self.resolver.open()
         self._submit = self.resolver.submit
 

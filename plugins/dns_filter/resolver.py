@@ -77,8 +77,12 @@ class Resolver:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
+        """Open every upstream; one that cannot be opened (no route, no IPv6) is logged and fails over."""
         for upstream in self.upstreams:
-            await upstream.open()
+            try:
+                await upstream.open()
+            except OSError as error:
+                log.error("dns upstream %s cannot be used: %s", upstream.url, error)
         self._loop = asyncio.get_running_loop()
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep_timer)
 

@@ -17,7 +17,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from engine.testing import udp
+from engine.profile import ProfileError
+from engine.testing import PluginHarness, udp
 from plugins.dns_filter.upstream_url import (
     UpstreamError,
     UpstreamUrl,
@@ -195,3 +196,20 @@ def test_encrypted_upstreams(dns_bench: Bench, kind: str, request: pytest.Fixtur
     ((answer, written_before),) = bench.recorder.events
     assert written_before == 0 and answer.cnames == ("example.test",)
     assert answer.upstream.startswith(f"{kind}://127.0.0.1:")
+
+
+def test_missing_list_file_refuses_the_profile(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match=r"plugins\.dns_filter.*list file"):
+        PluginHarness("dns_filter", {"upstreams": ["udp://192.0.2.53"], "blocklist_files": [str(tmp_path / "nope")]})
+
+
+def test_bad_upstream_refuses_the_profile() -> None:
+    with pytest.raises(ProfileError, match=r"plugins\.dns_filter.*unknown scheme"):
+        PluginHarness("dns_filter", {"upstreams": ["gopher://192.0.2.53"]})
+
+
+def test_upstream_inside_the_tun_fails_closed_with_servfail() -> None:
+    with PluginHarness("dns_filter", {"upstreams": ["udp://10.0.0.1:53"]}, engine={"fwmark": 0}) as harness:
+        result = harness.feed(udp("10.0.0.2", 40300, "10.0.0.1", 53, query("example.test.")))
+        (packet,) = result.written  # answered at once, never sent into our own TUN
+        assert dns.message.from_wire(bytes(packet.payload)).rcode() == dns.rcode.SERVFAIL
