@@ -50,6 +50,16 @@ class Reassembly:
             self.bytes += end - start
             self._latest = start
             return True
+        if j == i + 1 and starts[i] <= start:
+            # The common case after a loss: the segment extends (or repeats) one block at its end. Grow
+            # it in place instead of rebuilding it, so a long run behind a hole costs O(bytes), not O(n^2).
+            block = blocks[i]
+            block_end = starts[i] + len(block)
+            if end > block_end:
+                block += memoryview(data)[block_end - start :]
+                self.bytes += end - block_end
+            self._latest = starts[i]
+            return True
         new_start = min(start, starts[i])
         new_end = max(end, starts[j - 1] + len(blocks[j - 1]))
         merged = bytearray(new_end - new_start)
@@ -76,7 +86,9 @@ class Reassembly:
         if self._latest == start:
             self._latest = None
         skip = rcv_nxt - start
-        return bytes(block[skip:]) if skip < len(block) else b""
+        if skip <= 0:
+            return bytes(block)
+        return bytes(memoryview(block)[skip:]) if skip < len(block) else b""
 
     def end(self) -> Optional[int]:
         """Sequence number after the highest byte held."""
