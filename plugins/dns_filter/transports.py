@@ -359,4 +359,5 @@ class DnspythonUpstream(_TaskUpstream):
                 verify=url.verify,
                 server_hostname=url.host if url.bootstrap else None,
             )
-        return response.to_wire(max_size=65535)
+        # DoQ sends id 0 on the wire (RFC 9250 §4.2.1): give the client back its own id.
+        return query[:2] + response.to_wire(max_size=65535)[2:]

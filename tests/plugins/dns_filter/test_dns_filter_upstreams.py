@@ -213,3 +213,57 @@ def test_upstream_inside_the_tun_fails_closed_with_servfail() -> None:
         result = harness.feed(udp("10.0.0.2", 40300, "10.0.0.1", 53, query("example.test.")))
         (packet,) = result.written  # answered at once, never sent into our own TUN
         assert dns.message.from_wire(bytes(packet.payload)).rcode() == dns.rcode.SERVFAIL
+
+
+def _free_udp_port() -> int:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def _serve_doq(loop: Any, port: int, certificate: tuple[str, str]) -> Any:
+    """A DNS-over-QUIC server (RFC 9250) on ``loop``, built on aioquic, answering from the test zone."""
+    from aioquic.asyncio import QuicConnectionProtocol, serve
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.events import StreamDataReceived
+
+    class Protocol(QuicConnectionProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.buffers: dict[int, bytes] = {}
+
+        def quic_event_received(self, event: Any) -> None:
+            if not isinstance(event, StreamDataReceived):
+                return
+            data = self.buffers.get(event.stream_id, b"") + event.data
+            self.buffers[event.stream_id] = data
+            if not event.end_stream:
+                return
+            message = dns.message.from_wire(data[2:])
+            assert message.id == 0  # RFC 9250: the id is 0 on the wire
+            reply = build_reply(message)
+            assert reply is not None
+            wire = reply.to_wire()
+            self._quic.send_stream_data(event.stream_id, struct.pack("!H", len(wire)) + wire, end_stream=True)
+            self.transmit()
+
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=["doq"])
+    configuration.load_cert_chain(*certificate)
+    return loop.run_until_complete(serve("127.0.0.1", port, configuration=configuration, create_protocol=Protocol))
+
+
+def test_quic_upstream_restores_the_client_id(certificate: tuple[str, str]) -> None:
+    port = _free_udp_port()
+    config = {"upstreams": [f"quic://127.0.0.1:{port}?verify=false"]}
+    with PluginHarness("dns_filter", config, engine={"fwmark": 0}) as harness:
+        server = _serve_doq(harness.loop, port, certificate)
+        try:
+            harness.feed(udp("10.0.0.2", 40400, "10.0.0.1", 53, query("example.test.", qid=0x7777)))
+            written: list[Any] = []
+            assert harness.run_until(lambda: bool(written.extend(harness.take_written()) or written), 8.0)
+            reply = dns.message.from_wire(bytes(written[0].payload))
+            assert reply.id == 0x7777 and [r.to_text() for r in reply.answer[0]] == ["198.51.100.10"]
+        finally:
+            server.close()
