@@ -690,7 +690,7 @@ class TcpEndpoint:
             return
         self._ack_pending = True
         rcv_nxt = self._rcv_nxt
-        if seq == rcv_nxt and not self._reasm:
+        if seq == rcv_nxt and not self._reasm and self._fin_ooo is None:
             # Hot path: in order, nothing queued out of order.
             room = self._rcv_adv - rcv_nxt
             if plen <= room:

@@ -165,3 +165,16 @@ def test_fin_rides_on_the_last_data_segment() -> None:
     c.ep.shutdown(0.1)
     (seg,) = c.take(0.1)
     assert seg.flags == ACK | PSH | FIN and seg.payload == b"bye"
+
+
+def test_fin_that_overtook_lost_data_is_honoured_when_the_gap_fills() -> None:
+    c = open_connection()
+    base = c.seq
+    c.send(b"", 0.1, flags=ACK | FIN, seq=base + 5)  # FIN after 5 bytes we have not seen
+    assert c.events() == []
+    c.send(b"hello", 0.2, seq=base)
+    from engine.tcp import PeerFinished
+
+    assert c.events() == [DataReceived(b"hello"), PeerFinished()]
+    (ack,) = c.take(0.2)
+    assert ack.ack == base + 6
