@@ -53,6 +53,8 @@ def main() -> None:
     data_1500 = data_1500[:1500]
     data_64k = bytes(range(256)) * 256
     syn_pkt = P.parse(syn)
+    sack_pkt = P.parse(P.build_tcp(CLIENT, SERVER, 40000, 443, 1, 2, P.ACK, 65535,
+                                   b"\x01\x01\x08\x0a" + bytes(8) + P.encode_tcp_options(sack_blocks=((1, 2), (3, 4)))))
 
     def gso_header() -> bytes:
         headers = P.build_tcp_headers(SERVER, CLIENT, 443, 40000, 1, 2, P.ACK | P.PSH, 65535,
@@ -71,6 +73,7 @@ def main() -> None:
         ("parse IPv4/TCP 1500 B (memoryview of read buffer)", lambda: P.parse(read_view), 1.0),
         ("parse UDP/DNS query", lambda: P.parse(dns_query), 0.9),
         ("tcp_options() of a SYN (MSS, WS, SACK-ok, TS)", syn_pkt.tcp_options, None),
+        ("tcp_options() of an ACK with TS + 2 SACK blocks", sack_pkt.tcp_options, None),
         ("build TCP ACK (v4)", lambda: P.build_tcp(SERVER, CLIENT, 443, 40000, 1, 2, P.ACK, 65535), 2.0),
         ("build TCP ACK (v6)", lambda: P.build_tcp(SERVER6, CLIENT6, 443, 40000, 1, 2, P.ACK, 65535), None),
         ("build TCP 1500 B (v4, full checksum)",
