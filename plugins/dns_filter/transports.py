@@ -24,6 +24,7 @@ import ssl
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from engine.net_policy import SO_BINDTODEVICE, SO_MARK
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.upstream_url import UpstreamUrl
 from plugins.dns_filter.wire import reply_matches
@@ -333,7 +334,39 @@ class StreamUpstream(_TaskUpstream):
 
 
 class DnspythonUpstream(_TaskUpstream):
-    """DoH and DoQ through dnspython's async query functions (the reply is re-encoded by dnspython)."""
+    """DoH and DoQ through dnspython's async query functions (the reply is re-encoded by dnspython).
+
+    DoH to an address literal goes through one persistent httpx client built here, so its sockets carry
+    the engine's fwmark / bound interface (in firewall mode an unmarked socket would be routed into the
+    TUN) and its HTTP/2 connection is reused across queries. A hostname upstream with ``bootstrap`` and
+    DoQ use dnspython's own sockets, which are not stamped.
+    """
+
+    _client: Any = None
+
+    def _https_client(self) -> Any:
+        if self._client is None:
+            import httpx2  # dnspython >= 2.8 speaks DoH through httpx2 and accepts only its clients
+
+            options: list[Any] = []
+            policy = self.policy
+            if policy is not None:
+                if policy.fwmark is not None:
+                    options.append((socket.SOL_SOCKET, SO_MARK, policy.fwmark))
+                if policy.outbound_interface:
+                    options.append((socket.SOL_SOCKET, SO_BINDTODEVICE, policy.outbound_interface.encode()))
+            transport = httpx2.AsyncHTTPTransport(http2=True, verify=self.url.verify, socket_options=options)
+            self._client = httpx2.AsyncClient(transport=transport, timeout=self.timeout)
+        return self._client
+
+    def close(self) -> None:
+        super().close()
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                asyncio.get_running_loop().create_task(client.aclose())
+            except RuntimeError:
+                pass  # no loop any more: the sockets close with the process
 
     async def exchange(self, query: bytes) -> bytes:
         import dns.asyncquery
@@ -349,6 +382,7 @@ class DnspythonUpstream(_TaskUpstream):
                 timeout=self.timeout,
                 verify=url.verify,
                 bootstrap_address=url.bootstrap or None,
+                client=None if url.bootstrap else self._https_client(),
             )
         else:
             response = await dns.asyncquery.quic(
