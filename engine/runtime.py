@@ -17,6 +17,7 @@ from engine.flow import Flow
 from engine.net_policy import SocketPolicy
 from engine.packet import (
     PROTO_TCP,
+    RST,
     Packet,
     VnetHeader,
     build_icmp_unreachable,
@@ -183,6 +184,8 @@ class Engine:
         self.write(reply)
 
     def send_rst(self, packet: Packet, now: float) -> None:
+        if packet.tcp_flags & RST or packet.payload_offset == packet.l4_offset:
+            return  # a RST is never answered (RFC 9293 3.10.7.1); a non-first fragment has no header
         if not self._reject_bucket.take(now):
             self.stats.counters["rejects_degraded_to_drop"] += 1
             return
