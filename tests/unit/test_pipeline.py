@@ -152,3 +152,11 @@ def test_ipv6_flows_use_bracketed_endpoints() -> None:
         assert result.flow is not None
         assert result.flow.describe() == "[fd00:db8::2]:5000 -> [2001:db8::7]:9/udp"
         assert SYN  # imported for the TCP cases above
+
+
+def test_client_rst_on_a_rejected_flow_is_not_answered_and_does_not_raise() -> None:
+    with PluginHarness(BLOCKER) as harness:
+        assert len(harness.feed(syn("10.0.0.2", 40000, "192.0.2.7", 443)).written) == 1
+        result = harness.feed(tcp("10.0.0.2", 40000, "192.0.2.7", 443, flags=RST, seq=1001))
+        assert result.written == []
+        assert harness.feed(syn("10.0.0.2", 40001, "192.0.2.7", 443)).written[0].tcp_flags & RST
