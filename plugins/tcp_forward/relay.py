@@ -148,8 +148,8 @@ class Relay(asyncio.Protocol):
     def on_data(self, data: bytes) -> None:
         transport = self.transport
         conn = self.conn
-        if transport is None or conn is None:
-            return
+        if transport is None or conn is None or transport.is_closing():
+            return  # the upstream is going away; connection_lost resets the client next
         self.bytes_up += len(data)
         transport.write(data)  # may call pause_writing before it returns
         if self._writing_paused:
