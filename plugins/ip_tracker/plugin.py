@@ -13,6 +13,7 @@ waiting for a timeout. Flows labelled ``dns`` are never judged here (dns_filter 
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import logging
 import time
@@ -199,7 +200,7 @@ class IpTracker:
         """Size, leases expiring within a minute, and the ``limit`` soonest-expiring entries."""
         if now is None:
             now = self._engine.now() if self._engine is not None else 0.0
-        entries = sorted(self.table, key=lambda e: e.expiry)[:limit]
+        entries = heapq.nsmallest(limit, self.table, key=lambda e: e.expiry)  # O(n log limit), not a full sort
         return {
             "size": len(self.table),
             "expiring_soon": self.table.expiring_within(now, 60.0),
