@@ -69,7 +69,9 @@ class TrackerTable:
         self._entries: dict[Key, Entry] = {}
         self._by_name: dict[tuple[bytes, str], OrderedDict[bytes, None]] = {}
         self._clients_of: dict[bytes, set[bytes]] = {}  # address -> clients (per_client only)
-        self._heap: list[tuple[float, Key]] = []  # (expiry, key); stale items skipped lazily
+        # One (expiry, key) item per entry, pushed when the entry is created. A refresh only raises
+        # entry.expiry: the item is brought up to date when it reaches the top (no push per DNS answer).
+        self._heap: list[tuple[float, Key]] = []
         self._graveyard: OrderedDict[Key, tuple[tuple[str, ...], float]] = OrderedDict()
         self.evicted = 0
         self.expired = 0
@@ -146,7 +148,6 @@ class TrackerTable:
             self._graveyard.pop(key, None)
         elif expiry > entry.expiry:
             entry.expiry = expiry
-            heapq.heappush(self._heap, (expiry, key))
         self._attach_name(entry, name)
         if len(self._entries) > self.max_entries:
             self._evict_one()
@@ -203,10 +204,14 @@ class TrackerTable:
     def _evict_one(self) -> None:
         """Drop the soonest-expiring entry that has no open flow (global cap)."""
         held: list[tuple[float, Key]] = []
-        while self._heap:
-            expiry, key = heapq.heappop(self._heap)
+        heap = self._heap
+        while heap:
+            expiry, key = heapq.heappop(heap)
             entry = self._entries.get(key)
-            if entry is None or entry.expiry != expiry:
+            if entry is None:
+                continue
+            if entry.expiry > expiry:
+                heapq.heappush(heap, (entry.expiry, key))  # refreshed since: re-file under its expiry
                 continue
             if entry.open_flows > 0:
                 held.append((expiry, key))
@@ -242,7 +247,6 @@ class TrackerTable:
             until = now + self.grace
             if until > entry.expiry:
                 entry.expiry = until
-                heapq.heappush(self._heap, (until, key))
 
     # -- expiry --------------------------------------------------------------------------------------
 
@@ -253,8 +257,15 @@ class TrackerTable:
         while heap and heap[0][0] <= now:
             expiry, key = heapq.heappop(heap)
             entry = self._entries.get(key)
-            if entry is None or entry.expiry != expiry or entry.open_flows > 0:
-                continue  # stale item, or kept alive by a flow (re-pushed when the flow closes)
+            if entry is None:
+                continue  # removed by a cap
+            if entry.expiry > now:
+                heapq.heappush(heap, (entry.expiry, key))  # refreshed: look again at its new expiry
+                continue
+            if entry.open_flows > 0:
+                # Kept alive by a flow: look again later; closing the flow extends entry.expiry.
+                heapq.heappush(heap, (now + max(self.grace, 1.0), key))
+                continue
             self._remove(entry, now=now)
             removed += 1
         self.expired += removed
