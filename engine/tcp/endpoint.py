@@ -401,7 +401,9 @@ class TcpEndpoint:
         self._in_recovery = False
         self._dupacks = 0
         self._recover = self._snd_max
-        self._snd_nxt = self._snd_una  # go back; _send_data skips what the peer SACKed
+        # RFC 2018 8: the receiver may have reneged on what it SACKed, so after a timeout resend it all.
+        self._scoreboard.clear()
+        self._snd_nxt = self._snd_una  # go back
         # With the window closed nothing can be resent: the persist timer takes over (armed by segments()).
         self._rtx_deadline = now + self._rtt.rto if self._snd_wnd or self._fin_queued else None
 
@@ -611,7 +613,7 @@ class TcpEndpoint:
             if self._in_recovery:
                 if not self._sack_ok:
                     self._cwnd += self._smss  # NewReno inflation; with SACK the scoreboard credits it
-                self._rtx_budget += 1
+                self._rtx_budget += self._smss  # a segment left the network: one more may go
             elif self._dupacks >= 3 or self._scoreboard.sacked >= 3 * self._smss:
                 self._enter_recovery()
         return True
@@ -623,7 +625,11 @@ class TcpEndpoint:
         self._in_recovery = True
         self._recover = self._snd_max
         self._rtx_next = self._snd_una
-        self._rtx_budget = 1
+        # Bytes of known holes we may resend at once. With SACK every hole below the highest SACKed byte
+        # is lost and no longer in the pipe, so up to ssthresh of them may go now (the RFC 6675 pipe
+        # arithmetic, simplified): a whole dropped GSO super-segment is repaired in one round trip
+        # instead of one MSS per ACK. Without SACK only the segment at snd_una is known lost (NewReno).
+        self._rtx_budget = self._ssthresh if self._scoreboard else self._smss
         self._rtt_seq = None
 
     def _ack_advanced(self, ack: int, ts: Optional[tuple[int, int]], now: float) -> None:
@@ -659,7 +665,7 @@ class TcpEndpoint:
                 self._cwnd = self._ssthresh
             else:  # partial ACK (RFC 6582): repair the next hole at once, deflate by what left
                 self._cwnd = max(self._cwnd - acked + smss, smss)
-                self._rtx_budget += 1
+                self._rtx_budget += max(acked, smss) if self._scoreboard else smss
         elif self._cwnd < self._ssthresh:
             self._cwnd += acked  # slow start; the peer is local, so no per-ACK cap (RFC 3465 L)
         else:
@@ -856,9 +862,11 @@ class TcpEndpoint:
         return ts_option(self._ts_now(now), self._ts_recent)
 
     def _retransmit_holes(self, out: list[OutSegment], window: int, tsopt: bytes) -> None:
-        """Fast-recovery repair: one MSS per budget unit, from the first hole the SACK scoreboard shows
-        (or at snd_una without SACK information, as NewReno does)."""
+        """Fast-recovery repair within the byte budget, from the first hole the SACK scoreboard shows
+        (or one MSS at snd_una without SACK information, as NewReno does). A hole may leave as one GSO
+        run."""
         smss = self._smss
+        cap = self._gso_cap
         limit = min(self._recover, self._snd_nxt)
         while self._rtx_budget > 0:
             start = max(self._rtx_next, self._snd_una)
@@ -873,10 +881,10 @@ class TcpEndpoint:
                 self._rtx_budget = 0
                 return
             begin, end = hole
-            end = min(end, begin + smss)
+            end = min(end, begin + min(cap, max(self._rtx_budget, smss)))
             self._emit_range(begin, end, out, window, tsopt, retransmission=True)
             self._rtx_next = end
-            self._rtx_budget -= 1
+            self._rtx_budget -= end - begin
 
     def _emit_range(self, begin: int, end: int, out: list[OutSegment], window: int, tsopt: bytes,
                     retransmission: bool) -> None:

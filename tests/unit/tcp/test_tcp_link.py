@@ -238,8 +238,8 @@ class RefClient:
                             continue
                         self.received += nxt
                         self.rcv_nxt = (self.rcv_nxt + len(nxt)) & M
-                elif ((seq - self.rcv_nxt) & M) < self.window:
-                    self.ooo[seq] = payload
+                elif ((seq - self.rcv_nxt) & M) < self.window and len(payload) > len(self.ooo.get(seq, b"")):
+                    self.ooo[seq] = payload  # never forget SACKed bytes (a shorter resend must not renege)
         if flags & 0x01:
             self.peer_fin = (tcp.seq + len(bytes(tcp.payload))) & M
         if self.peer_fin is not None and not self.got_fin and self.rcv_nxt == self.peer_fin:

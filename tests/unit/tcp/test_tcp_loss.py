@@ -75,7 +75,7 @@ def test_rto_backs_off_exponentially_and_gives_up() -> None:
     assert c.events() == [Closed(CLOSE_TIMEOUT)]
 
 
-def test_rto_goes_back_but_skips_sacked_data() -> None:
+def test_rto_forgets_sack_information_in_case_the_receiver_reneged() -> None:
     c = open_connection(TcpConfig(max_gso_bytes=0))
     mss = c.ep.mss
     segs = burst(c, 10)
@@ -86,10 +86,28 @@ def test_rto_goes_back_but_skips_sacked_data() -> None:
     assert deadline is not None
     c.ep.on_timer(deadline)
     out = c.ep.segments(deadline)
-    assert [s.seq for s in out] == [base]  # cwnd is one segment after an RTO, and only the hole is resent
-    c.send_ack(deadline + 0.01, ack=base + mss, sack=((base + 1 * mss, base + 10 * mss),))
+    assert [s.seq for s in out] == [base]  # cwnd is one segment after an RTO
+    # The client had SACKed 1..9 but threw them away (RFC 2018 allows it): they must be resent.
+    c.send_ack(deadline + 0.01, ack=base + mss)
     out = c.ep.segments(deadline + 0.01)
-    assert all(s.seq >= base + 10 * mss for s in out)  # continues with new data, SACKed part skipped
+    assert [s.seq for s in out] == [base + mss, base + 2 * mss]  # go-back continues, slow start
+
+
+def test_sack_after_an_rto_is_honoured_again() -> None:
+    c = open_connection(TcpConfig(max_gso_bytes=0))
+    mss = c.ep.mss
+    segs = burst(c, 10)
+    base = segs[0].seq
+    deadline = c.ep.next_deadline()
+    assert deadline is not None
+    c.ep.on_timer(deadline)
+    assert [s.seq for s in c.ep.segments(deadline)] == [base]
+    c.send_ack(deadline + 0.01, ack=base + mss, sack=((base + 3 * mss, base + 10 * mss),))
+    out = c.ep.segments(deadline + 0.01)
+    assert [s.seq for s in out] == [base + mss, base + 2 * mss]
+    c.send_ack(deadline + 0.02, ack=base + 3 * mss, sack=((base + 3 * mss, base + 10 * mss),))
+    out = c.ep.segments(deadline + 0.02)
+    assert all(s.seq >= base + 10 * mss for s in out)  # the SACKed 3..9 are skipped
 
 
 def test_timestamps_feed_the_rtt_estimator() -> None:
@@ -106,3 +124,17 @@ def test_timestamps_feed_the_rtt_estimator() -> None:
     c.ep.segments(2.0)
     deadline = c.ep.next_deadline()
     assert deadline is not None and 2.0 + 0.05 < deadline < 2.0 + 1.0
+
+
+def test_a_lost_gso_run_is_repaired_in_one_go() -> None:
+    c = open_connection(TcpConfig(max_gso_bytes=65000, initial_cwnd_segments=40))
+    mss = c.ep.mss
+    c.ep.send(bytes(40 * mss))
+    c.ep.segments(0.1)
+    base = c.ack
+    # Segments 5..14 were one super-packet the TUN queue dropped; everything after arrived and is SACKed.
+    c.send_ack(0.2, ack=base + 5 * mss)
+    c.ep.segments(0.2)
+    c.send_ack(0.21, ack=base + 5 * mss, sack=((base + 15 * mss, base + 40 * mss),))
+    out = [s for s in c.ep.segments(0.21) if s.payload]
+    assert [(s.seq, len(s.payload), s.segment_size) for s in out] == [(base + 5 * mss, 10 * mss, mss)]
