@@ -167,7 +167,7 @@ class DnsFilter:
         """Close client flows idle for ``flow_idle`` so one-shot DNS sockets do not fill the flow table."""
         limit = now - self.config.flow_idle
         flows = self._udp_flows
-        while flows:
+        for _ in range(len(flows)):  # oldest first; each flow is looked at most once per tick
             key, flow = next(iter(flows.items()))
             if flow.closed:
                 del flows[key]
@@ -176,8 +176,7 @@ class DnsFilter:
                 break
             handler = flow.handler
             if isinstance(handler, UdpDnsHandler) and handler.inflight > 0:
-                flows.move_to_end(key)
-                flow.last_seen = now
+                flows.move_to_end(key)  # still waiting for an answer: keep it, look again later
                 continue
             del flows[key]
             if isinstance(handler, UdpDnsHandler):
