@@ -301,14 +301,19 @@ class _TaskUpstream:
 class StreamUpstream(_TaskUpstream):
     """DNS over TCP (RFC 7766) or TLS (RFC 7858): 2-byte length framing over a fresh stamped socket."""
 
+    _context: ssl.SSLContext | None = None
+
     def _ssl_context(self) -> ssl.SSLContext | None:
+        """One context per upstream: loading the CA store costs milliseconds, not worth paying per query."""
         if self.url.scheme != "tls":
             return None
-        context = ssl.create_default_context()
-        if not self.url.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        if self._context is None:
+            context = ssl.create_default_context()
+            if not self.url.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._context = context
+        return self._context
 
     async def exchange(self, query: bytes) -> bytes:
         loop = asyncio.get_running_loop()
