@@ -41,8 +41,12 @@ _IPV4_UDP_HEADERS = 28
 _IPV6_UDP_HEADERS = 48
 #: Queries in flight on one TCP connection before we stop reading it (RFC 7766 pipelining bound).
 MAX_TCP_INFLIGHT = 64
-#: Bytes of an unfinished TCP message we buffer (a length prefix plus the largest DNS message).
-MAX_TCP_BUFFER = 2 + 65535
+#: The TCP receive window of a DNS connection: the endpoint never delivers more unconsumed bytes, and we
+#: consume only messages we took, so a client pipelining faster than the upstream answers is slowed by
+#: TCP flow control rather than buffered without bound.
+TCP_RECV_BUFFER = 128 * 1024
+#: Buffered bytes beyond which the connection is aborted (only a broken peer gets here).
+MAX_TCP_BUFFER = TCP_RECV_BUFFER + 2 + 65535
 
 
 class UdpDnsHandler:
@@ -112,7 +116,7 @@ class TcpDnsServer:
         now = self.engine.now()
         self.last_activity = now
         self.buffer += data
-        if len(self.buffer) > MAX_TCP_BUFFER + 2:
+        if len(self.buffer) > MAX_TCP_BUFFER:
             self._abort(now)
             return
         self._drain(now)

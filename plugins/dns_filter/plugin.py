@@ -33,7 +33,7 @@ from engine.packet import PROTO_TCP, PROTO_UDP
 
 from .answers import parse_answer
 from .blocklist import DomainPolicy
-from .clients import DnsClient, TcpDnsServer, UdpDnsHandler
+from .clients import TCP_RECV_BUFFER, DnsClient, TcpDnsServer, UdpDnsHandler
 from .config import Config as DnsFilterConfig
 from .pending import PendingQuery
 from .resolver import Resolver
@@ -235,7 +235,7 @@ class DnsFilter:
             # DNS messages are small: modest buffers keep many idle DNS connections cheap.
             self._tcp_config = TcpConfig(
                 mtu=engine.mtu,
-                recv_buffer=256 * 1024,
+                recv_buffer=TCP_RECV_BUFFER,
                 send_buffer=256 * 1024,
                 max_gso_bytes=_MAX_TCP_GSO if engine.offload else 0,
             )

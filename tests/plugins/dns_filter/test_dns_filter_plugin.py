@@ -211,3 +211,37 @@ def test_tcp_query_over_the_user_space_stack(dns_bench: Bench, offload: bool) ->
     assert harness.run_until(
         lambda: any(p.proto == PROTO_TCP and p.tcp_flags & FIN for p in harness.take_written()), 2.0
     )
+
+
+def test_tcp_pipelining_beyond_the_inflight_bound(dns_bench: Bench) -> None:
+    """100 pipelined queries in one segment: 64 go upstream at once, the rest as answers come back."""
+    bench = dns_bench(tcp=True)
+    harness = bench.harness
+    client, server, port = "10.0.0.2", "10.0.0.1", 41001
+    (synack,) = [p for p in harness.feed(syn(client, port, server, 53, seq=1000)).written if p.proto == PROTO_TCP]
+    server_seq = synack.seq + 1
+    harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001, ack=server_seq))
+    stream = b"".join(
+        len(q).to_bytes(2, "big") + q for q in (query(f"n{i}.example.test.", qid=i) for i in range(100))
+    )
+    harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001, ack=server_seq, payload=stream))
+    received = bytearray()
+
+    def messages() -> list[bytes]:
+        found, offset = [], 0
+        while offset + 2 <= len(received):
+            length = int.from_bytes(received[offset : offset + 2], "big")
+            if offset + 2 + length > len(received):
+                break
+            found.append(bytes(received[offset + 2 : offset + 2 + length]))
+            offset += 2 + length
+        return found
+
+    def all_answered() -> bool:
+        for packet in harness.take_written():
+            if packet.proto == PROTO_TCP and packet.payload_len:
+                received.extend(packet.payload)
+        return len(messages()) == 100
+
+    assert harness.run_until(all_answered, 5.0), len(messages())
+    assert {dns.message.from_wire(m).id for m in messages()} == set(range(100))
