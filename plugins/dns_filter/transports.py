@@ -102,12 +102,25 @@ class _UdpChannel:
                 data = recv(65535)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                # ICMP port/host unreachable on the connected socket: the upstream is down. Queries in
-                # flight fail over at their attempt deadline; counting makes the failure visible at once.
-                self.owner.errors += 1
+            except OSError as error:
+                self._unreachable(error)
                 continue
             self._datagram(data)
+
+    def _unreachable(self, error: OSError) -> None:
+        """An ICMP error (port/host unreachable) reported on the connected socket: the upstream is down.
+
+        Like a stub resolver seeing ECONNREFUSED, fail every query in flight on this socket now, so they
+        move to the next upstream (or get SERVFAIL) at once instead of waiting for their deadline.
+        """
+        owner = self.owner
+        owner.errors += 1
+        stranded = list(self.inflight.values())
+        self.inflight.clear()
+        reason = f"upstream unreachable: {error.strerror or error}"
+        for pending in stranded:
+            pending.channel = None
+            owner.on_failure(pending, pending.attempt, reason)
 
     def _datagram(self, data: bytes) -> None:
         owner = self.owner

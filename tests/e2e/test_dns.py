@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.topology import DNS_V4, GATEWAY_V4, WEB_V4, WEB_V6, EngineProcess, Topology
+from tests.e2e.topology import DNS_V4, GATEWAY_V4, SILENT_V4, WEB_V4, WEB_V6, EngineProcess, Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,9 @@ def status(output: str) -> str:
     return "no answer"
 
 
-def start(topology: Topology, dns_filter: str = "", ip_tracker: str = "") -> EngineProcess:
+def start(
+    topology: Topology, dns_filter: str = "", ip_tracker: str = "", upstreams: tuple[str, ...] = (f"udp://{DNS_V4}:53",)
+) -> EngineProcess:
     profile = topology.write_file(
         "dns.toml",
         f"""
@@ -47,7 +49,7 @@ def start(topology: Topology, dns_filter: str = "", ip_tracker: str = "") -> Eng
 plugins = ["dns_filter", "ip_tracker", "tcp_forward"]
 
 [plugins.dns_filter]
-upstreams = ["udp://{DNS_V4}:53"]
+upstreams = {json.dumps(list(upstreams))}
 {dns_filter}
 
 [plugins.ip_tracker]
@@ -129,16 +131,24 @@ def test_resolved_address_reachable_hard_coded_refused_lease_expires(topology: T
     assert connect(topology, WEB_V4)[0] == "connected"  # 1 h record: still fine
 
 
-def test_upstream_down_answers_servfail_then_recovers(topology: Topology) -> None:
+def test_upstream_failover_outage_servfail_and_recovery(topology: Topology) -> None:
+    # The first upstream is a black hole (its packets vanish): every attempt there times out.
     server = topology.dns_server({"web.test": WEB_V4})
-    start(topology, dns_filter='timeout = "1s"')
-    assert short(topology, "web.test", "A") == [WEB_V4]
-    server.stop()
+    engine = start(
+        topology,
+        dns_filter='timeout = "1500ms"\nattempt_timeout = "500ms"',
+        upstreams=(f"udp://{SILENT_V4}:53", f"udp://{DNS_V4}:53"),
+    )
+    assert short(topology, "web.test", "A") == [WEB_V4]  # failed over after 0.5 s
+    assert short(topology, "web.test", "A") == [WEB_V4]  # the working upstream is remembered...
+    silent, working = engine.request("stats")["plugins"]["dns_filter"]["upstreams"]
+    assert silent["failures"] == 1 and working["healthy"] and working["answers"] == 2  # ...not retried
+    server.stop()  # now both are down: the real one refuses (ICMP), the black hole times out
     began = time.monotonic()
     output = dig(topology, "+time=4", "web.test", "A")
     elapsed = time.monotonic() - began
     assert status(output) == "SERVFAIL", output
-    assert elapsed < 3.0, elapsed  # the 1 s timeout, not the client's 4 s
+    assert elapsed < 3.0, elapsed  # our 1.5 s deadline, not the client's 4 s
     topology.dns_server({"web.test": WEB_V4})
     assert short(topology, "web.test", "A") == [WEB_V4]
 

@@ -245,3 +245,20 @@ def test_tcp_pipelining_beyond_the_inflight_bound(dns_bench: Bench) -> None:
 
     assert harness.run_until(all_answered, 5.0), len(messages())
     assert {dns.message.from_wire(m).id for m in messages()} == set(range(100))
+
+
+def test_refused_upstream_fails_fast_instead_of_waiting_for_the_timeout(dns_bench: Bench) -> None:
+    import socket
+    import time
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: the kernel answers ICMP port unreachable
+    bench = dns_bench({"upstreams": [f"udp://127.0.0.1:{port}"], "timeout": "5s"})
+    began = time.monotonic()
+    bench.harness.feed(udp("10.0.0.2", 40500, "10.0.0.1", 53, query("example.test.")))
+    _packet, reply = wait_reply(bench, timeout=4.0)
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert time.monotonic() - began < 1.0
+    assert bench.plugin.snapshot()["upstreams"][0]["failures"] == 1
