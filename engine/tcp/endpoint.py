@@ -119,6 +119,7 @@ class TcpEndpoint:
         "_snd_una", "_snd_nxt", "_snd_max", "_snd_wnd", "_snd_wl1", "_snd_wl2", "_max_snd_wnd",
         "_sbuf", "_sbuf_seq", "_fin_queued", "_fin_seq", "_send_blocked", "_scoreboard",
         "_cwnd", "_ssthresh", "_dupacks", "_in_recovery", "_recover", "_rtx_next", "_rtx_budget",
+        "_rtx_high",
         "_rtt", "_rtt_seq", "_rtt_time",
         # receive side
         "_rcv_nxt", "_rcv_adv", "_unconsumed", "_reasm", "_fin_ooo", "_ack_pending", "_last_ack_sent",
@@ -155,6 +156,7 @@ class TcpEndpoint:
         self._in_recovery = False
         self._recover = 0
         self._rtx_next = 0
+        self._rtx_high = 0
         self._rtx_budget = 0
         self._rtx_deadline: Optional[float] = None
         self._retries = 0
@@ -605,6 +607,14 @@ class TcpEndpoint:
         if blocks and self._sack_ok:
             sb = self._scoreboard
             sb.add(((unwrap(s, snd_una), unwrap(e, snd_una)) for s, e in blocks), max(ack, snd_una), self._snd_max)
+            if self._in_recovery and self._rtx_next > ack:
+                highest = sb.highest()
+                if highest is not None and highest > self._rtx_high:
+                    # Data first sent after our hole retransmissions has arrived, but the first hole is
+                    # still missing: the retransmission itself was lost (the local path does not reorder,
+                    # RACK's insight, RFC 8985). Repair again now instead of waiting for the RTO.
+                    self._rtx_next = ack
+                    self._rtx_budget = max(self._rtx_budget, self._ssthresh)
         if ack > snd_una:
             self._ack_advanced(ack, ts, now)
         elif (ack == snd_una and plen == 0 and not flags & FIN and not window_changed
@@ -614,8 +624,10 @@ class TcpEndpoint:
                 if not self._sack_ok:
                     self._cwnd += self._smss  # NewReno inflation; with SACK the scoreboard credits it
                 self._rtx_budget += self._smss  # a segment left the network: one more may go
-            elif self._dupacks >= 3 or self._scoreboard.sacked >= 3 * self._smss:
+            elif self._dupacks >= 3:
                 self._enter_recovery()
+        if not self._in_recovery and self._scoreboard.sacked >= 3 * self._smss:
+            self._enter_recovery()  # RFC 6675 IsLost(SND.UNA): DupThresh segments SACKed above it
         return True
 
     def _enter_recovery(self) -> None:
@@ -884,6 +896,7 @@ class TcpEndpoint:
             end = min(end, begin + min(cap, max(self._rtx_budget, smss)))
             self._emit_range(begin, end, out, window, tsopt, retransmission=True)
             self._rtx_next = end
+            self._rtx_high = self._snd_max
             self._rtx_budget -= end - begin
 
     def _emit_range(self, begin: int, end: int, out: list[OutSegment], window: int, tsopt: bytes,

@@ -138,3 +138,22 @@ def test_a_lost_gso_run_is_repaired_in_one_go() -> None:
     c.send_ack(0.21, ack=base + 5 * mss, sack=((base + 15 * mss, base + 40 * mss),))
     out = [s for s in c.ep.segments(0.21) if s.payload]
     assert [(s.seq, len(s.payload), s.segment_size) for s in out] == [(base + 5 * mss, 10 * mss, mss)]
+
+
+def test_a_lost_retransmission_is_detected_without_waiting_for_the_rto() -> None:
+    c = open_connection(TcpConfig(max_gso_bytes=0, initial_cwnd_segments=20))
+    mss = c.ep.mss
+    c.ep.send(bytes(40 * mss))
+    c.ep.segments(0.1)  # segments 0..19
+    base = c.ack
+    c.send_ack(0.2, ack=base + 2 * mss, sack=((base + 3 * mss, base + 20 * mss),))
+    out = c.ep.segments(0.2)
+    assert out[0].seq == base + 2 * mss  # hole repaired ...
+    assert any(s.seq >= base + 20 * mss for s in out)  # ... and new data follows it
+    c.ep.segments(0.21)
+    # The retransmission is lost, the new data behind it arrives and is SACKed:
+    c.send_ack(0.22, ack=base + 2 * mss, sack=((base + 3 * mss, base + 22 * mss),))
+    again = [s.seq for s in c.ep.segments(0.22)]
+    assert again[0] == base + 2 * mss
+    deadline = c.ep.next_deadline()
+    assert deadline is not None and deadline > 0.3  # no timeout was needed
