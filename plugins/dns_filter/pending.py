@@ -34,6 +34,7 @@ class PendingQuery:
         "channel",
         "upstream_id",
         "tried",
+        "requeued",
     )
 
     def __init__(
@@ -63,6 +64,7 @@ class PendingQuery:
         self.channel: Any = None  # the UDP channel holding our upstream id, to forget it on failover
         self.upstream_id = -1
         self.tried = 0
+        self.requeued = False  # resent once on a fresh stream after the upstream closed the old one
 
     def __repr__(self) -> str:
         return f"PendingQuery({self.question.qname!r}, id={self.qid}, attempt={self.attempt})"

@@ -22,7 +22,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from plugins.dns_filter.pending import PendingQuery
-from plugins.dns_filter.transports import DnspythonUpstream, StreamUpstream, UdpUpstream, Upstream
+from plugins.dns_filter.stream_upstream import StreamUpstream
+from plugins.dns_filter.transports import DnspythonUpstream, UdpUpstream, Upstream
 from plugins.dns_filter.upstream_url import UpstreamUrl
 
 if TYPE_CHECKING:

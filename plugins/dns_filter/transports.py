@@ -6,10 +6,9 @@ other source and reports ICMP errors), our own random 16-bit id per query with a
 to the client's query, and the reply bytes forwarded unchanged (only the id is restored). A reply must
 repeat the question it answers, or it is ignored as a spoofing attempt.
 
-TCP and DoT frame the raw query themselves over a socket stamped by the engine's socket policy (fwmark,
-bound interface), so even these replies are forwarded byte for byte. DoH and DoQ go through dnspython's
-async query functions (``dns.asyncquery.https`` / ``quic``): those are rarely the hot path and their
-protocol stacks are not worth rewriting.
+TCP and DoT live in ``stream_upstream.py`` (one persistent pipelined connection per upstream). DoH and DoQ
+go through dnspython's async query functions (``dns.asyncquery.https`` / ``quic``): those are rarely the
+hot path and their protocol stacks are not worth rewriting.
 
 Every transport reports through two callbacks: ``on_reply(pending, attempt, reply_bytes)`` and
 ``on_failure(pending, attempt, reason)``; the resolver decides about failover and SERVFAIL.
@@ -20,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -247,7 +245,7 @@ class UdpUpstream:
 
 
 class _TaskUpstream:
-    """Base for transports that run one asyncio task per query (TCP, DoT, DoH, DoQ)."""
+    """Base for transports that run one asyncio task per query (DoH, DoQ through dnspython)."""
 
     def __init__(
         self,
@@ -309,46 +307,6 @@ class _TaskUpstream:
         for task in list(self._tasks.values()):
             task.cancel()
         self._tasks.clear()
-
-
-class StreamUpstream(_TaskUpstream):
-    """DNS over TCP (RFC 7766) or TLS (RFC 7858): 2-byte length framing over a fresh stamped socket."""
-
-    _context: ssl.SSLContext | None = None
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        """One context per upstream: loading the CA store costs milliseconds, not worth paying per query."""
-        if self.url.scheme != "tls":
-            return None
-        if self._context is None:
-            context = ssl.create_default_context()
-            if not self.url.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._context = context
-        return self._context
-
-    async def exchange(self, query: bytes) -> bytes:
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self.url.address else socket.AF_INET
-        sock = self.policy.open_socket(family, socket.SOCK_STREAM) if self.policy else socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, (self.url.address, self.url.port))
-        except BaseException:
-            sock.close()
-            raise
-        context = self._ssl_context()
-        reader, writer = await asyncio.open_connection(
-            sock=sock, ssl=context, server_hostname=self.url.host if context else None
-        )
-        try:
-            writer.write(struct.pack("!H", len(query)) + query)
-            await writer.drain()
-            length = struct.unpack("!H", await reader.readexactly(2))[0]
-            return await reader.readexactly(length)
-        finally:
-            writer.close()
 
 
 class DnspythonUpstream(_TaskUpstream):

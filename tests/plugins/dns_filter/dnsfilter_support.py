@@ -64,6 +64,7 @@ class FakeUpstream(asyncio.DatagramProtocol):
         self.replies: list[bytes] = []
         self.port = 0
         self.tcp_server: asyncio.Server | None = None
+        self.tcp_connections = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -85,6 +86,7 @@ class FakeUpstream(asyncio.DatagramProtocol):
             self.transport.sendto(wire, addr)
 
     async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tcp_connections += 1
         try:
             while True:
                 length = struct.unpack("!H", await reader.readexactly(2))[0]

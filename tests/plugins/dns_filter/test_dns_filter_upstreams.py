@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import ssl
@@ -27,7 +28,7 @@ from plugins.dns_filter.upstream_url import (
     parse_upstream,
 )
 
-from dnsfilter_support import build_reply, query, wait_reply
+from dnsfilter_support import build_reply, query, replies, wait_reply
 
 Bench = Callable[..., Any]
 
@@ -96,13 +97,18 @@ def test_upstream_inside_the_tun_network_is_refused() -> None:
     check_not_through_tun(parse_upstream("192.0.2.1"), [ipaddress.ip_network("10.0.0.0/24")])
 
 
-def test_tcp_upstream(dns_bench: Bench) -> None:
+def test_tcp_upstream_pipelines_on_one_connection(dns_bench: Bench) -> None:
     bench = dns_bench(scheme="tcp")
-    bench.harness.feed(udp("10.0.0.2", 40100, "10.0.0.1", 53, query("example.test.")))
-    _packet, reply = wait_reply(bench)
-    assert reply.rcode() == dns.rcode.NOERROR and [r.to_text() for r in reply.answer[0]] == ["198.51.100.10"]
-    assert bench.plugin.snapshot()["upstreams"][0]["url"].startswith("tcp://")
-    assert bench.plugin.snapshot()["upstreams"][0]["answers"] == 1
+    for port in range(40100, 40105):  # five queries at once, same client id: remapped on the stream
+        bench.harness.feed(udp("10.0.0.2", port, "10.0.0.1", 53, query("example.test.")))
+    got: list[Any] = []
+    assert bench.harness.run_until(lambda: len(got.extend(replies(bench)) or got) == 5, 3.0)
+    for packet in got:
+        reply = dns.message.from_wire(bytes(packet.payload))
+        assert reply.id == 0x4242 and [r.to_text() for r in reply.answer[0]] == ["198.51.100.10"]
+    assert bench.upstream.tcp_connections == 1
+    stats = bench.plugin.snapshot()["upstreams"][0]
+    assert stats["url"].startswith("tcp://") and stats["answers"] == 5 and stats["failures"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +189,59 @@ def doh_server(certificate: tuple[str, str]) -> Iterator[int]:
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
+
+
+def test_dot_connection_closed_by_the_server_is_reopened(dns_bench: Bench, dot_server: int) -> None:
+    """The DoT test server answers one query per connection, then closes: the next query opens another."""
+    bench = dns_bench({"upstreams": [f"tls://127.0.0.1:{dot_server}?verify=false"]})
+    for port in (40600, 40601, 40602):
+        bench.harness.feed(udp("10.0.0.2", port, "10.0.0.1", 53, query("example.test.")))
+        _packet, reply = wait_reply(bench, timeout=8.0)
+        assert reply.rcode() == dns.rcode.NOERROR
+    assert bench.plugin.resolver.upstreams[0].connections_opened == 3
+    assert bench.plugin.snapshot()["upstreams"][0]["failures"] == 0
+
+
+def test_query_caught_by_a_server_close_is_resent_once(dns_bench: Bench) -> None:
+    """The upstream reads two pipelined queries, answers one and closes: the other is resent on a fresh
+    connection instead of failing."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        first = len(connections) == 1
+        try:
+            while True:
+                messages = []
+                for _ in range(2 if first else 1):
+                    length = struct.unpack("!H", await reader.readexactly(2))[0]
+                    messages.append(await reader.readexactly(length))
+                reply = build_reply(dns.message.from_wire(messages[0]))
+                assert reply is not None
+                wire = reply.to_wire()
+                writer.write(struct.pack("!H", len(wire)) + wire)
+                await writer.drain()
+                if first:
+                    return  # everything read: a clean FIN, the second query left unanswered
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    bench = dns_bench({"upstreams": [f"tcp://127.0.0.1:{listener.getsockname()[1]}"]})
+    server = bench.loop.run_until_complete(asyncio.start_server(serve, sock=listener))
+    try:
+        for port in (40700, 40701):
+            bench.harness.feed(udp("10.0.0.2", port, "10.0.0.1", 53, query("example.test.")))
+        got: list[Any] = []
+        assert bench.harness.run_until(lambda: len(got.extend(replies(bench)) or got) == 2, 5.0)
+        assert all(dns.message.from_wire(bytes(p.payload)).rcode() == dns.rcode.NOERROR for p in got)
+        assert len(connections) == 2 and bench.plugin.snapshot()["upstreams"][0]["failures"] == 0
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("kind", ["tls", "https"])
