@@ -18,9 +18,12 @@ Internals worth knowing before editing:
 * ACKs are not delayed by a timer: receiving data sets ``_ack_pending`` and the next :meth:`segments` call
   (the caller makes it after each packet or batch) emits one ACK, piggybacked on data when there is some.
   That is "an ACK per GRO super-segment, or per batch", which keeps the local client's cwnd growing.
-* Loss recovery is NewReno (RFC 6582) steered by the SACK scoreboard: on three duplicate ACKs (or 3 MSS
-  SACKed above a hole) the first hole is retransmitted, each further ACK in recovery lets one more hole go;
-  RTO (RFC 6298) goes back to ``snd_una`` and resends everything not SACKed.
+* Loss recovery is NewReno (RFC 6582) steered by the SACK scoreboard: on three duplicate ACKs, 3 MSS
+  SACKed above a hole, or the last segment sent SACKed, the holes are resent (up to ssthresh bytes at
+  once, as GSO runs); a retransmission that is itself lost shows up as SACKs for data sent after it (the
+  path to a local client is FIFO) and is resent without waiting for the RTO. A tail loss probe
+  (RFC 8985, PTO = 2*SRTT, min 10 ms) exposes a lost tail. RTO (RFC 6298) goes back to ``snd_una``,
+  forgets the SACK scoreboard (the receiver may renege) and resends everything.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ _KEEPALIVE_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT, _S.FIN_WAIT_2})
 _DEFAULT_PEER_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
 _CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7: rate-limit challenge ACKs
 _MAX_CWND = 64 << 20
+_TLP_MIN = 0.01  # RFC 8985 / Linux: never probe sooner than 10 ms
+_TLP_DELAYED_ACK = 0.04  # allowance for a delayed ACK when a single segment is in flight (Linux ato min)
 _TS_PREFIX = 0x0101080A  # NOP NOP TS len=10: Linux's layout on every established segment
 _TS_BLOCK = struct.Struct("!III")
 
@@ -119,7 +124,7 @@ class TcpEndpoint:
         "_snd_una", "_snd_nxt", "_snd_max", "_snd_wnd", "_snd_wl1", "_snd_wl2", "_max_snd_wnd",
         "_sbuf", "_sbuf_seq", "_fin_queued", "_fin_seq", "_send_blocked", "_scoreboard",
         "_cwnd", "_ssthresh", "_dupacks", "_in_recovery", "_recover", "_rtx_next", "_rtx_budget",
-        "_rtx_high",
+        "_rtx_high", "_tlp_deadline", "_tlp_fired",
         "_rtt", "_rtt_seq", "_rtt_time",
         # receive side
         "_rcv_nxt", "_rcv_adv", "_unconsumed", "_reasm", "_fin_ooo", "_ack_pending", "_last_ack_sent",
@@ -157,6 +162,8 @@ class TcpEndpoint:
         self._recover = 0
         self._rtx_next = 0
         self._rtx_high = 0
+        self._tlp_deadline: Optional[float] = None
+        self._tlp_fired = False
         self._rtx_budget = 0
         self._rtx_deadline: Optional[float] = None
         self._retries = 0
@@ -328,6 +335,8 @@ class TcpEndpoint:
         if state is _S.TIME_WAIT:
             return self._tw_deadline
         best = self._rtx_deadline
+        if self._tlp_deadline is not None and (best is None or self._tlp_deadline < best):
+            best = self._tlp_deadline
         if self._persist_deadline is not None and (best is None or self._persist_deadline < best):
             best = self._persist_deadline
         ka = self._keepalive_deadline()
@@ -356,6 +365,8 @@ class TcpEndpoint:
             self._on_rto(now)
             if self.state is _S.CLOSED:
                 return
+        elif self._tlp_deadline is not None and now >= self._tlp_deadline:
+            self._on_tail_loss_probe(now)
         if self._persist_deadline is not None and now >= self._persist_deadline:
             self._on_persist(now)
             if self.state is _S.CLOSED:
@@ -382,6 +393,7 @@ class TcpEndpoint:
         return self._last_recv + cfg.keepalive_idle + self._ka_probes * cfg.keepalive_interval
 
     def _on_rto(self, now: float) -> None:
+        self._tlp_deadline = None
         self._retries += 1
         self._rtt.on_timeout()
         self._rtt_seq = None  # Karn: never time a retransmitted segment
@@ -626,11 +638,16 @@ class TcpEndpoint:
                 self._rtx_budget += self._smss  # a segment left the network: one more may go
             elif self._dupacks >= 3:
                 self._enter_recovery()
-        if not self._in_recovery and self._scoreboard.sacked >= 3 * self._smss:
-            self._enter_recovery()  # RFC 6675 IsLost(SND.UNA): DupThresh segments SACKed above it
+        if not self._in_recovery and self._scoreboard:
+            highest = self._scoreboard.highest()
+            if self._scoreboard.sacked >= 3 * self._smss or (highest is not None and highest >= self._snd_max):
+                # RFC 6675 IsLost(SND.UNA): DupThresh segments SACKed above it; or the very last segment
+                # sent (typically a tail loss probe) arrived while earlier ones did not.
+                self._enter_recovery()
         return True
 
     def _enter_recovery(self) -> None:
+        self._tlp_deadline = None
         flight = self._snd_nxt - self._snd_una
         self._ssthresh = max(flight // 2, 2 * self._smss)
         self._cwnd = self._ssthresh + (0 if self._sack_ok else 3 * self._smss)
@@ -689,6 +706,8 @@ class TcpEndpoint:
             self._rtx_deadline = now + self._rtt.rto
         else:
             self._rtx_deadline = None
+        self._tlp_deadline = None  # re-armed by segments() if data is still outstanding
+        self._tlp_fired = False
         if self._fin_queued and ack == self._fin_seq + 1 and self.state in _FIN_UNACKED:
             self._transition(Trigger.FIN_ACKED)
             if self.state is _S.CLOSED:
@@ -820,7 +839,47 @@ class TcpEndpoint:
             if edge > self._rcv_adv:
                 self._rcv_adv = edge  # only what actually went out counts as offered
         self._ack_pending = False
+        if self._tlp_deadline is None and not self._tlp_fired and self._sack_ok:
+            self._arm_tail_loss_probe(now)
         return out
+
+    def _arm_tail_loss_probe(self, now: float) -> None:
+        """RFC 8985 7.2: when new data is outstanding and nothing else will reveal a loss of its tail,
+        probe after PTO = 2*SRTT (plus a delayed-ACK allowance for a single segment) instead of waiting
+        for the RTO (>= 200 ms). Only with SACK, where the probe's SACK exposes the hole."""
+        srtt = self._rtt.srtt
+        if srtt is None or self._in_recovery or self._rtx_deadline is None:
+            return
+        flight = self._snd_nxt - self._snd_una
+        if flight <= 0 or self._snd_nxt != self._snd_max or self.state not in SENDING:
+            return
+        pto = max(2 * srtt, _TLP_MIN) + (_TLP_DELAYED_ACK if flight <= self._smss else 0.0)
+        if now + pto < self._rtx_deadline:
+            self._tlp_deadline = now + pto
+
+    def _on_tail_loss_probe(self, now: float) -> None:
+        """RFC 8985 7.3: send one new segment if the window allows, else resend the last one."""
+        self._tlp_deadline = None
+        self._tlp_fired = True
+        if self._in_recovery or self._snd_nxt <= self._snd_una:
+            return
+        window, _edge = self._window_calc()
+        tsopt = self._ts_opt(now)
+        data_end = self._sbuf_seq + len(self._sbuf)
+        nxt = self._snd_nxt
+        room = self._snd_una + self._snd_wnd - nxt
+        if nxt < data_end and room > 0:
+            end = nxt + min(self._smss, room, data_end - nxt)
+            self._emit_range(nxt, end, self._out, window, tsopt, retransmission=False)
+            self._snd_nxt = self._snd_max = end
+            return
+        end = min(self._snd_max, data_end)
+        begin = max(end - self._smss, self._snd_una, self._sbuf_seq)
+        if end > begin:
+            self._emit_range(begin, end, self._out, window, tsopt, retransmission=True)
+        elif self._fin_queued and self._snd_max == self._fin_seq + 1:
+            self.retransmits += 1
+            self._out.append(OutSegment(self._fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
 
     def _emit_synack(self, now: float, out: list[OutSegment]) -> None:
         self._synack_needed = False
@@ -1012,6 +1071,7 @@ class TcpEndpoint:
 
     def _emit_closed(self, reason: str) -> None:
         self._rtx_deadline = None
+        self._tlp_deadline = None
         self._persist_deadline = None
         self._tw_deadline = None
         self._sbuf = bytearray()

@@ -57,7 +57,7 @@ def test_sack_blocks_steer_retransmission_to_the_holes_only() -> None:
 
 def test_rto_backs_off_exponentially_and_gives_up() -> None:
     cfg = TcpConfig(max_retries=4, rto_initial=1.0)
-    c = open_connection(cfg, ts=False)
+    c = open_connection(cfg, ts=False, sack=False)  # without SACK there is no tail loss probe
     c.ep.send(b"hello")
     (first,) = c.ep.segments(0.0)
     times = []
@@ -157,3 +157,21 @@ def test_a_lost_retransmission_is_detected_without_waiting_for_the_rto() -> None
     assert again[0] == base + 2 * mss
     deadline = c.ep.next_deadline()
     assert deadline is not None and deadline > 0.3  # no timeout was needed
+
+
+def test_tail_loss_probe_then_recovery_instead_of_a_timeout() -> None:
+    c = open_connection(TcpConfig(max_gso_bytes=0), ts=False)
+    mss = c.ep.mss
+    c.ep.send(bytes(5 * mss))
+    c.ep.segments(0.0)
+    base = c.ack
+    c.send_ack(0.001, ack=base + 2 * mss)  # an RTT sample of ~0; segments 2..4 (the tail) are lost
+    assert c.ep.segments(0.001) == []
+    deadline = c.ep.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(0.001 + 0.01)  # PTO, far before the RTO
+    c.ep.on_timer(deadline)
+    (probe,) = c.ep.segments(deadline)
+    assert probe.seq == base + 4 * mss and len(probe.payload) == mss  # the last segment again
+    c.send_ack(deadline + 0.001, ack=base + 2 * mss, sack=((base + 4 * mss, base + 5 * mss),))
+    repair = c.ep.segments(deadline + 0.001)
+    assert [(s.seq, len(s.payload)) for s in repair] == [(base + 2 * mss, mss), (base + 3 * mss, mss)]
