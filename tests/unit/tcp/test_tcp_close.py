@@ -18,7 +18,7 @@ from engine.tcp import (
     TcpConfig,
     TcpState,
 )
-from tcp_helpers import ACK, FIN, PSH, RST, SYN, client_packet, open_connection, syn_packet
+from tcp_helpers import ACK, FIN, PSH, RST, open_connection, syn_packet
 
 
 def test_we_close_first_and_still_receive_then_time_wait() -> None:

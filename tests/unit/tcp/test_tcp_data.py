@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from engine.packet import TcpOptions, _parse_tcp_options
+from engine.packet import _parse_tcp_options
 from engine.tcp import DataReceived, SendSpaceAvailable, TcpConfig
 from tcp_helpers import ACK, FIN, PSH, open_connection
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine.tcp import CLOSE_TIMEOUT, Closed, TcpConfig, TcpState
-from tcp_helpers import ACK, RST, open_connection
+from engine.tcp import CLOSE_TIMEOUT, Closed, OutSegment, TcpConfig, TcpState
+from tcp_helpers import ACK, RST, Client, open_connection
 
 
-def burst(c, n: int, now: float = 0.1):  # type: ignore[no-untyped-def]
+def burst(c: Client, n: int, now: float = 0.1) -> list[OutSegment]:
+    """Queue enough data for n segments and return what the endpoint sends at once."""
     c.ep.send(bytes(range(256)) * (n * c.ep.mss // 256 + 1))
     segs = c.ep.segments(now)
     assert len(segs) >= n

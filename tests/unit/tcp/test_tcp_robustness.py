@@ -10,6 +10,8 @@ from engine.packet import encode_tcp_options
 from engine.tcp import DataReceived, TcpConfig
 from tcp_helpers import client_packet, open_connection
 
+Segment = tuple[int, int, int, int, int, "bytes | tuple[str, list[tuple[int, int]]]", float]
+
 segment = st.tuples(
     st.one_of(st.just(0), st.integers(-3000, 3000), st.integers(-70_000, 70_000)),  # seq vs. the next byte
     st.one_of(st.just(0), st.integers(-3000, 6000), st.integers(-70_000, 70_000)),  # ack vs. our first byte
@@ -30,7 +32,7 @@ segment = st.tuples(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(segment, max_size=40), st.booleans())
-def test_arbitrary_segments_never_break_the_endpoint(segments: list, app_drains: bool) -> None:  # type: ignore[type-arg]
+def test_arbitrary_segments_never_break_the_endpoint(segments: list[Segment], app_drains: bool) -> None:
     cfg = TcpConfig(recv_buffer=16384, send_buffer=8192, max_gso_bytes=65000)
     c = open_connection(cfg)
     ep = c.ep
