@@ -337,5 +337,5 @@ def test_sequential_connections_to_one_port_never_stall(topology: Topology) -> N
         )
         result = json.loads(done.stdout)
         assert result["failed"] == 0, result
-        assert result["worst"] < 1.0, result  # a stall would be a SYN retransmission: >= 1 s
+        assert result["worst"] < 1.5, result  # a stall is a SYN retransmission (>= 1 s) or a timeout
         print(f"{count} sequential connections (source port {fixed_port or 'random'}): {result}")
