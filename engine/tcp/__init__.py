@@ -28,6 +28,9 @@ segment's payload may be longer than ``segment_size`` (= :attr:`TcpEndpoint.mss`
 the adapter writes with ``gso_size = segment_size`` or splits into ``segment_size`` pieces (same header, seq
 advanced, PSH/FIN only on the last piece). Without GSO every payload is at most ``segment_size``.
 
+Segments in are :class:`engine.packet.Packet` objects (structurally: :class:`SegmentIn`, which also reads
+``buf``/``l4_offset``/``payload_offset`` so the common timestamp-only option block is decoded inline).
+
 Read-only state: ``state`` (:class:`TcpState`), ``send_space``, ``unconsumed`` (delivered, not consumed: it
 counts against the advertised window), ``unsent`` (queued, not yet acknowledged), ``mss``, ``bytes_in``
 (client -> app, delivered in order), ``bytes_out`` (app -> client, acknowledged), ``retransmits``,
