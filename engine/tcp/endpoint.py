@@ -15,6 +15,8 @@ Internals worth knowing before editing:
   copies, so no memoryview ever pins the buffer against resizing.
 * The hot paths are the in-order branch of :meth:`_on_data` (one ``bytes`` copy per GRO super-segment, no
   per-byte work), :meth:`_on_ack` and :meth:`_send_data` (runs of up to ``max_gso_bytes`` per OutSegment).
+  Measured on the project machine (Python 3.11): a 64 KB in-order segment with its ACK out ~20-27 us,
+  ``send`` of 64 KB plus its GSO segment ~20-24 us, the cumulative ACK for it ~8 us, a pure ACK ~3-4 us.
 * ACKs are not delayed by a timer: receiving data sets ``_ack_pending`` and the next :meth:`segments` call
   (the caller makes it after each packet or batch) emits one ACK, piggybacked on data when there is some.
   That is "an ACK per GRO super-segment, or per batch", which keeps the local client's cwnd growing.
