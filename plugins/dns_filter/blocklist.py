@@ -111,11 +111,13 @@ class DomainRules:
 class DomainPolicy:
     """Blocklist plus allowlist: a name is blocked when a block rule covers it and no allow rule does."""
 
-    __slots__ = ("blocked", "allowed")
+    __slots__ = ("blocked", "allowed", "active")
 
     def __init__(self, blocked: DomainRules, allowed: DomainRules) -> None:
         self.blocked = blocked
         self.allowed = allowed
+        #: False when there is nothing to block: the query path then skips all lookups.
+        self.active = len(blocked) > 0
 
     @classmethod
     def from_sources(
@@ -133,11 +135,6 @@ class DomainPolicy:
         for path in allow_files:
             allowed |= load_rules(path)
         return cls(DomainRules(blocked), DomainRules(allowed))
-
-    @property
-    def active(self) -> bool:
-        """False when there is nothing to block: the query path then skips all lookups."""
-        return len(self.blocked) > 0
 
     def is_allowlisted(self, name: str) -> bool:
         return self.allowed.match(name) is not None

@@ -116,6 +116,7 @@ class DnsFilter:
         self._tcp_config: Any = None
         self._tcp_config_key: tuple[int, bool] | None = None
         self._timeout = float(config.timeout)
+        self._max_pending = config.max_pending
         self._submit = self._not_started
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ class DnsFilter:
             counters.duplicates += 1  # a client retransmission: the first copy's answer serves both
             client.discard()
             return
-        if len(pending_table) >= self.config.max_pending:
+        if len(pending_table) >= self._max_pending:
             counters.overload += 1
             counters.servfail += 1
             client.responder(parsed.udp_limit)(error_reply(query, question, RCODE_SERVFAIL))
