@@ -2,32 +2,22 @@
 
 The socket is made here rather than by ``loop.create_connection(host, port)`` because it must be
 prepared *before* ``connect``: fwmark / bind-to-device keep it from looping back into the TUN in firewall
-mode (DESIGN §7), and keepalive / TCP_NODELAY are set once.
+mode (DESIGN §7), and keepalive / TCP_NODELAY are set once. The connect itself is ``loop.sock_connect``;
+only then does asyncio wrap the socket in a transport.
 
-:class:`Dial` drives the connect with plain loop callbacks (``add_writer`` + one timer) instead of a task
-running ``sock_connect`` and ``create_connection``: a connection-rate workload pays for every object on
-this path, and the task, its futures and their wake-ups measured ~85 µs per dial here (about 8% of the
-engine's whole per-connection cost). It never blocks: ``connect`` on a non-blocking socket only sends
-the SYN, so it may run inside ``dnsgate_forward``.
+The timeout is a plain timer that cancels the dialing task, not ``asyncio.wait_for``: in Python 3.11
+``wait_for`` wraps the coroutine in a second task, a cost paid on every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import socket
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.net_policy import SocketPolicy
     from plugins.tcp_forward.config import Config
-
-_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
-
-DialDone = Callable[[Optional[asyncio.Transport], Optional[OSError]], None]
-"""Called exactly once: ``(transport, None)`` on success, ``(None, error)`` on failure
-(``TimeoutError`` after the timeout). Not called after :meth:`Dial.cancel`."""
 
 
 def open_upstream_socket(policy: SocketPolicy, family: int, config: Config) -> socket.socket:
@@ -50,100 +40,44 @@ def open_upstream_socket(policy: SocketPolicy, family: int, config: Config) -> s
     return sock
 
 
-class Dial:
-    """One outbound connect of a prepared socket; on success the socket becomes ``protocol``'s transport.
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    address: tuple[str, int],
+    protocol: asyncio.Protocol,
+    timeout: float,
+) -> asyncio.Transport:
+    """Connect ``sock`` within ``timeout`` seconds and hand it to ``protocol``. Must run as a task.
 
-    The socket is owned by the dial until it succeeds (then by the transport) and is closed on failure,
-    timeout or :meth:`cancel`.
+    Raises ``asyncio.TimeoutError`` or ``OSError``; the socket is closed on any failure (also on
+    cancellation) and owned by the returned transport on success.
     """
+    task = asyncio.current_task()
+    assert task is not None, "connect() must run inside a task"
+    expired = False
 
-    __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_on_done", "_timer", "active")
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol, on_done: DialDone
-    ) -> None:
-        self._loop = loop
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._protocol = protocol
-        self._on_done = on_done
-        self._timer: asyncio.TimerHandle | None = None
-        self.active = False
-
-    def start(self, address: tuple[str, int], timeout: float) -> None:
-        """Send the SYN now; the outcome arrives through ``on_done`` from the loop, never from here."""
-        self.active = True
-        try:
-            err = self._sock.connect_ex(address)
-        except OSError as error:  # e.g. an address family the host cannot use
-            self._loop.call_soon(self._fail, error)
-            return
-        if err == 0:
-            self._loop.call_soon(self._connected)
-        elif err in _IN_PROGRESS:
-            self._loop.add_writer(self._fd, self._writable)
-            self._timer = self._loop.call_later(timeout, self._expired, address, timeout)
-        else:
-            self._loop.call_soon(self._fail, OSError(err, os.strerror(err)))
-
-    def cancel(self) -> None:
-        """Give up (the client went away): close the socket, report nothing."""
-        if self.active:
-            self.active = False
-            self._stop_waiting()
-            self._sock.close()
-
-    # -- loop callbacks ---------------------------------------------------------------------------
-
-    def _writable(self) -> None:
-        self._stop_waiting()
-        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._fail(OSError(err, os.strerror(err)))
-        else:
-            self._connected()
-
-    def _expired(self, address: tuple[str, int], timeout: float) -> None:
-        self._timer = None
-        self._stop_waiting()
-        self._fail(TimeoutError(f"connect to {address[0]}:{address[1]} timed out after {timeout:g} s"))
-
-    def _connected(self) -> None:
-        if not self.active:
-            return
-        self.active = False
-        try:
-            transport = _make_transport(self._loop, self._sock, self._protocol)
-        except OSError as error:
-            self._sock.close()
-            self._on_done(None, error)
-            return
-        self._on_done(transport, None)
-
-    def _fail(self, error: OSError) -> None:
-        if not self.active:
-            return
-        self.active = False
-        self._sock.close()
-        self._on_done(None, error)
-
-    def _stop_waiting(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._loop.remove_writer(self._fd)
-
-
-def _make_transport(loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol) -> asyncio.Transport:
-    """Wrap a connected socket in the loop's own socket transport, synchronously.
-
-    ``create_connection(sock=...)`` does the same behind a coroutine and a waiter future; selector loops
-    (the default on Linux, and uvloop-free deployments) expose the underlying factory, which has kept this
-    signature since Python 3.4. Other loops take the public route through a task.
-    """
-    make = getattr(loop, "_make_socket_transport", None)
-    if make is not None:
-        transport = make(sock, protocol)
-        assert isinstance(transport, asyncio.Transport)
-        return transport
-    raise OSError(errno.ENOTSUP, "this event loop cannot adopt a connected socket synchronously")
+    timer = loop.call_later(timeout, expire)
+    try:
+        await loop.sock_connect(sock, address)
+    except asyncio.CancelledError:
+        sock.close()
+        if expired:
+            raise asyncio.TimeoutError(f"connect to {address[0]}:{address[1]} timed out") from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        timer.cancel()
+    try:
+        transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    assert isinstance(transport, asyncio.Transport)
+    return transport

@@ -26,7 +26,7 @@ from engine.tcp.config import TcpConfig
 from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config as TcpForwardConfig
-from .dial import Dial, open_upstream_socket
+from .dial import connect, open_upstream_socket
 from .relay import Relay
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class TcpForward:
         self._tcp_config: TcpConfig | None = None
         self._tcp_config_key: tuple[int, bool] | None = None
         self.active: set[Relay] = set()
+        self.dialing = 0
         self.dials_ok = 0
         self.dials_failed = 0
         self.dial_timeouts = 0
@@ -93,7 +94,10 @@ class TcpForward:
         conn = TcpConnection(engine, flow, endpoint, relay)
         relay.conn = conn
         self.active.add(relay)
-        self._dial(engine, relay, flow)
+        self.dialing += 1
+        task = engine.spawn(self._dial(relay, flow), name="tcp_forward dial")
+        task.add_done_callback(self._dial_done)  # also runs when cancelled before it started
+        relay.dial_task = task
         return conn
 
     @hookimpl
@@ -105,50 +109,38 @@ class TcpForward:
 
     # -- dialing -----------------------------------------------------------------------------
 
-    @property
-    def dialing(self) -> int:
-        """Connections whose upstream connect is still in progress."""
-        return sum(1 for relay in self.active if relay.dial is not None)
-
-    def _dial(self, engine: Engine, relay: Relay, flow: Flow) -> None:
-        """Start connecting to the flow's destination; :meth:`_dialed` answers the client."""
+    async def _dial(self, relay: Relay, flow: Flow) -> None:
+        engine = self._engine
+        conn = relay.conn
+        assert engine is not None and conn is not None
         config = self.config
         family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
         address = (socket.inet_ntop(family, flow.dst), flow.dport)
         try:
             sock = open_upstream_socket(engine.socket_options, family, config)
-        except OSError as error:  # fwmark without CAP_NET_ADMIN, fd limit, ...
-            engine.loop.call_soon(self._dialed, relay, None, error)
+            relay.sock = sock
+            transport = await connect(engine.loop, sock, address, relay, config.connect_timeout)
+        except asyncio.TimeoutError:
+            self.dial_timeouts += 1
+            engine.stats.incr("tcp_forward.dial_timeouts")
+            log.debug("dial %s timed out after %.1fs", flow.describe(), config.connect_timeout)
+            conn.refuse(engine.now())
             return
-        relay.sock = sock
-        dial = Dial(engine.loop, sock, relay, lambda transport, error: self._dialed(relay, transport, error))
-        relay.dial = dial
-        dial.start(address, config.connect_timeout)
-
-    def _dialed(self, relay: Relay, transport: asyncio.Transport | None, error: OSError | None) -> None:
-        """The dial's outcome: SYN-ACK on success, RST on failure or timeout."""
-        relay.dial = None
-        engine = self._engine
-        conn = relay.conn
-        assert engine is not None and conn is not None
-        now = engine.now()
-        if transport is None:
-            if isinstance(error, TimeoutError):
-                self.dial_timeouts += 1
-                engine.stats.incr("tcp_forward.dial_timeouts")
-            else:
-                self.dials_failed += 1
-                engine.stats.incr("tcp_forward.dials_failed")
-            log.debug("dial %s failed: %s", conn.flow.describe(), error)
-            conn.refuse(now)
+        except OSError as error:
+            self.dials_failed += 1
+            engine.stats.incr("tcp_forward.dials_failed")
+            log.debug("dial %s failed: %s", flow.describe(), error)
+            conn.refuse(engine.now())
             return
         if conn.closed:  # the client went away (RST, engine close) while we dialed
             transport.close()
             return
-        relay.transport = transport  # connection_made follows from the loop; data may come first
         self.dials_ok += 1
         engine.stats.incr("tcp_forward.dials_ok")
-        conn.accept(now)
+        conn.accept(engine.now())
+
+    def _dial_done(self, task: asyncio.Task[None]) -> None:
+        self.dialing -= 1
 
     def _relay_done(self, relay: Relay, reason: str) -> None:
         if relay in self.active:

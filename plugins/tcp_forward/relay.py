@@ -28,7 +28,6 @@ from engine.tcp.events import CLOSE_NORMAL
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
-    from plugins.tcp_forward.dial import Dial
     from engine.tcp.adapter import TcpConnection
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -47,7 +46,7 @@ class Relay(asyncio.Protocol):
         "created",
         "bytes_up",
         "bytes_down",
-        "dial",
+        "dial_task",
         "_on_done",
         "_buffer_limits",
         "_pending",
@@ -71,7 +70,7 @@ class Relay(asyncio.Protocol):
         self.created = now
         self.bytes_up = 0  # client -> upstream payload bytes
         self.bytes_down = 0  # upstream -> client payload bytes
-        self.dial: Dial | None = None  # while connecting
+        self.dial_task: asyncio.Task[None] | None = None
         self._on_done = on_done
         self._pending: memoryview | None = None  # upstream bytes the endpoint could not take yet
         self._reading_paused = False
@@ -187,10 +186,9 @@ class Relay(asyncio.Protocol):
         if self._done:
             return
         self._done = True
-        dial = self.dial
-        if dial is not None:
-            self.dial = None
-            dial.cancel()
+        task = self.dial_task
+        if task is not None and not task.done():
+            task.cancel()
         if self.transport is not None:
             if reason == CLOSE_NORMAL:
                 self.transport.close()
