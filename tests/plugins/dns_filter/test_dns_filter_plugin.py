@@ -238,9 +238,14 @@ def test_tcp_pipelining_beyond_the_inflight_bound(dns_bench: Bench) -> None:
         return found
 
     def all_answered() -> bool:
+        fresh = False
         for packet in harness.take_written():
-            if packet.proto == PROTO_TCP and packet.payload_len:
+            if packet.proto == PROTO_TCP and packet.payload_len and packet.seq == server_seq + len(received):
                 received.extend(packet.payload)
+                fresh = True
+        if fresh:  # acknowledge like a real client, or the server's congestion window stalls it
+            ack = server_seq + len(received)
+            harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001 + len(stream), ack=ack))
         return len(messages()) == 100
 
     assert harness.run_until(all_answered, 5.0), len(messages())
