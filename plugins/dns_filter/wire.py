@@ -312,11 +312,6 @@ def fit_udp(reply: bytes, limit: int) -> bytes:
     return _HEADER.pack(_id, flags | FLAG_TC, qdcount, 0, 0, 0) + reply[HEADER_LEN:end]
 
 
-def with_id(msg: bytes, message_id: int) -> bytes:
-    """The same message with another 16-bit id (upstream id remapping)."""
-    return message_id.to_bytes(2, "big") + msg[2:]
-
-
 def question_bytes(msg: bytes) -> bytes:
     """The raw first question (name lower-cased, type and class verbatim) to match a reply to its query.
 
@@ -329,8 +324,3 @@ def question_bytes(msg: bytes) -> bytes:
     if name_end + 4 > len(msg):
         raise WireError("truncated question")
     return msg[HEADER_LEN:name_end].lower() + msg[name_end : name_end + 4]
-
-
-def rcode_of(msg: bytes) -> int:
-    """The (non-extended) response code of a message."""
-    return header(msg)[1] & RCODE_MASK

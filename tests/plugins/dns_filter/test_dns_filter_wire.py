@@ -98,10 +98,6 @@ def test_question_bytes_match_case_insensitively() -> None:
     assert wire.question_bytes(q1) != wire.question_bytes(make_query("example.com.", "AAAA"))
 
 
-def test_with_id() -> None:
-    assert wire.header(wire.with_id(make_query(), 7))[0] == 7
-
-
 def test_malformed_inputs_raise_wire_error() -> None:
     for bad in [b"", b"\x00" * 11, make_query()[:15], b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\x3f"]:
         with pytest.raises(wire.WireError):
