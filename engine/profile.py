@@ -358,7 +358,8 @@ def config_to_dict(config: Any) -> Any:
         result = {}
         for field in attrs.fields(type(config)):
             value = getattr(config, field.name)
-            if hints.get(field.name) is Duration:
+            hint = hints.get(field.name)
+            if isinstance(value, float) and (hint is Duration or Duration in typing.get_args(hint)):
                 result[field.name.lstrip("_")] = format_duration(value)
             else:
                 result[field.name.lstrip("_")] = config_to_dict(value)
