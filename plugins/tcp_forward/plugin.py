@@ -83,7 +83,7 @@ class TcpForward:
         if why is not None:
             self.refused_by_policy += 1
             engine.stats.incr("tcp_forward.refused_by_policy")
-            log.info("refusing %s: %s destination", flow.describe(), why)
+            log.debug("refusing %s: %s destination", flow.describe(), why)  # the pipeline logs the block
             return None  # no handler: the pipeline rejects the flow (RST)
         if len(self.active) >= self.config.max_connections:
             self.refused_full += 1
