@@ -102,6 +102,7 @@ class TcpConnection:
         "_rport",
         "_ip_header_len",
         "_gso_type",
+        "_vnet_csum",
         "_timer",
         "_timer_at",
         "_flushing",
@@ -123,6 +124,8 @@ class TcpConnection:
         self._rport = flow.sport
         self._ip_header_len = 20 if flow.version == 4 else 40
         self._gso_type = GSO_TCPV4 if flow.version == 4 else GSO_TCPV6
+        # One MSS or less: only the checksum is left to the kernel; the header is the same every time.
+        self._vnet_csum = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, self._ip_header_len, TCP_CSUM_OFFSET)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flushing = False
@@ -287,7 +290,7 @@ class TcpConnection:
                     TCP_CSUM_OFFSET,
                 )
             else:
-                vnet = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, ip_len, TCP_CSUM_OFFSET)
+                vnet = self._vnet_csum
             engine.write_gso(packet, vnet, self.flow)
             return
         if size <= mss:
