@@ -228,6 +228,11 @@ class Engine:
             now = clock()
             for data, vnet in batch:
                 handle(data, vnet, now)
+            if len(batch) < 128:
+                # A short batch ended on EAGAIN (or a full arena): skip the read that would only say
+                # EAGAIN again. The reader is level-triggered, so anything that arrived meanwhile wakes
+                # us at once; at idle this saves a syscall on every packet's path.
+                return
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from engine.packet import build_udp
+from engine.packet import UdpFlowBuilder
 from plugins.dns_filter.wire import fit_udp
 
 if TYPE_CHECKING:
@@ -50,9 +50,13 @@ MAX_TCP_BUFFER = TCP_RECV_BUFFER + 2 + 65535
 
 
 class UdpDnsHandler:
-    """FlowHandler of one client UDP socket talking to port 53 (any destination address)."""
+    """FlowHandler of one client UDP socket talking to port 53 (any destination address).
 
-    __slots__ = ("engine", "flow", "sink", "inflight", "closed", "_mtu_limit")
+    Replies go back from the address and port the client asked, so their IP/UDP headers are built from a
+    per-flow template (:class:`engine.packet.UdpFlowBuilder`): only lengths and checksums change.
+    """
+
+    __slots__ = ("engine", "flow", "sink", "inflight", "closed", "_mtu_limit", "_build")
 
     def __init__(self, engine: Engine, flow: Flow, sink: QuerySink) -> None:
         self.engine = engine
@@ -61,6 +65,7 @@ class UdpDnsHandler:
         self.inflight = 0
         self.closed = False
         self._mtu_limit = engine.mtu - (_IPV4_UDP_HEADERS if flow.version == 4 else _IPV6_UDP_HEADERS)
+        self._build = UdpFlowBuilder(flow.dst, flow.src, flow.dport, flow.sport).build
 
     def on_packet(self, packet: Packet, now: float) -> None:
         self.sink(self.flow, bytes(packet.payload), self, now)
@@ -81,12 +86,8 @@ class UdpDnsHandler:
 
     def write(self, reply: bytes, limit: int) -> None:
         """Send one DNS message to the client as a UDP packet from the address it queried."""
-        flow = self.flow
-        message = fit_udp(reply, limit)
-        self.engine.write(
-            build_udp(flow.dst, flow.src, flow.dport, flow.sport, message),
-            None if self.closed else flow,
-        )
+        message = reply if len(reply) <= limit else fit_udp(reply, limit)
+        self.engine.write(self._build(message), None if self.closed else self.flow)
 
     def close(self, now: float) -> None:
         # Replies still in flight are written without the flow (the socket may still be listening).

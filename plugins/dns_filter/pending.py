@@ -1,17 +1,18 @@
 """One query in flight: who asked, what, where the answer goes, and its deadlines.
 
-Pending queries are keyed by (client 5-tuple, DNS id) — two clients (or two sockets of one client) may
-use the same id at the same time, which a table keyed by id alone confuses (the seed's bug).
+Pending queries are keyed by (client transport, DNS id), packed into one int — two clients (or two sockets
+of one client) may use the same id at the same time, which a table keyed by id alone confuses (the seed's
+bug).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from engine.flow import FlowKey
 from plugins.dns_filter.wire import Question
 
-PendingKey = tuple[FlowKey, int]
+#: ``id(client transport) << 16 | DNS id`` (the transport lives while its queries are pending).
+PendingKey = int
 
 
 class PendingQuery:
@@ -49,7 +50,7 @@ class PendingQuery:
         timeout: float,
     ) -> None:
         self.key = key
-        self.qid = key[1]
+        self.qid = key & 0xFFFF
         self.query = query
         self.question = question
         self.match = match  # the question section a reply must repeat (lower-cased name)

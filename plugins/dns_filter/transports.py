@@ -95,6 +95,9 @@ class _UdpChannel:
         if sock is None:
             return
         recv = sock.recv
+        inflight = self.inflight
+        owner = self.owner
+        on_reply = owner.on_reply
         for _ in range(_READ_BATCH):
             try:
                 data = recv(65535)
@@ -103,7 +106,24 @@ class _UdpChannel:
             except OSError as error:
                 self._unreachable(error)
                 continue
+            # The common case inline (one call less per reply): a reply to an id in flight whose question
+            # section repeats ours byte for byte; anything else takes _datagram's checks.
+            if len(data) >= 12:
+                upstream_id = (data[0] << 8) | data[1]
+                pending = inflight.get(upstream_id)
+                if pending is not None:
+                    match = pending.match
+                    if data[12 : 12 + len(match)] == match and data[4:6] == b"\x00\x01":
+                        del inflight[upstream_id]
+                        pending.channel = None
+                        owner.answers += 1
+                        on_reply(pending, pending.attempt, pending.query[:2] + data[2:])
+                        if self.sock is None:
+                            return  # closed by a callback
+                        continue
             self._datagram(data)
+            if self.sock is None:
+                return
 
     def _unreachable(self, error: OSError) -> None:
         """An ICMP error (port/host unreachable) reported on the connected socket: the upstream is down.
@@ -145,12 +165,16 @@ class _UdpChannel:
             return "upstream socket closed"
         try:
             sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            return "upstream socket buffer full"
         except OSError as error:
-            self.owner.errors += 1
-            return f"send failed: {error.strerror or error}"
+            return self.send_error(error)
         return None
+
+    def send_error(self, error: OSError) -> str:
+        """Why a send failed, for the failover log (a full buffer is not counted as an upstream error)."""
+        if isinstance(error, (BlockingIOError, InterruptedError)):
+            return "upstream socket buffer full"
+        self.owner.errors += 1
+        return f"send failed: {error.strerror or error}"
 
     def close(self) -> None:
         sock = self.sock
@@ -225,7 +249,15 @@ class UdpUpstream:
         inflight[upstream_id] = pending
         pending.channel = channel
         pending.upstream_id = upstream_id
-        error = channel.send(upstream_id.to_bytes(2, "big") + pending.query[2:])
+        sock = channel.sock
+        if sock is None:
+            error: str | None = "upstream socket closed"
+        else:
+            try:
+                sock.send(upstream_id.to_bytes(2, "big") + pending.query[2:])
+                return
+            except OSError as exc:
+                error = channel.send_error(exc)
         if error is not None:
             del inflight[upstream_id]
             pending.channel = None

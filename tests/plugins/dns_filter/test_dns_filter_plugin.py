@@ -11,6 +11,7 @@ import dns.rcode
 import pytest
 
 from engine.decision import Verdict
+from engine.hookspecs import hookimpl
 from engine.packet import ACK, FIN, PROTO_TCP, PROTO_UDP, SYN
 from engine.testing import syn, tcp, udp
 
@@ -267,3 +268,46 @@ def test_refused_upstream_fails_fast_instead_of_waiting_for_the_timeout(dns_benc
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert time.monotonic() - began < 1.0
     assert bench.plugin.snapshot()["upstreams"][0]["failures"] == 1
+
+
+class _AnswerOnly:
+    """A late-registered consumer whose implementation takes only ``answer`` (pluggy allows a subset)."""
+
+    def __init__(self) -> None:
+        self.qnames: list[str] = []
+
+    @hookimpl
+    def dnsgate_dns_answer(self, answer: Any) -> None:
+        self.qnames.append(answer.qname)
+
+
+class _Wrapper:
+    """A new-style wrapper: its presence makes dns_filter use pluggy's full call path."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl(wrapper=True)
+    def dnsgate_dns_answer(self, answer: Any, now: float) -> Any:
+        self.calls += 1
+        return (yield)
+
+
+def test_answer_event_follows_pluggy_registration_arguments_and_wrappers(dns_bench: Bench) -> None:
+    bench = dns_bench()
+    pm = bench.harness.engine.pm
+    late = _AnswerOnly()
+    pm.register(late, name="late")  # after start: the event must still reach it
+    bench.harness.feed(udp("10.0.0.2", 40010, "10.0.0.1", 53, query("one.test.", qid=1)))
+    wait_reply(bench)
+    assert late.qnames == ["one.test"] and len(bench.recorder.events) == 1
+    wrapper = _Wrapper()
+    pm.register(wrapper, name="wrapper")
+    bench.harness.feed(udp("10.0.0.2", 40010, "10.0.0.1", 53, query("two.test.", qid=2)))
+    wait_reply(bench)
+    assert wrapper.calls == 1 and late.qnames == ["one.test", "two.test"] and len(bench.recorder.events) == 2
+    pm.unregister(wrapper)
+    pm.unregister(late)
+    bench.harness.feed(udp("10.0.0.2", 40010, "10.0.0.1", 53, query("three.test.", qid=3)))
+    wait_reply(bench)
+    assert late.qnames == ["one.test", "two.test"] and len(bench.recorder.events) == 3
