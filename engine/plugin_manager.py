@@ -171,13 +171,8 @@ def _guard(method: Callable[..., Any], plugin: str, hook: str, stats: Stats, on_
     return guarded
 
 
-def load_plugins(profile: Profile, stats: Stats) -> tuple[pluggy.PluginManager, dict[str, Any]]:
-    """Build and register every plugin of ``profile``; returns the manager and ``{name: plugin}``.
-
-    Misspelled hook names are refused (``check_pending``), like tox does, so a plugin author learns at
-    load time rather than wondering why a hook is never called.
-    """
-    pm = new_plugin_manager()
+def build_plugins(profile: Profile) -> dict[str, Any]:
+    """Construct (not register) every plugin the profile lists, in profile order."""
     built: dict[str, Any] = {}
     tables = dict(profile.plugin_tables)
     for reference in profile.engine.plugins:
@@ -187,10 +182,31 @@ def load_plugins(profile: Profile, stats: Stats) -> tuple[pluggy.PluginManager, 
     if tables:
         extra = sorted(tables)[0]
         raise PluginLoadError(profile.path, f"plugins.{extra}", "configures a plugin that engine.plugins does not list")
-    for name in reversed(list(built)):
-        pm.register(GuardedPlugin(built[name], name, stats, profile.engine.on_plugin_error), name=name)
+    return built
+
+
+def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], profile: Profile, stats: Stats) -> None:
+    """Register ``plugins`` so that hooks call them in profile order (pluggy calls the most recently
+    registered first, so they are registered in reverse), then refuse misspelled hook names
+    (``check_pending``), like tox does, so an author learns at load time why a hook is never called."""
+    for name in reversed(list(plugins)):
+        pm.register(GuardedPlugin(plugins[name], name, stats, profile.engine.on_plugin_error), name=name)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as error:
+        for name in plugins:
+            pm.unregister(name=name)
         raise PluginLoadError(profile.path, f"plugins.{error.plugin and pm.get_name(error.plugin)}", str(error)) from None
+
+
+def load_plugins(profile: Profile, stats: Stats) -> tuple[pluggy.PluginManager, dict[str, Any]]:
+    """Build and register every plugin of ``profile``; returns the manager and ``{name: plugin}``."""
+    pm = new_plugin_manager()
+    built = build_plugins(profile)
+    register_plugins(pm, built, profile, stats)
     return pm, built
+
+
+def same_plugin(old: Any, new: Any) -> bool:
+    """A reload keeps a running plugin when its class and its config are unchanged."""
+    return type(old) is type(new) and getattr(old, "config", None) == getattr(new, "config", object())

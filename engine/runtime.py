@@ -12,6 +12,8 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
+import attrs
+
 from engine.decision import Decision
 from engine.flow import Flow
 from engine.net_policy import SocketPolicy
@@ -25,7 +27,7 @@ from engine.packet import (
     is_icmp_error,
 )
 from engine.pipeline import Pipeline
-from engine.plugin_manager import load_plugins
+from engine.plugin_manager import build_plugins, load_plugins, register_plugins, same_plugin
 from engine.profile import Profile
 from engine.stats import Stats, TokenBucket
 
@@ -302,6 +304,79 @@ class Engine:
         finally:
             await self.stop()
 
+    # -- reload ----------------------------------------------------------------------------------
+
+    LIVE_ENGINE_KEYS = ("mode", "reject_rate", "on_plugin_error", "max_flows", "flow_idle_timeout",
+                        "blocked_flow_ttl", "anti_spoof", "tick_interval", "plugins")
+    """[engine] keys a reload applies live; any other change needs a restart (and is reported)."""
+
+    async def reload(self, profile: Profile) -> dict[str, Any]:
+        """Apply an edited profile without a restart (``dnsgate ctl reload``).
+
+        Plugins whose class and config are unchanged keep running untouched (their flows and state,
+        the tracker included, survive); changed plugins are rebuilt (the old instance is stopped, which
+        ends its own flows), new ones are configured and started, removed ones stopped. Plugins that
+        were registered outside the profile (observers) stay registered. If anything fails to build,
+        nothing changes. The routing ``mode`` is applied by the caller that owns the routes.
+        """
+        built = build_plugins(profile)  # raises ProfileError before anything changes
+        old = self.plugins
+        final: dict[str, Any] = {}
+        kept: list[str] = []
+        rebuilt: list[str] = []
+        added: list[str] = []
+        for name, plugin in built.items():
+            if name in old and same_plugin(old[name], plugin):
+                final[name] = old[name]
+                kept.append(name)
+            else:
+                final[name] = plugin
+                (rebuilt if name in old else added).append(name)
+        removed = [name for name in old if name not in final]
+        retired = [old[name] for name in rebuilt + removed]
+        for name in old:
+            self.pm.unregister(name=name)
+        try:
+            register_plugins(self.pm, final, profile, self.stats)
+        except Exception:
+            register_plugins(self.pm, old, self.config, self.stats)
+            raise
+        previous = self.config.engine
+        restart = [
+            key for key in attrs_fields(previous)
+            if key not in self.LIVE_ENGINE_KEYS and getattr(previous, key) != getattr(profile.engine, key)
+        ]
+        self.plugins = final
+        self.config = self.profile = profile
+        options = profile.engine
+        self._reject_bucket = TokenBucket(options.reject_rate)
+        self.flows.max_flows = options.max_flows
+        self.flows.idle_timeout = options.flow_idle_timeout
+        self.flows.blocked_ttl = options.blocked_flow_ttl
+        self.pipeline.guard.enabled = options.anti_spoof
+        for plugin in retired:
+            await self._call_plugin(plugin, "dnsgate_stop")
+        for name in rebuilt + added:
+            await self._call_plugin(final[name], "dnsgate_configure")
+            await self._call_plugin(final[name], "dnsgate_start")
+        self.stats.incr("reloads")
+        log.info("profile %s reloaded: kept %s, rebuilt %s, added %s, removed %s", profile.path,
+                 kept, rebuilt, added, removed)
+        return {"profile": profile.path, "kept": kept, "rebuilt": rebuilt, "added": added, "removed": removed,
+                "restart_required": restart}
+
+    async def _call_plugin(self, plugin: Any, hook: str) -> None:
+        method = getattr(plugin, hook, None)
+        if method is None:
+            return
+        try:
+            result = method(engine=self)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.stats.plugin_error(getattr(plugin, "name", type(plugin).__name__))
+            log.exception("plugin %s failed in %s", getattr(plugin, "name", plugin), hook)
+
     # -- views -----------------------------------------------------------------------------------
 
     def plugin(self, name: str) -> Any:
@@ -339,6 +414,10 @@ class Engine:
             "device": {name: getattr(device_counters, name) for name in getattr(device_counters, "__slots__", ())}
             if device_counters is not None else {},
         }
+
+
+def attrs_fields(instance: Any) -> list[str]:
+    return [field.name for field in attrs.fields(type(instance))]
 
 
 def _wants_now(function: Callable[..., Any]) -> bool:

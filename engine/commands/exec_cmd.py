@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
         async def watch(process: asyncio.subprocess.Process) -> None:
             child["status"] = await process.wait()
-            # End the engine the way a SIGTERM would: run_engine owns the stop event and its handlers.
-            signal.raise_signal(signal.SIGTERM)
+            stop.set()
 
         async def on_started(engine: Any) -> None:
             engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
@@ -178,9 +177,13 @@ def run(args: argparse.Namespace) -> int:
 
         from engine.commands.serve import run_engine
 
+        async def main() -> None:
+            await run_engine(profile, device, control_path=args.control, on_started=on_started,
+                             on_stopping=on_stopping, announce=False, stop=stop)
+
+        stop = asyncio.Event()
         try:
-            asyncio.run(run_engine(profile, device, control_path=args.control, on_started=on_started,
-                                   on_stopping=on_stopping))
+            asyncio.run(main())
         except FileNotFoundError as error:
             print(f"dnsgate exec: {error}", file=sys.stderr)
             return 127

@@ -60,13 +60,16 @@ async def run_engine(
     on_started: Callable[[Any], Awaitable[None] | None] | None = None,
     on_stopping: Callable[[Any], Awaitable[None] | None] | None = None,
     extra_handlers: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+    announce: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Run an engine on ``device`` until SIGTERM/SIGINT; returns the exit status."""
+    """Run an engine on ``device`` until SIGTERM/SIGINT or until ``stop`` is set; returns the exit
+    status. ``announce`` prints the ready line (``exec`` keeps its command's terminal clean)."""
     from engine.runtime import Engine
 
     loop = asyncio.get_running_loop()
     engine = Engine(profile, device, loop=loop)
-    stop = asyncio.Event()
+    stop = stop if stop is not None else asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     control = None
@@ -85,7 +88,8 @@ async def run_engine(
                 await result
         if ready_file:
             Path(ready_file).touch()
-        print(READY_LINE, file=sys.stderr, flush=True)
+        if announce:
+            print(READY_LINE, file=sys.stderr, flush=True)
         await stop.wait()
         log.info("stopping")
     finally:
