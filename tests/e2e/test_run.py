@@ -203,7 +203,8 @@ def test_firewall_mode_switch_with_open_connection(topology: Topology) -> None:
 
 def test_dns_only_profile_routes_only_dns(topology: Topology) -> None:
     serve_internet(topology)
-    start_run(topology, write_profile(topology, "dns-only"))
+    profile = write_profile(topology, "dns-only")
+    start_run(topology, profile)
     dig = topology.engine.run(["dig", "+short", "+time=3", "+tries=1", f"@{DNS_V4}", "www.example.com"])
     assert dig.stdout.strip() == WEB_V4
     dig_tcp = topology.engine.run(["dig", "+tcp", "+short", "+time=3", "+tries=1", f"@{DNS_V4}", "www.example.com"])
@@ -223,6 +224,16 @@ def test_dns_only_profile_routes_only_dns(topology: Topology) -> None:
     conn.close()
     flows = ctl_json(topology, "flows")
     assert isinstance(flows, list) and all(f["dport"] == 53 for f in flows), flows
+
+    # ctl reload: block a name in the profile; only dns_filter is rebuilt, the tracker keeps its state
+    profile.write_text(profile.read_text().replace('timeout = "2s"', 'timeout = "2s"\nblocklist = ["www.example.com"]'))
+    reloaded = ctl_json(topology, "reload")
+    assert isinstance(reloaded, dict), reloaded
+    assert reloaded["rebuilt"] == ["dns_filter"] and "ip_tracker" in reloaded["kept"], reloaded
+    blocked = topology.engine.run(["dig", "+time=3", "+tries=1", f"@{DNS_V4}", "www.example.com"])
+    assert "status: NXDOMAIN" in blocked.stdout, blocked.stdout
+    tracker = ctl_json(topology, "tracker")
+    assert WEB_V4 in json.dumps(tracker)  # learned before the reload, still there
 
 
 def test_cleanup_after_sigkill(topology: Topology) -> None:
