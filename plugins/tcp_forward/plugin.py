@@ -7,13 +7,13 @@ black hole), so the client sees exactly what it would have seen without the engi
 of a connection that opens and then dies.
 
 ``dnsgate_forward`` itself never blocks: it builds the endpoint (state SYN_PENDING: nothing sent yet),
-starts the dial as an engine task and returns the connection as the flow's handler. Retransmitted SYNs
+starts a non-blocking connect (the relay waits for it with a loop writer callback, no task) and returns
+the connection as the flow's handler. Retransmitted SYNs
 that arrive meanwhile reach the pending endpoint, which ignores them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import resource
 import socket
@@ -26,8 +26,8 @@ from engine.tcp.config import TcpConfig
 from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config as TcpForwardConfig
-from .dial import connect, open_upstream_socket
-from .relay import Relay
+from .dial import DialDeadlines, open_upstream_socket
+from .relay import DIAL_CANCELLED, DIAL_OK, DIAL_TIMEOUT, Relay
 
 if TYPE_CHECKING:
     from engine.flow import Flow
@@ -51,6 +51,7 @@ class TcpForward:
         self._ports = frozenset(config.ports)
         self._buffer_limits = (config.upstream_buffer_high, config.upstream_buffer_low)
         self._engine: Engine | None = None
+        self._deadlines: DialDeadlines | None = None
         self._tcp_config: TcpConfig | None = None
         self._tcp_config_key: tuple[int, bool] | None = None
         self.active: set[Relay] = set()
@@ -69,6 +70,7 @@ class TcpForward:
     @hookimpl
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
+        self._deadlines = DialDeadlines(engine.loop, engine.now)
         _raise_fd_limit(self.config.max_connections + 1024)
 
     @hookimpl(trylast=True)
@@ -90,14 +92,21 @@ class TcpForward:
             engine.stats.incr("tcp_forward.refused_full")
             return None
         endpoint = TcpEndpoint.from_syn(packet, self._endpoint_config(engine), now)
-        relay = Relay(engine, self._relay_done, now, self._buffer_limits)
+        relay = Relay(engine, self._dialed, self._relay_done, now, self._buffer_limits)
         conn = TcpConnection(engine, flow, endpoint, relay)
         relay.conn = conn
         self.active.add(relay)
         self.dialing += 1
-        task = engine.spawn(self._dial(relay, flow), name="tcp_forward dial")
-        task.add_done_callback(self._dial_done)  # also runs when cancelled before it started
-        relay.dial_task = task
+        config = self.config
+        family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
+        try:
+            sock = open_upstream_socket(engine.socket_options, family, config)
+        except OSError as error:  # out of file descriptors, ...: refused once the handler is in place
+            relay.dialing = True
+            engine.loop.call_soon(self._dial_impossible, relay, error)
+            return conn
+        assert self._deadlines is not None
+        relay.dial(sock, (socket.inet_ntop(family, flow.dst), flow.dport), now + config.connect_timeout, self._deadlines)
         return conn
 
     @hookimpl
@@ -106,41 +115,40 @@ class TcpForward:
         for relay in list(self.active):
             if relay.conn is not None:
                 relay.conn.abort(now)
+        if self._deadlines is not None:
+            self._deadlines.close()
 
     # -- dialing -----------------------------------------------------------------------------
 
-    async def _dial(self, relay: Relay, flow: Flow) -> None:
+    def _dial_impossible(self, relay: Relay, error: OSError) -> None:
+        if relay.dialing:
+            relay.dialing = False
+            self._dialed(relay, "failed", error)
+
+    def _dialed(self, relay: Relay, outcome: str, error: OSError | None) -> None:
+        """The relay's dial ended: SYN-ACK the client on success, RST it otherwise."""
+        self.dialing -= 1
+        if outcome == DIAL_CANCELLED:
+            return  # the client went away (RST, engine close) while we dialed
         engine = self._engine
         conn = relay.conn
         assert engine is not None and conn is not None
-        config = self.config
-        family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
-        address = (socket.inet_ntop(family, flow.dst), flow.dport)
-        try:
-            sock = open_upstream_socket(engine.socket_options, family, config)
-            relay.sock = sock
-            transport = await connect(engine.loop, sock, address, relay, config.connect_timeout)
-        except asyncio.TimeoutError:
+        if outcome == DIAL_OK:
+            self.dials_ok += 1
+            engine.stats.incr("tcp_forward.dials_ok")
+            conn.accept(engine.now())
+            return
+        if outcome == DIAL_TIMEOUT:
             self.dial_timeouts += 1
             engine.stats.incr("tcp_forward.dial_timeouts")
-            log.debug("dial %s timed out after %.1fs", flow.describe(), config.connect_timeout)
-            conn.refuse(engine.now())
-            return
-        except OSError as error:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("dial %s timed out after %.1fs", conn.flow.describe(), self.config.connect_timeout)
+        else:
             self.dials_failed += 1
             engine.stats.incr("tcp_forward.dials_failed")
-            log.debug("dial %s failed: %s", flow.describe(), error)
-            conn.refuse(engine.now())
-            return
-        if conn.closed:  # the client went away (RST, engine close) while we dialed
-            transport.close()
-            return
-        self.dials_ok += 1
-        engine.stats.incr("tcp_forward.dials_ok")
-        conn.accept(engine.now())
-
-    def _dial_done(self, task: asyncio.Task[None]) -> None:
-        self.dialing -= 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("dial %s failed: %s", conn.flow.describe(), error)
+        conn.refuse(engine.now())
 
     def _relay_done(self, relay: Relay, reason: str) -> None:
         if relay in self.active:
