@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowTable, replaceable_by
+from engine.plugin_manager import DirectHook
 from engine.packet import (
     ACK,
     PROTO_ICMP,
@@ -83,6 +84,8 @@ class Pipeline:
         self.guard = SourceGuard(config.device_networks, config.anti_spoof)
         self.stats = engine.stats
         self.hook = engine.hook
+        # The per-new-flow hooks, called without pluggy's generic machinery (same order and arguments).
+        self._direct: dict[str, DirectHook] = {}
         self.current_vnet: VnetHeader | None = None
         """The vnet header of the packet being handled (GSO size of a UDP super-packet), else None."""
         self.dry_run = False
@@ -208,8 +211,11 @@ class Pipeline:
     def _safe_hook(self, name: str, **kwargs: Any) -> Any:
         """Call a hook; plugin errors are already contained per plugin, this guards pluggy itself
         (e.g. a wrapper that raises)."""
+        direct = self._direct.get(name)
+        if direct is None:
+            direct = self._direct[name] = DirectHook(getattr(self.hook, name))
         try:
-            return getattr(self.hook, name)(**kwargs)
+            return direct(**kwargs)
         except Exception:
             self.stats.counters[f"hook_errors.{name}"] += 1
             log.exception("hook %s failed", name)
