@@ -70,6 +70,32 @@ def _svcb_hints(rdata: bytes, ttl: int, out: list[tuple[bytes, int]]) -> None:
         offset = value_end
 
 
+def _owned_by_question(reply: bytes, offset: int, count: int, end: int) -> tuple[tuple[bytes, int], ...] | None:
+    """The common reply, cheaply: every answer record's owner is a pointer to the question name (offset 12)
+    and none is a CNAME or SVCB/HTTPS record. Returns its A/AAAA addresses, or None for anything else
+    (the general walk then decides, and reports malformed input)."""
+    addresses: list[tuple[bytes, int]] = []
+    unpack_fixed = _RR_FIXED.unpack_from
+    for _ in range(count):
+        fixed = offset + 2
+        if fixed + 10 > end or reply[offset] != 0xC0 or reply[offset + 1] != HEADER_LEN:
+            return None
+        rtype, _rclass, ttl, rdlength = unpack_fixed(reply, fixed)
+        start = fixed + 10
+        offset = start + rdlength
+        if offset > end:
+            return None
+        if rtype == TYPE_A:
+            if rdlength == 4:
+                addresses.append((reply[start:offset], ttl))
+        elif rtype == TYPE_AAAA:
+            if rdlength == 16:
+                addresses.append((reply[start:offset], ttl))
+        elif rtype == TYPE_CNAME or rtype == TYPE_HTTPS or rtype == TYPE_SVCB:
+            return None
+    return tuple(addresses)
+
+
 def parse_answer(reply: bytes, qname: str, question_end: int = 0) -> ParsedAnswer:
     """Walk the answer section once: the CNAME chain from ``qname`` and the addresses it leads to.
 
@@ -89,6 +115,10 @@ def parse_answer(reply: bytes, qname: str, question_end: int = 0) -> ParsedAnswe
             offset = skip_name(reply, offset) + 4
     if offset > end:
         raise WireError("truncated question")
+    if qdcount == 1:
+        simple = _owned_by_question(reply, offset, ancount, end)
+        if simple is not None:
+            return ParsedAnswer(rcode, (), simple)
 
     names_at: dict[int, str] = {HEADER_LEN: qname} if qdcount else {}  # owners usually point at the question
     cname_of: dict[str, str] = {}

@@ -242,10 +242,16 @@ class UdpUpstream:
         if len(inflight) >= _MAX_IDS_PER_CHANNEL:
             self.on_failure(pending, pending.attempt, "too many queries in flight")
             return
-        next_id = self._ids.next
-        upstream_id = next_id()
+        ids = self._ids  # inline _RandomIds.next for the first draw (a collision takes the method)
+        offset = ids._offset
+        if offset < len(ids._block):
+            block = ids._block
+            ids._offset = offset + 2
+            upstream_id = (block[offset] << 8) | block[offset + 1]
+        else:
+            upstream_id = ids.next()
         while upstream_id in inflight:
-            upstream_id = next_id()
+            upstream_id = ids.next()
         inflight[upstream_id] = pending
         pending.channel = channel
         pending.upstream_id = upstream_id
