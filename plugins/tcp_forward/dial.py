@@ -25,24 +25,31 @@ if TYPE_CHECKING:
 _IN_PROGRESS = frozenset((0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR))
 
 
-def open_upstream_socket(policy: SocketPolicy, family: int, config: Config) -> socket.socket:
-    """A prepared, non-blocking TCP socket with keepalive and (by default) Nagle off.
-
-    Keepalive on the upstream side mirrors the endpoint's on the client side, so a dead server is noticed
-    (and the client reset) instead of the connection sitting idle forever.
-    """
+def open_upstream_socket(policy: SocketPolicy, family: int, nodelay: bool) -> socket.socket:
+    """A prepared, non-blocking TCP socket with (by default) Nagle off. Keepalive comes later
+    (:func:`enable_keepalive`), only for connections that outlive the first second."""
     sock = policy.open_socket(family, socket.SOCK_STREAM)
-    try:
-        if config.nodelay:
+    if nodelay:
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(config.keepalive_idle)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(config.keepalive_interval)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, config.keepalive_count)
-    except BaseException:
-        sock.close()
-        raise
+        except BaseException:
+            sock.close()
+            raise
     return sock
+
+
+def enable_keepalive(sock: socket.socket, config: Config) -> None:
+    """Keepalive on the upstream side mirrors the endpoint's on the client side, so a dead server is
+    noticed (and the client reset) instead of the connection sitting idle forever.
+
+    Why later, not at dial time: these are four system calls, and most connections (HTTP/1.0, short
+    requests) are over long before an idle time of a minute could matter; setting them a second or two
+    after the connect costs nothing in detection time.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(config.keepalive_idle)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(config.keepalive_interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, config.keepalive_count)
 
 
 def start_connect(sock: socket.socket, address: tuple[str, int]) -> int:

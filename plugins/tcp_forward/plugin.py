@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from engine.hookspecs import hookimpl
@@ -26,7 +27,7 @@ from engine.tcp.config import TcpConfig
 from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config as TcpForwardConfig
-from .dial import DialDeadlines, open_upstream_socket
+from .dial import DialDeadlines, enable_keepalive, open_upstream_socket
 from .relay import DIAL_CANCELLED, DIAL_OK, DIAL_TIMEOUT, Relay
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from engine.runtime import Engine
 
 log = logging.getLogger("dnsgate.tcp_forward")
+
+# Connections still open this long after their connect get upstream keepalive (dnsgate_tick).
+_KEEPALIVE_AFTER = 1.0
 
 # Largest GSO super-segment we ask the endpoint for: an IP packet is at most 64 KB including headers.
 _MAX_GSO_BYTES = 65535 - 60 - 60
@@ -52,6 +56,8 @@ class TcpForward:
         self._buffer_limits = (config.upstream_buffer_high, config.upstream_buffer_low)
         self._engine: Engine | None = None
         self._deadlines: DialDeadlines | None = None
+        # Connected relays in connect order, waiting for their upstream keepalive (dnsgate_tick).
+        self._keepalive_due: deque[tuple[float, Relay]] = deque()
         self._tcp_config: TcpConfig | None = None
         self._tcp_config_key: tuple[int, bool] | None = None
         self.active: set[Relay] = set()
@@ -100,7 +106,7 @@ class TcpForward:
         config = self.config
         family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
         try:
-            sock = open_upstream_socket(engine.socket_options, family, config)
+            sock = open_upstream_socket(engine.socket_options, family, config.nodelay)
         except OSError as error:  # out of file descriptors, ...: refused once the handler is in place
             relay.dialing = True
             engine.loop.call_soon(self._dial_impossible, relay, error)
@@ -110,6 +116,19 @@ class TcpForward:
         return conn
 
     @hookimpl
+    def dnsgate_tick(self, engine: Engine, now: float) -> None:
+        """Upstream keepalive for the connections that lived past their first second."""
+        due = self._keepalive_due
+        config = self.config
+        while due and due[0][0] <= now:
+            sock = due.popleft()[1].sock
+            if sock is not None:
+                try:
+                    enable_keepalive(sock, config)
+                except OSError:
+                    pass  # the socket is failing anyway: its next read or write reports it
+
+    @hookimpl
     def dnsgate_stop(self, engine: Engine) -> None:
         now = engine.now()
         for relay in list(self.active):
@@ -117,6 +136,7 @@ class TcpForward:
                 relay.conn.abort(now)
         if self._deadlines is not None:
             self._deadlines.close()
+        self._keepalive_due.clear()
 
     # -- dialing -----------------------------------------------------------------------------
 
@@ -136,7 +156,9 @@ class TcpForward:
         if outcome == DIAL_OK:
             self.dials_ok += 1
             engine.stats.incr("tcp_forward.dials_ok")
-            conn.accept(engine.now())
+            now = engine.now()
+            self._keepalive_due.append((now + _KEEPALIVE_AFTER, relay))
+            conn.accept(now)
             return
         if outcome == DIAL_TIMEOUT:
             self.dial_timeouts += 1

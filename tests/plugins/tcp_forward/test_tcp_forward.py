@@ -365,3 +365,18 @@ def test_slow_upstream_closes_the_clients_window(harness: PluginHarness) -> None
         assert received == expected
     finally:
         server.close()
+
+
+def test_upstream_keepalive_is_set_once_the_connection_outlives_a_second(
+    harness: PluginHarness, upstream: Upstream
+) -> None:
+    """Keepalive costs four system calls, so it is set from the engine tick, not at dial time."""
+    client = Client(harness, CLIENT_V4, 40012, "127.0.0.1", upstream.port)
+    client.handshake()
+    relay = next(iter(harness.plugin.active))
+    assert relay.sock is not None
+    assert relay.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    harness.advance(1.5)
+    assert relay.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert relay.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+    assert relay.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 9
