@@ -862,6 +862,15 @@ class TcpEndpoint:
             return out
         if state not in SYNCHRONIZED:
             return out
+        if not out and not self._ack_pending and not self._in_recovery \
+                and self._snd_nxt >= self._sbuf_seq + len(self._sbuf) \
+                and not (self._fin_queued and self._snd_nxt <= self._fin_seq):
+            # Nothing to ACK, no unsent data or FIN, no recovery: the adapter's flush loop asks again after
+            # every event it delivers, and most of those calls have nothing to send. Only the tail-loss
+            # probe may still need arming.
+            if self._tlp_deadline is None and not self._tlp_fired and self._sack_ok:
+                self._arm_tail_loss_probe(now)
+            return out
         window, edge = self._window_calc()
         tsopt = self._ts_opt(now)
         n_before = len(out)
