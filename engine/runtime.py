@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import resource
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import attrs
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from engine.io.base import PacketDevice
 
 log = logging.getLogger("dnsgate.engine")
+
+BASE_DESCRIPTORS = 1024
+"""Descriptors kept for the engine itself (TUN, control socket, DNS upstreams, logs)."""
 
 HOST_ADDRESS_REFRESH = 30.0
 """Seconds between re-reads of the host's own addresses (interfaces come and go: DHCP, VPNs)."""
@@ -92,6 +96,7 @@ class Engine:
         self.started_at = 0.0
         self.running = False
         self._next_address_refresh = 0.0
+        self._reserved_descriptors = 0
         self.hook.dnsgate_configure(engine=self)
         if device is not None:
             self.attach(device)
@@ -124,6 +129,20 @@ class Engine:
             flow.bytes_in += len(packet)
         if self.device is not None:
             self.device.write_gso(packet, vnet)
+
+    def reserve_descriptors(self, count: int) -> None:
+        """A plugin that holds one socket per flow asks for room for ``count`` of them: the soft
+        RLIMIT_NOFILE is raised (up to the hard limit) to cover every reservation plus a base for the
+        engine itself, so a bound like ``max_sessions`` is reachable rather than failing at EMFILE."""
+        self._reserved_descriptors += count
+        wanted = BASE_DESCRIPTORS + self._reserved_descriptors
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            if soft != resource.RLIM_INFINITY and soft < target:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-file limit to %d", wanted)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
         """Run a plugin's I/O as a tracked task: exceptions are logged and counted, never lost, and the

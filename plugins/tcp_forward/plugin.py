@@ -15,7 +15,6 @@ that arrive meanwhile reach the pending endpoint, which ignores them.
 from __future__ import annotations
 
 import logging
-import resource
 import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -77,7 +76,7 @@ class TcpForward:
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
         self._deadlines = DialDeadlines(engine.loop, engine.now)
-        _raise_fd_limit(self.config.max_connections + 1024)
+        engine.reserve_descriptors(self.config.max_connections)
 
     @hookimpl(trylast=True)
     def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> TcpConnection | None:
@@ -223,15 +222,3 @@ class TcpForward:
                 for relay in busiest
             ],
         }
-
-
-def _raise_fd_limit(wanted: int) -> None:
-    """Each relayed connection holds one upstream socket: lift the soft fd limit toward ``wanted`` (never
-    above the hard limit, which needs privileges to change) so ``max_connections`` is reachable."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        if soft != resource.RLIM_INFINITY and soft < target:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        log.warning("could not raise the open-file limit; at most %s connections", soft)

@@ -10,7 +10,6 @@ rule holds whatever the profile order), and checked again before dialing.
 from __future__ import annotations
 
 import logging
-import resource
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
@@ -57,7 +56,7 @@ class UdpForward:
 
     @hookimpl
     def dnsgate_start(self, engine: Engine) -> None:
-        _raise_fd_limit(self.config.max_sessions + 1024)
+        engine.reserve_descriptors(self.config.max_sessions)
 
     @hookimpl
     def dnsgate_tick(self, engine: Engine, now: float) -> None:
@@ -136,14 +135,3 @@ class UdpForward:
             "evicted": self.sessions.evicted,
             "expired": self.sessions.expired_total,
         }
-
-
-def _raise_fd_limit(wanted: int) -> None:
-    """Each session holds a socket: make room for ``max_sessions`` of them (up to the hard limit)."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        if soft != resource.RLIM_INFINITY and soft < target:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        pass
