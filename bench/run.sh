@@ -10,7 +10,7 @@
 # Extra arguments go to peers.sh unchanged. Needs root.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PEERS="${PEERS_SH:-/work/shared/bench/peers.sh}"
+PEERS="${PEERS_SH:-$ROOT/../shared/bench/peers.sh}"
 cd "$ROOT"  # the harness runs ENGINE_CMD from here
 export ENGINE_CMD="${ENGINE_CMD:-bench/peers-engine}"
 export ENGINE_TUN_VNET_HDR="${ENGINE_TUN_VNET_HDR:-1}"
