@@ -192,7 +192,9 @@ def _check_networks(_instance: object, attribute: attrs.Attribute[tuple[str, ...
             raise ValueError(f"{attribute.name}: {item!r} is not an address with prefix like 10.0.0.2/24") from None
 
 
-def _check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+def check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    """attrs validator for a list of networks (``10.0.0.0/24``), for plugin configs: the profile error then
+    names the key and the bad item."""
     for item in value:
         try:
             ipaddress.ip_network(item, strict=False)

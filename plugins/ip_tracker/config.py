@@ -19,20 +19,11 @@ action = "reject"          # "reject" (TCP RST / ICMP unreachable) or "drop"
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Literal
 
 import attrs
 
-from engine.profile import Duration
-
-
-def _check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
-    for item in value:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{attribute.name}: {item!r} is not a network like 10.0.0.0/24") from None
+from engine.profile import Duration, check_cidrs
 
 
 def _check_ttl(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -49,7 +40,7 @@ class Config:
     max_ttl: Duration = Duration(3600.0)
     grace: Duration = Duration(30.0)
     cleanup_interval: Duration = Duration(30.0)
-    exempt: tuple[str, ...] = attrs.field(default=("10.0.0.0/24",), converter=tuple, validator=_check_cidrs)
+    exempt: tuple[str, ...] = attrs.field(default=("10.0.0.0/24",), converter=tuple, validator=check_cidrs)
     per_client: bool = False
     max_entries: int = attrs.field(default=65536, validator=attrs.validators.ge(1))
     max_ips_per_name: int = attrs.field(default=64, validator=attrs.validators.ge(1))
