@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import attrs
 
+from engine.batching import WriteBatch
 from engine.decision import Decision
 from engine.flow import Flow
 from engine.net_policy import SocketPolicy
@@ -71,6 +72,8 @@ class Engine:
         self.config = profile
         self.profile = profile
         self.stats = Stats()
+        #: Write coalescing: the device read loop is one batch; plugins bracket their own read loops.
+        self.batch = WriteBatch()
         self.loop = loop or asyncio.get_event_loop_policy().get_event_loop()
         self._clock = clock or self.loop.time
         self.pm, self.plugins = load_plugins(profile, self.stats)
@@ -242,18 +245,23 @@ class Engine:
             return
         handle = self.pipeline.handle
         clock = self._clock
-        for _ in range(8):  # bounded so timers and upstream sockets get their turn
-            batch = device.read_batch(128)
-            if not batch:
-                return
-            now = clock()
-            for data, vnet in batch:
-                handle(data, vnet, now)
-            if len(batch) < 128:
-                # A short batch ended on EAGAIN (or a full arena): skip the read that would only say
-                # EAGAIN again. The reader is level-triggered, so anything that arrived meanwhile wakes
-                # us at once; at idle this saves a syscall on every packet's path.
-                return
+        writes = self.batch
+        writes.begin()
+        try:
+            for _ in range(8):  # bounded so timers and upstream sockets get their turn
+                batch = device.read_batch(128)
+                if not batch:
+                    return
+                now = clock()
+                for data, vnet in batch:
+                    handle(data, vnet, now)
+                if len(batch) < 128:
+                    # A short batch ended on EAGAIN (or a full arena): skip the read that would only say
+                    # EAGAIN again. The reader is level-triggered, so anything that arrived meanwhile wakes
+                    # us at once; at idle this saves a syscall on every packet's path.
+                    return
+        finally:
+            writes.end()  # coalesced writes the batch queued (DNS queries upstream, ...) go out now
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -147,6 +147,19 @@ class PluginHarness:
             flow = None
         return FeedResult(flow, flow.decision if flow else None, self.take_written())
 
+    def feed_batch(self, packets: Sequence[bytes]) -> list[Packet]:
+        """Hand several packets over as one device read batch (what the TUN read loop does under load):
+        writes a plugin coalesces per batch (:class:`engine.batching.WriteBatch`) go out when it ends.
+        Returns what was written by then."""
+        batch = self.engine.batch
+        batch.begin()
+        try:
+            for packet in packets:
+                self.device.inject(packet)
+        finally:
+            batch.end()
+        return self.take_written()
+
     def take_written(self) -> list[Packet]:
         """Packets the engine wrote since the last call, parsed."""
         new = self.device.written[self._seen:]

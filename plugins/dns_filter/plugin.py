@@ -146,6 +146,7 @@ class DnsFilter:
             timeout=self.config.timeout,
             attempt_timeout=self.config.attempt_timeout,
             udp_sockets=self.config.udp_sockets,
+            batch=engine.batch,
         )
 
     @hookimpl

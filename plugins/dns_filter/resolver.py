@@ -27,6 +27,7 @@ from plugins.dns_filter.transports import DnspythonUpstream, UdpUpstream, Upstre
 from plugins.dns_filter.upstream_url import UpstreamUrl
 
 if TYPE_CHECKING:
+    from engine.batching import WriteBatch
     from engine.net_policy import SocketPolicy
 
 log = logging.getLogger("dnsgate.dns_filter")
@@ -52,6 +53,7 @@ class Resolver:
         timeout: float,
         attempt_timeout: float,
         udp_sockets: int = 4,
+        batch: WriteBatch | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one upstream is needed")
@@ -62,7 +64,7 @@ class Resolver:
         self.upstreams: list[Upstream] = []
         for url in urls:
             if url.scheme == "udp":
-                self.upstreams.append(UdpUpstream(url, policy, self._on_reply, self._on_failure, udp_sockets))
+                self.upstreams.append(UdpUpstream(url, policy, self._on_reply, self._on_failure, udp_sockets, batch))
             elif url.scheme in ("tcp", "tls"):
                 self.upstreams.append(StreamUpstream(url, policy, self._on_reply, self._on_failure, spawn, timeout))
             else:

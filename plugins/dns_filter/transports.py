@@ -17,12 +17,15 @@ Every transport reports through two callbacks: ``on_reply(pending, attempt, repl
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from engine.batching import WriteBatch
 from engine.net_policy import SO_BINDTODEVICE, SO_MARK
+from engine.udp_out import plan_runs
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.upstream_url import UpstreamUrl
 from plugins.dns_filter.wire import reply_matches
@@ -37,6 +40,11 @@ OnFailure = Callable[[PendingQuery, int, str], None]
 _MAX_IDS_PER_CHANNEL = 60000
 #: Datagrams read per readiness event before yielding to the loop.
 _READ_BATCH = 256
+#: ``setsockopt``/cmsg level and option of UDP GSO (linux/udp.h; not exported by Python 3.11's socket).
+SOL_UDP = 17
+UDP_SEGMENT = 103
+#: Largest query run sent in one ``UDP_SEGMENT`` sendmsg: under the kernel's UDP_MAX_SEGMENTS and 64 KB.
+_MAX_SEGMENT_BYTES = 60000
 
 
 class Upstream(Protocol):
@@ -81,16 +89,32 @@ class _UdpChannel:
     costs more than the replies themselves.
     """
 
-    __slots__ = ("owner", "sock", "inflight", "_loop")
+    __slots__ = ("owner", "sock", "inflight", "outbox", "segment", "_loop")
 
     def __init__(self, owner: UdpUpstream, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
         self.sock: socket.socket | None = sock
         self.inflight: dict[int, PendingQuery] = {}
+        #: Queries queued during a write batch, sent by :meth:`flush` (see ``UdpUpstream.send``).
+        self.outbox: list[tuple[bytes, PendingQuery]] = []
+        #: Whether runs of equal-size queries go out as one ``UDP_SEGMENT`` send (off after the kernel
+        #: refuses one: no UDP GSO on this path).
+        self.segment = True
         self._loop = loop
         loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
+        batch = self.owner.batch
+        if batch is None:
+            self._drain()
+            return
+        batch.begin()  # replies written while draining go out together when the drain ends
+        try:
+            self._drain()
+        finally:
+            batch.end()
+
+    def _drain(self) -> None:
         sock = self.sock
         if sock is None:
             return
@@ -158,6 +182,48 @@ class _UdpChannel:
         owner.answers += 1
         owner.on_reply(pending, pending.attempt, pending.query[:2] + data[2:])
 
+    def flush(self) -> None:
+        """Send the queued queries: each run of equal-size ones in one ``UDP_SEGMENT`` sendmsg.
+
+        The kernel cuts such a send into the separate datagrams the upstream expects (the same rule as a
+        TUN's UDP GSO: equal sizes, only the last may be shorter), so a burst of queries costs one
+        syscall instead of one each. A run the kernel refuses is sent one datagram at a time.
+        """
+        outbox = self.outbox
+        if not outbox:
+            return
+        self.outbox = []
+        sock = self.sock
+        if len(outbox) == 1 or not self.segment or sock is None:
+            for data, pending in outbox:
+                self._send_one(data, pending)
+            return
+        sizes = [len(data) for data, _pending in outbox]
+        for start, end in plan_runs(sizes, _MAX_SEGMENT_BYTES):
+            if end - start > 1 and self.segment and self.sock is not None:
+                try:
+                    self.sock.sendmsg(
+                        [b"".join([data for data, _pending in outbox[start:end]])],
+                        [(SOL_UDP, UDP_SEGMENT, sizes[start].to_bytes(2, "little"))],
+                    )
+                    self.owner.segmented_sends += 1
+                    continue
+                except OSError as error:
+                    if error.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                        self.segment = False  # no UDP GSO here: fall back to plain sends for good
+                    # Otherwise (buffer full, refused) each datagram below meets the error itself.
+            for data, pending in outbox[start:end]:
+                self._send_one(data, pending)
+
+    def _send_one(self, data: bytes, pending: PendingQuery) -> None:
+        if pending.channel is not self or self.inflight.get(pending.upstream_id) is not pending:
+            return  # answered, failed over or forgotten while queued
+        error = self.send(data)
+        if error is not None:
+            del self.inflight[pending.upstream_id]
+            pending.channel = None
+            self.owner.on_failure(pending, pending.attempt, error)
+
     def send(self, data: bytes) -> str | None:
         """Send one datagram; returns why it failed, or None."""
         sock = self.sock
@@ -186,6 +252,7 @@ class _UdpChannel:
                 pass
             sock.close()
         self.inflight.clear()
+        self.outbox.clear()
 
 
 class UdpUpstream:
@@ -198,19 +265,25 @@ class UdpUpstream:
         on_reply: OnReply,
         on_failure: OnFailure,
         sockets: int = 4,
+        batch: WriteBatch | None = None,
     ) -> None:
         self.url = url
         self.policy = policy
         self.on_reply = on_reply
         self.on_failure = on_failure
+        #: The engine's write batch: inside one, queries are queued per socket and sent together.
+        self.batch = batch
         self.channels: list[_UdpChannel] = []
         self._size = sockets
         self._next = 0
+        #: The socket this batch's queries go to (one socket per batch keeps runs long), or None.
+        self._filling: _UdpChannel | None = None
         self._ids = _RandomIds()
         self.failures = 0
         self.answers = 0
         self.ignored = 0
         self.errors = 0
+        self.segmented_sends = 0
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -233,11 +306,17 @@ class UdpUpstream:
         if not channels:
             self.on_failure(pending, pending.attempt, "upstream socket not open")
             return
-        index = self._next + 1
-        if index >= len(channels):
-            index = 0
-        self._next = index
-        channel = channels[index]
+        batch = self.batch
+        batching = batch is not None and batch.active
+        channel = self._filling if batching else None
+        if channel is None or channel.sock is None:
+            index = self._next + 1
+            if index >= len(channels):
+                index = 0
+            self._next = index
+            channel = channels[index]
+            if batching:
+                self._filling = channel
         inflight = channel.inflight
         if len(inflight) >= _MAX_IDS_PER_CHANNEL:
             self.on_failure(pending, pending.attempt, "too many queries in flight")
@@ -255,6 +334,12 @@ class UdpUpstream:
         inflight[upstream_id] = pending
         pending.channel = channel
         pending.upstream_id = upstream_id
+        if batching and batch is not None:
+            outbox = channel.outbox
+            if not outbox:
+                batch.defer(self._flush)
+            outbox.append((upstream_id.to_bytes(2, "big") + pending.query[2:], pending))
+            return
         sock = channel.sock
         if sock is None:
             error: str | None = "upstream socket closed"
@@ -268,6 +353,13 @@ class UdpUpstream:
             del inflight[upstream_id]
             pending.channel = None
             self.on_failure(pending, pending.attempt, error)
+
+    def _flush(self) -> None:
+        """End of a write batch: send what each socket queued; the next batch picks a socket afresh."""
+        self._filling = None
+        for channel in self.channels:
+            if channel.outbox:
+                channel.flush()
 
     def forget(self, pending: PendingQuery) -> None:
         channel = pending.channel

@@ -8,7 +8,7 @@ through two layers for every datagram.
 Client -> upstream: the datagram's payload is sent as is (a memoryview into the device's read buffer, no
 copy). A UDP GSO super-packet from a TUN with offloads goes out in one ``sendmsg`` with ``UDP_SEGMENT``.
 Upstream -> client: up to ``recv_batch`` datagrams per readiness callback; with offloads, runs of equal-size
-datagrams become one ``GSO_UDP_L4`` write (see :mod:`.batching`).
+datagrams become one ``GSO_UDP_L4`` write (see :mod:`engine.udp_out`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from typing import TYPE_CHECKING
 
 from engine.packet import (
     GSO_UDP_L4,
-    UDP_CSUM_OFFSET,
     PacketError,
-    VnetHeader,
     build_udp,
     parse,
 )
+from engine.udp_out import write_datagrams
 
-from .batching import plan_runs
 from .icmp_errors import IP_RECVERR, IPV6_RECVERR, port_unreachable_code, relay_code
 
 if TYPE_CHECKING:
@@ -162,26 +160,10 @@ class UdpSession:
             self._socket_error(error, now)
 
     def _deliver(self, payloads: list[bytes]) -> None:
-        engine = self.engine
         flow = self.flow
-        src, dst, sport, dport = flow.dst, flow.src, flow.dport, flow.sport
-        if not engine.offload:
-            write = engine.write
-            for payload in payloads:
-                write(build_udp(src, dst, sport, dport, payload), flow)
-            return
-        # With a vnet header the kernel finishes checksums (and segments runs): no checksum in Python.
-        ip_len = 20 if flow.version == 4 else 40
-        single = VnetHeader.csum_only(ip_len, UDP_CSUM_OFFSET)
-        sizes = [len(payload) for payload in payloads]
-        for start, end in plan_runs(sizes, 65535 - ip_len - 8 if flow.version == 4 else 65535 - 8):
-            if end - start == 1:
-                engine.write_gso(build_udp(src, dst, sport, dport, payloads[start], partial_csum=True), single, flow)
-            else:
-                body = b"".join(payloads[start:end])
-                packet = build_udp(src, dst, sport, dport, body, partial_csum=True)
-                engine.write_gso(packet, VnetHeader.for_udp(ip_len, sizes[start]), flow)
-                self.plugin.count("gso_out")
+        gso_writes = write_datagrams(self.engine, flow.dst, flow.src, flow.dport, flow.sport, payloads, flow)
+        if gso_writes:
+            self.plugin.count("gso_out", gso_writes)
 
     # -- errors ----------------------------------------------------------------------------------
 

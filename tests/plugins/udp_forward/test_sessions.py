@@ -1,5 +1,5 @@
 """SessionTable (sans-IO): idle expiry per timeout, touch from either direction, bounded with eviction;
-and the pure helpers (GSO run planning, ICMP error relay codes)."""
+and the ICMP error relay codes. (GSO run planning is engine.udp_out, tests/unit/test_udp_out.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.udp_forward.batching import plan_runs
 from plugins.udp_forward.icmp_errors import SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, relay_code
 from plugins.udp_forward.sessions import SessionTable
 
@@ -79,26 +78,6 @@ def test_table_never_exceeds_its_bound_and_expires_exactly(ops: list[tuple[str, 
                 last.pop(evicted)
         last[key] = now
         assert len(table) <= 4 and len(table) == len(last)
-
-
-def test_plan_runs_groups_equal_sizes_with_a_shorter_tail() -> None:
-    assert plan_runs([1200, 1200, 1200, 700, 1200, 1200], 65000) == [(0, 4), (4, 6)]
-    assert plan_runs([100, 200, 200], 65000) == [(0, 1), (1, 3)]
-    assert plan_runs([0, 0], 65000) == [(0, 1), (1, 2)]
-    assert plan_runs([1000] * 10, 3500) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert plan_runs([10] * 100, 65000, max_segments=64) == [(0, 64), (64, 100)]
-    assert plan_runs([], 65000) == []
-
-
-@given(st.lists(st.integers(0, 2000), max_size=200))
-def test_plan_runs_keeps_order_and_kernel_rules(sizes: list[int]) -> None:
-    runs = plan_runs(sizes, 60000)
-    assert [i for start, end in runs for i in range(start, end)] == list(range(len(sizes)))
-    for start, end in runs:
-        run = sizes[start:end]
-        assert len(run) <= 64 and (len(run) == 1 or sum(run) <= 60000)
-        if len(run) > 1:
-            assert all(size == run[0] for size in run[:-1]) and 0 < run[-1] <= run[0]
 
 
 def _ee(origin: int, itype: int, code: int) -> bytes:
