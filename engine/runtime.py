@@ -29,6 +29,7 @@ from engine.packet import (
     is_icmp_error,
 )
 from engine.pipeline import Pipeline
+from engine.poller import Poller
 from engine.plugin_manager import build_plugins, load_plugins, register_plugins, same_plugin
 from engine.profile import Profile
 from engine.stats import Stats, TokenBucket
@@ -76,6 +77,8 @@ class Engine:
         self.batch = WriteBatch()
         self.loop = loop or asyncio.get_event_loop_policy().get_event_loop()
         self._clock = clock or self.loop.time
+        #: Readiness callbacks for plugins' short-lived sockets (cheaper than loop.add_reader/add_writer).
+        self.poller = Poller(self.loop)
         self.pm, self.plugins = load_plugins(profile, self.stats)
         self.hook = self.pm.hook
         self.device: PacketDevice | None = None
@@ -289,6 +292,7 @@ class Engine:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.poller.close()
 
     async def _call_lifecycle(self, name: str, reverse: bool = False) -> None:
         impls = getattr(self.hook, name).get_hookimpls()

@@ -1,10 +1,10 @@
 """The byte pump between one client connection (user-space TCP in the engine) and its upstream socket.
 
 :class:`Relay` is the :class:`~engine.tcp.adapter.TcpApplication` of the client connection and drives
-the upstream socket itself, with loop reader/writer callbacks on the raw non-blocking socket: no asyncio
-transport, protocol or future. A short connection (HTTP/1.0) is dominated by per-connection setup, and
-the transport layer's setup, buffering and teardown was a large share of it; the callbacks here do the
-same work in a few calls.
+the upstream socket itself, with reader/writer callbacks on the raw non-blocking socket through the
+engine's poller (:mod:`engine.poller`): no asyncio transport, protocol, future or selector key. A short
+connection (HTTP/1.0) is dominated by per-connection setup, and the transport layer's setup, buffering
+and teardown was a large share of it; the callbacks here do the same work in a few calls.
 
 Backpressure both ways (DESIGN §5), so memory per connection stays bounded by the two windows:
 
@@ -59,6 +59,7 @@ class Relay:
         "bytes_down",
         "dialing",
         "_loop",
+        "_poller",
         "_fd",
         "_on_dialed",
         "_on_done",
@@ -90,6 +91,7 @@ class Relay:
     ) -> None:
         self.engine = engine
         self._loop = engine.loop
+        self._poller = engine.poller
         self._high, low = buffer_limits  # the upstream write buffer's high / low water marks
         self._low = min(low, self._high)
         self.conn: TcpConnection | None = None
@@ -133,21 +135,23 @@ class Relay:
             self._loop.call_soon(self._dial_failed, OSError(code, f"connect to {address[0]}:{address[1]}"))
             return
         self._writing = True
-        self._loop.add_writer(self._fd, self._connected)
+        self._poller.set(self._fd, None, self._connected)
         self._ticket = deadlines.add(deadline, self._dial_timed_out)
 
     def _connected(self) -> None:
-        self._stop_writing()
         sock = self.sock
         if not self.dialing or sock is None:
+            self._stop_writing()
             return
         code = connect_result(sock)
         if code:
+            self._stop_writing()
             self._dial_failed(OSError(code, "connect failed"))
             return
         self._end_dial()
+        self._writing = False
         self._reading = True
-        self._loop.add_reader(self._fd, self._readable)
+        self._poller.set(self._fd, self._readable, None)  # the connect's writer becomes the reader
         self._on_dialed(self, DIAL_OK, None)
 
     def _dial_failed(self, error: OSError) -> None:
@@ -283,7 +287,7 @@ class Relay:
             out += memoryview(data)[sent:]
             if not self._writing:
                 self._writing = True
-                self._loop.add_writer(self._fd, self._writable)
+                self._poller.set_writer(self._fd, self._writable)
         else:
             out += data
         if self._writing_paused or len(out) > self._high:
@@ -380,25 +384,26 @@ class Relay:
             self._reading_paused = False
             if self.sock is not None and not self._reading and not self._upstream_eof:
                 self._reading = True
-                self._loop.add_reader(self._fd, self._readable)
+                self._poller.set_reader(self._fd, self._readable)
 
     def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._poller.clear_reader(self._fd)
 
     def _stop_writing(self) -> None:
         if self._writing:
             self._writing = False
-            self._loop.remove_writer(self._fd)
+            self._poller.clear_writer(self._fd)
 
     def _close_socket(self, reset: bool) -> None:
         """Close the upstream socket; ``reset`` makes the server see RST, not FIN (a reset stays one)."""
         sock = self.sock
         if sock is None:
             return
-        self._stop_reading()
-        self._stop_writing()
+        if self._reading or self._writing:
+            self._reading = self._writing = False
+            self._poller.forget(self._fd)
         self.sock = None
         self._out.clear()
         if reset:

@@ -1,9 +1,9 @@
 """One forwarded UDP session: the client's 5-tuple <-> one connected upstream socket.
 
 This is the I/O edge of udp_forward. The socket is connected (the kernel filters out datagrams from any
-other peer, and ICMP errors are reported to us), non-blocking, and read with ``loop.add_reader``: cheaper
-than a ``DatagramProtocol`` transport, which would allocate a transport and call ``datagram_received``
-through two layers for every datagram.
+other peer, and ICMP errors are reported to us), non-blocking, and read through the engine's poller
+(:mod:`engine.poller`): cheaper than a ``DatagramProtocol`` transport, which would allocate a transport
+and call ``datagram_received`` through two layers for every datagram.
 
 Client -> upstream: the datagram's payload is sent as is (a memoryview into the device's read buffer, no
 copy). A UDP GSO super-packet from a TUN with offloads goes out in one ``sendmsg`` with ``UDP_SEGMENT``.
@@ -88,7 +88,7 @@ class UdpSession:
         self.closed = False
         self._last_datagram = b""
         self._gso_send_ok = True
-        self.engine.loop.add_reader(self.fd, self._on_readable)
+        self.engine.poller.set_reader(self.fd, self._on_readable)
 
     # -- client -> upstream ----------------------------------------------------------------------
 
@@ -200,10 +200,7 @@ class UdpSession:
         if self.closed:
             return
         self.closed = True
-        try:
-            self.engine.loop.remove_reader(self.fd)
-        except Exception:
-            pass
+        self.engine.poller.forget(self.fd)
         self.sock.close()
         self.plugin.sessions.remove(self.key)
 
