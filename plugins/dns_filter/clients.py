@@ -91,29 +91,29 @@ class UdpDnsHandler:
         """Send one DNS message to the client as a UDP packet from the address it queried."""
         message = reply if len(reply) <= limit else fit_udp(reply, limit)
         engine = self.engine
-        if not engine.offload:
-            engine.write(self._build(message), None if self.closed else self.flow)
-            return
-        # With offloads the kernel computes checksums, and replies answered in one batch (an upstream
-        # socket's read loop) leave in one UDP GSO write per run of equal sizes: under load, most of them.
-        batch = engine.batch
-        if batch.active:
-            outbox = self._outbox
-            if not outbox:
-                batch.defer(self.flush)
-            outbox.append(message)
-            return
-        flow = self.flow
-        write_datagrams(engine, flow.dst, flow.src, flow.dport, flow.sport, (message,), None if self.closed else flow)
+        if engine.offload:
+            # Replies answered in one batch (an upstream socket's read loop) leave in one UDP GSO write
+            # per run of equal sizes: under load, most of them.
+            batch = engine.batch
+            if batch.active:
+                outbox = self._outbox
+                if not outbox:
+                    batch.defer(self.flush)
+                outbox.append(message)
+                return
+        engine.write(self._build(message), None if self.closed else self.flow)
 
     def flush(self) -> None:
         """Write the replies queued during the batch that just ended, in the order they were answered."""
         outbox = self._outbox
-        if outbox:
-            self._outbox = []
-            flow = self.flow
-            write_datagrams(self.engine, flow.dst, flow.src, flow.dport, flow.sport, outbox,
-                            None if self.closed else flow)
+        if not outbox:
+            return
+        self._outbox = []
+        flow = self.flow
+        if len(outbox) == 1:  # the idle case: the per-flow template is the cheapest single datagram
+            self.engine.write(self._build(outbox[0]), None if self.closed else flow)
+            return
+        write_datagrams(self.engine, flow.dst, flow.src, flow.dport, flow.sport, outbox, None if self.closed else flow)
 
     def close(self, now: float) -> None:
         # Replies still in flight are written without the flow (the socket may still be listening).
