@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -20,6 +21,27 @@ from engine.profile import Profile, ProfileError, load_profile
 log = logging.getLogger("dnsgate")
 
 READY_LINE = "dnsgate: ready"
+
+#: Allocations between young-generation collections while the engine runs (Python's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc_for_serving() -> None:
+    """Make the cyclic garbage collector cheap for a long-running packet engine.
+
+    Why: every query and connection allocates a few container objects (pending entries, flows, events),
+    so with the default thresholds the collector runs hundreds of times a second and its older
+    generations walk the whole long-lived heap (plugins, profile, flow and tracker tables). Measured on
+    the bench topology: ~8% of the engine's CPU under HTTP/1.0 churn, and DNS cost 37-40 us/query
+    instead of 35. Freezing what exists at start-up moves it out of every future collection, and a
+    young threshold of 50,000 makes collections rarer (each then finds more garbage, so the work per
+    object is unchanged). Cycles are still collected; memory held by not-yet-collected young garbage
+    stays in the low megabytes.
+    """
+    gc.collect()
+    gc.freeze()
+    _young, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -74,6 +96,7 @@ async def run_engine(
         loop.add_signal_handler(signum, stop.set)
     control = None
     await engine.start()
+    tune_gc_for_serving()
     try:
         if control_path:
             from engine import control as control_module

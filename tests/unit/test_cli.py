@@ -69,3 +69,19 @@ def test_replay_gives_a_verdict_per_flow_without_forwarding(tmp_path: Path, caps
 def test_replay_of_a_missing_capture_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", "/nonexistent/capture.pcap"]) == 2
     assert "cannot read capture" in capsys.readouterr().err
+
+
+def test_serving_tunes_the_collector_and_keeps_older_generations() -> None:
+    import gc
+
+    from engine.commands.serve import GC_YOUNG_THRESHOLD, tune_gc_for_serving
+
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_serving()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0  # start-up objects left out of every later collection
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
