@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine
 import attrs
 
 from engine.batching import WriteBatch
+from engine.deadlines import DeadlineQueue
 from engine.decision import Decision
 from engine.flow import Flow
 from engine.net_policy import SocketPolicy
@@ -79,6 +80,8 @@ class Engine:
         self._clock = clock or self.loop.time
         #: Readiness callbacks for plugins' short-lived sockets (cheaper than loop.add_reader/add_writer).
         self.poller = Poller(self.loop)
+        #: Per-connection deadlines (TCP timers) behind one loop timer.
+        self.deadlines = DeadlineQueue(self.loop, self._clock)
         self.pm, self.plugins = load_plugins(profile, self.stats)
         self.hook = self.pm.hook
         self.device: PacketDevice | None = None
@@ -293,6 +296,7 @@ class Engine:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.poller.close()
+        self.deadlines.close()
 
     async def _call_lifecycle(self, name: str, reverse: bool = False) -> None:
         impls = getattr(self.hook, name).get_hookimpls()

@@ -6,9 +6,10 @@ aioquic's ``asyncio/protocol.py`` drives its ``QuicConnection``:
 * turns each ``OutSegment`` into IP packets: with offloads one GSO super-packet per segment (the kernel
   cuts it into MSS-sized packets and finishes the checksums, ~20x cheaper than doing it here), without
   offloads MSS-sized packets with complete checksums;
-* keeps exactly one asyncio timer per connection for the endpoint's next deadline. The timer is moved
-  only when the deadline comes *earlier*; a later deadline is picked up when the early timer fires, so a
-  busy connection (whose RTO deadline moves on every ACK) does not reschedule per packet;
+* keeps exactly one entry per connection in the engine's :class:`~engine.deadlines.DeadlineQueue` (one
+  loop timer for all connections) for the endpoint's next deadline. The entry is replaced only when the
+  deadline comes *earlier*; a later deadline is picked up when the early one fires, so a busy connection
+  (whose RTO deadline moves on every ACK) does not reschedule per packet;
 * hands the endpoint's events to an application object (:class:`TcpApplication`): tcp_forward's relay to
   the upstream socket, dns_filter's DNS-over-TCP server, or anything else that speaks bytes.
 
@@ -19,10 +20,10 @@ of data leaves as one write, not one per event).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
+from engine.deadlines import Ticket
 from engine.packet import (
     FIN,
     GSO_TCPV4,
@@ -104,6 +105,7 @@ class TcpConnection:
         "_gso_type",
         "_vnet_csum",
         "_timer",
+        "_deadlines",
         "_timer_at",
         "_flushing",
         "_closed",
@@ -126,7 +128,8 @@ class TcpConnection:
         self._gso_type = GSO_TCPV4 if flow.version == 4 else GSO_TCPV6
         # One MSS or less: only the checksum is left to the kernel; the header is the same every time.
         self._vnet_csum = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, self._ip_header_len, TCP_CSUM_OFFSET)
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines = engine.deadlines
+        self._timer: Ticket | None = None  # our ticket in the engine's DeadlineQueue
         self._timer_at: float | None = None
         self._flushing = False
         self._closed = False
@@ -261,7 +264,7 @@ class TcpConnection:
             return
         self._closed = True
         if self._timer is not None:
-            self._timer.cancel()
+            self._deadlines.cancel(self._timer)
             self._timer = None
         app = self.app
         if app is not None:
@@ -320,21 +323,20 @@ class TcpConnection:
 
     def _arm_timer(self) -> None:
         deadline = self.endpoint.next_deadline()
+        timer = self._timer
         if deadline is None:
-            if self._timer is not None:
-                self._timer.cancel()
+            if timer is not None:
+                self._deadlines.cancel(timer)
                 self._timer = None
                 self._timer_at = None
             return
         current = self._timer_at
-        if self._timer is not None and current is not None and current <= deadline:
+        if timer is not None and current is not None and current <= deadline:
             return  # fires no later than needed; the handler re-arms for the real deadline
-        if self._timer is not None:
-            self._timer.cancel()
+        if timer is not None:
+            self._deadlines.cancel(timer)
         self._timer_at = deadline
-        # The engine clock may be offset from the loop's (the test harness moves it): schedule by delay.
-        loop = self._loop
-        self._timer = loop.call_at(loop.time() + (deadline - self.engine.now()), self._on_timer)
+        self._timer = self._deadlines.add(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
