@@ -268,6 +268,7 @@ class TcpConnection:
             self._timer = None
         app = self.app
         if app is not None:
+            self.app = None  # the application usually holds us: no cycle left for the GC to find
             try:
                 app.on_closed(reason)
             except Exception:

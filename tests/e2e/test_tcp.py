@@ -196,6 +196,44 @@ def test_transfer_survives_2_percent_loss_each_way(topology: Topology) -> None:
     print(f"16 MB with 2% loss each way: up {up:.2f} s, down {down:.2f} s")
 
 
+# Reordering without sch_netem (this kernel has none): an HTB qdisc on the client's TUN with a slow class,
+# and nftables steering a random 3% of TCP packets into it through skb->priority (HTB picks the class
+# whose id equals the priority). Those packets wait behind the slow class's rate while later packets
+# pass them, so the engine receives data and ACKs out of order; 2% are dropped outright as well.
+REORDER_QDISC = [
+    ["tc", "qdisc", "add", "dev", "tun0", "root", "handle", "1:", "htb", "default", "10"],
+    ["tc", "class", "add", "dev", "tun0", "parent", "1:", "classid", "1:10", "htb", "rate", "20gbit"],
+    ["tc", "class", "add", "dev", "tun0", "parent", "1:", "classid", "1:20", "htb", "rate", "40mbit"],
+]
+REORDER_RULES = """
+table inet dnsgate_reorder {
+  chain out {
+    type filter hook output priority 0;
+    oifname "tun0" meta l4proto tcp numgen random mod 100 < 2 drop;
+    oifname "tun0" meta l4proto tcp numgen random mod 100 < 3 meta priority set 0x10020;  # = class 1:20
+  }
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "topology", [{"vnet_hdr": True}, {"vnet_hdr": False}], indirect=True, ids=["vnet", "plain"]
+)
+def test_transfer_survives_loss_and_reordering_on_the_client_side(topology: Topology) -> None:
+    bytes_server(topology)
+    start_engine(topology)
+    for command in REORDER_QDISC:
+        topology.client.run(command)
+    topology.client.run(["nft", "-f", "-"], input=REORDER_RULES)
+    size = 16 << 20
+    up = transfer(topology, WEB_V4, "up", size)
+    down = transfer(topology, WEB_V4, "down", size)
+    slow = topology.client.run(["tc", "-s", "class", "show", "dev", "tun0", "classid", "1:20"]).stdout
+    delayed = int(slow.split("Sent ", 1)[1].split()[2])  # "Sent <bytes> bytes <packets> pkt"
+    assert delayed > 50, f"too few packets went through the slow class to reorder anything:\n{slow}"
+    print(f"16 MB with 2% loss and {delayed} packets held back: up {up:.2f} s, down {down:.2f} s")
+
+
 HALF_CLOSE_CLIENT = textwrap.dedent(
     r"""
     import socket, sys

@@ -380,3 +380,36 @@ def test_upstream_keepalive_is_set_once_the_connection_outlives_a_second(
     assert relay.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert relay.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
     assert relay.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 9
+
+
+def test_a_finished_connection_is_freed_without_the_cyclic_gc(harness: PluginHarness, upstream: Upstream) -> None:
+    """Relay, connection, endpoint and flow point at each other while the connection lives; closing must
+    break those cycles, or under churn every dead connection waits in the GC's oldest generation."""
+    import gc
+
+    def one_connection(sport: int) -> None:
+        client = Client(harness, CLIENT_V4, sport, "127.0.0.1", upstream.port)
+        client.handshake()
+        client.write(b"request")
+        assert client.wait(lambda: bytes(upstream.data).endswith(b"request"))
+        upstream.writers[-1].close()
+        assert client.wait(lambda: client.fin)
+        client.shutdown()
+        assert client.wait(lambda: not harness.plugin.active)
+
+    one_connection(41000)  # warm-up: lazily built caches are not garbage
+    harness.run(2.5)  # past the keepalive hand-over queue, which holds relays for about a second
+    gc.collect()
+    gc.disable()
+    try:
+        one_connection(41001)
+        harness.run(2.5)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = {"Relay", "TcpConnection", "TcpEndpoint", "Flow"}
+        leaked = sorted({type(o).__name__ for o in gc.garbage} & ours)
+        assert leaked == [], f"left to the cyclic GC: {leaked}"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
