@@ -222,7 +222,11 @@ table inet dnsgate_reorder {
 def test_transfer_survives_loss_and_reordering_on_the_client_side(topology: Topology) -> None:
     bytes_server(topology)
     start_engine(topology)
-    for command in REORDER_QDISC:
+    first = topology.client.run(REORDER_QDISC[0], check=False)
+    if first.returncode != 0 and "unknown" in first.stderr.lower():
+        pytest.skip(f"this kernel has no HTB qdisc to reorder with: {first.stderr.strip()}")
+    assert first.returncode == 0, first.stderr
+    for command in REORDER_QDISC[1:]:
         topology.client.run(command)
     topology.client.run(["nft", "-f", "-"], input=REORDER_RULES)
     size = 16 << 20
