@@ -11,10 +11,13 @@ practice. udp_forward (upstream datagrams) and dns_filter (replies) both write t
 
 from __future__ import annotations
 
+import errno
+import socket
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from engine.packet import UDP_CSUM_OFFSET, VnetHeader, build_udp
+from engine.packet import UDP_CSUM_OFFSET, Buffer, VnetHeader, build_udp
 
 if TYPE_CHECKING:
     from engine.flow import Flow
@@ -22,6 +25,21 @@ if TYPE_CHECKING:
 
 MAX_GSO_SEGMENTS = 64
 """The kernel's ``UDP_MAX_SEGMENTS`` was 64 before 6.x raised it to 128; 64 is accepted everywhere."""
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+"""``sendmsg`` control message level and type of UDP GSO (linux/udp.h; Python 3.11's socket lacks them)."""
+_U16 = struct.Struct("=H")  # control message data is a native u16
+
+GSO_REFUSED = frozenset((errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE))
+"""errnos of a ``UDP_SEGMENT`` send the path cannot do (no UDP GSO there): fall back to one send each."""
+
+
+def send_segmented(sock: socket.socket, payload: Buffer, gso_size: int) -> None:
+    """Send ``payload`` on a connected UDP socket as ``gso_size``-byte datagrams (the last may be shorter)
+    in one ``sendmsg``: the kernel cuts it. Raises what ``sendmsg`` raises; an errno in
+    :data:`GSO_REFUSED` means "this path cannot segment", anything else is the socket's own error."""
+    sock.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, _U16.pack(gso_size))])
 
 
 def plan_runs(sizes: Sequence[int], max_payload: int, max_segments: int = MAX_GSO_SEGMENTS) -> list[tuple[int, int]]:

@@ -17,15 +17,13 @@ Every transport reports through two callbacks: ``on_reply(pending, attempt, repl
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
-import struct
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from engine.batching import WriteBatch
 from engine.net_policy import SO_BINDTODEVICE, SO_MARK
-from engine.udp_out import plan_runs
+from engine.udp_out import GSO_REFUSED, plan_runs, send_segmented
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.upstream_url import UpstreamUrl
 from plugins.dns_filter.wire import reply_matches
@@ -40,9 +38,6 @@ OnFailure = Callable[[PendingQuery, int, str], None]
 _MAX_IDS_PER_CHANNEL = 60000
 #: Datagrams read per readiness event before yielding to the loop.
 _READ_BATCH = 256
-#: ``setsockopt``/cmsg level and option of UDP GSO (linux/udp.h; not exported by Python 3.11's socket).
-SOL_UDP = 17
-UDP_SEGMENT = 103
 #: Largest query run sent in one ``UDP_SEGMENT`` sendmsg: under the kernel's UDP_MAX_SEGMENTS and 64 KB.
 _MAX_SEGMENT_BYTES = 60000
 
@@ -202,14 +197,11 @@ class _UdpChannel:
         for start, end in plan_runs(sizes, _MAX_SEGMENT_BYTES):
             if end - start > 1 and self.segment and self.sock is not None:
                 try:
-                    self.sock.sendmsg(
-                        [b"".join([data for data, _pending in outbox[start:end]])],
-                        [(SOL_UDP, UDP_SEGMENT, sizes[start].to_bytes(2, "little"))],
-                    )
+                    send_segmented(self.sock, b"".join([data for data, _pending in outbox[start:end]]), sizes[start])
                     self.owner.segmented_sends += 1
                     continue
                 except OSError as error:
-                    if error.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    if error.errno in GSO_REFUSED:
                         self.segment = False  # no UDP GSO here: fall back to plain sends for good
                     # Otherwise (buffer full, refused) each datagram below meets the error itself.
             for data, pending in outbox[start:end]:

@@ -13,9 +13,7 @@ datagrams become one ``GSO_UDP_L4`` write (see :mod:`engine.udp_out`).
 
 from __future__ import annotations
 
-import errno
 import socket
-import struct
 from typing import TYPE_CHECKING
 
 from engine.packet import (
@@ -24,7 +22,7 @@ from engine.packet import (
     build_udp,
     parse,
 )
-from engine.udp_out import write_datagrams
+from engine.udp_out import GSO_REFUSED, send_segmented, write_datagrams
 
 from .icmp_errors import IP_RECVERR, IPV6_RECVERR, port_unreachable_code, relay_code
 
@@ -34,9 +32,6 @@ if TYPE_CHECKING:
 
     from .plugin import UdpForward
 
-SOL_UDP = 17
-UDP_SEGMENT = 103
-_U16 = struct.Struct("=H")
 _RECV_SIZE = 65535
 _ERRQUEUE_ANCILLARY = 512
 SOCKET_BUFFER = 1 << 20
@@ -125,10 +120,10 @@ class UdpSession:
         self.plugin.count("gso_in")
         if self._gso_send_ok:
             try:
-                self.sock.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, _U16.pack(gso_size))])
+                send_segmented(self.sock, payload, gso_size)
                 return
             except OSError as error:
-                if error.errno not in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.EMSGSIZE):
+                if error.errno not in GSO_REFUSED:
                     raise
                 self._gso_send_ok = False  # this path cannot segment: fall back for good
         for start in range(0, len(payload), gso_size):
