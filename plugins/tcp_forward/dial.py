@@ -5,18 +5,16 @@ prepared *before* ``connect``: fwmark / bind-to-device keep it from looping back
 mode (DESIGN §7), and keepalive / TCP_NODELAY are set once.
 
 The connect itself is a plain non-blocking ``connect_ex``; the relay waits for writability with one
-``loop.add_writer`` callback (no task, no future, no transport: those were ~40% of the Python calls of a
-short connection). Timeouts are not a timer per dial: :class:`DialDeadlines` keeps the dials in start
-order (the timeout is the same for all, so that order is deadline order) under one shared timer.
+writer callback in the engine's poller (no task, no future, no transport: those were ~40% of the Python
+calls of a short connection). Timeouts are not a timer per dial: each is a deadline in the engine's
+shared :class:`~engine.deadlines.DeadlineQueue`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
-from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.net_policy import SocketPolicy
@@ -62,60 +60,3 @@ def start_connect(sock: socket.socket, address: tuple[str, int]) -> int:
 def connect_result(sock: socket.socket) -> int:
     """The connect's outcome once the socket is writable: 0 or an errno (SO_ERROR)."""
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-
-
-class DialDeadlines:
-    """Connect timeouts for many dials under one timer.
-
-    Every dial gets the same timeout, so deadlines arrive in the order dials start: a FIFO of
-    ``(deadline, ticket)`` is enough. The timer is armed for the oldest entry; when it fires, every expired
-    ticket that is still set has its callback called, and the timer is re-armed for the next entry. A dial
-    that finishes empties its ticket (:meth:`cancel`), which also drops the reference to its relay, so the
-    queue holds only small lists until their deadline passes.
-    """
-
-    __slots__ = ("_loop", "_clock", "_queue", "_timer")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
-        self._loop = loop
-        self._clock = clock
-        self._queue: deque[tuple[float, list[Callable[[], None]]]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, deadline: float, on_expiry: Callable[[], None]) -> list[Callable[[], None]]:
-        """Call ``on_expiry`` at ``deadline`` unless the returned ticket is cancelled first."""
-        ticket = [on_expiry]
-        self._queue.append((deadline, ticket))
-        if self._timer is None:
-            self._arm(deadline)
-        return ticket
-
-    @staticmethod
-    def cancel(ticket: list[Callable[[], None]]) -> None:
-        ticket.clear()
-
-    def _arm(self, deadline: float) -> None:
-        loop = self._loop
-        # The engine clock may be offset from the loop's (the test harness moves it): schedule by delay.
-        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self._clock()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = self._clock()
-        queue = self._queue
-        while queue:
-            deadline, ticket = queue[0]
-            if not ticket:
-                queue.popleft()
-                continue
-            if deadline > now:
-                self._arm(deadline)
-                return
-            queue.popleft()
-            ticket.pop()()
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._queue.clear()

@@ -26,7 +26,7 @@ from engine.tcp.config import TcpConfig
 from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config as TcpForwardConfig
-from .dial import DialDeadlines, enable_keepalive, open_upstream_socket
+from .dial import enable_keepalive, open_upstream_socket
 from .relay import DIAL_CANCELLED, DIAL_OK, DIAL_TIMEOUT, Relay
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ class TcpForward:
         self._ports = frozenset(config.ports)
         self._buffer_limits = (config.upstream_buffer_high, config.upstream_buffer_low)
         self._engine: Engine | None = None
-        self._deadlines: DialDeadlines | None = None
         # Connected relays in connect order, waiting for their upstream keepalive (dnsgate_tick).
         self._keepalive_due: deque[tuple[float, Relay]] = deque()
         self._tcp_config: TcpConfig | None = None
@@ -75,7 +74,6 @@ class TcpForward:
     @hookimpl
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
-        self._deadlines = DialDeadlines(engine.loop, engine.now)
         engine.reserve_descriptors(self.config.max_connections)
 
     @hookimpl(trylast=True)
@@ -110,8 +108,7 @@ class TcpForward:
             relay.dialing = True
             engine.loop.call_soon(self._dial_impossible, relay, error)
             return conn
-        assert self._deadlines is not None
-        relay.dial(sock, (socket.inet_ntop(family, flow.dst), flow.dport), now + config.connect_timeout, self._deadlines)
+        relay.dial(sock, (socket.inet_ntop(family, flow.dst), flow.dport), now + config.connect_timeout)
         return conn
 
     @hookimpl
@@ -133,8 +130,6 @@ class TcpForward:
         for relay in list(self.active):
             if relay.conn is not None:
                 relay.conn.abort(now)
-        if self._deadlines is not None:
-            self._deadlines.close()
         self._keepalive_due.clear()
 
     # -- dialing -----------------------------------------------------------------------------

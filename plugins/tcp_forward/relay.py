@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from engine.tcp.events import CLOSE_NORMAL
 
-from .dial import DialDeadlines, connect_result, start_connect
+from .dial import connect_result, start_connect
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
@@ -120,9 +120,10 @@ class Relay:
 
     # -- dialing ---------------------------------------------------------------------------------
 
-    def dial(self, sock: socket.socket, address: tuple[str, int], deadline: float, deadlines: DialDeadlines) -> None:
+    def dial(self, sock: socket.socket, address: tuple[str, int], deadline: float) -> None:
         """Start connecting ``sock`` (now owned by the relay); the outcome goes to ``on_dialed`` from a
-        loop callback, never from inside this call (the flow's handler is not set yet)."""
+        loop callback, never from inside this call (the flow's handler is not set yet). The connect timeout
+        is a deadline in the engine's shared queue."""
         self.sock = sock
         self._fd = sock.fileno()
         self.dialing = True
@@ -136,7 +137,7 @@ class Relay:
             return
         self._writing = True
         self._poller.set(self._fd, None, self._connected)
-        self._ticket = deadlines.add(deadline, self._dial_timed_out)
+        self._ticket = self.engine.deadlines.add(deadline, self._dial_timed_out)
 
     def _connected(self) -> None:
         sock = self.sock
@@ -174,7 +175,7 @@ class Relay:
         ticket = self._ticket
         if ticket is not None:
             self._ticket = None
-            DialDeadlines.cancel(ticket)
+            self.engine.deadlines.cancel(ticket)
 
     # -- upstream socket -------------------------------------------------------------------------
 
