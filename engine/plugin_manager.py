@@ -158,16 +158,23 @@ def _guard(method: Callable[..., Any], plugin: str, hook: str, stats: Stats, on_
     if hook in ("dnsgate_filter", "dnsgate_inspect") and on_error == "drop":
         fallback = Decision.drop(plugin, "plugin error")
 
+    def failed() -> Any:
+        """Count and (rate-limited) log the exception being handled; the hook's answer is ``fallback``."""
+        stats.plugin_error(plugin)
+        if stats.should_log_error(plugin):
+            log.exception("plugin %s failed in %s (counted; on_plugin_error=%s)", plugin, hook, on_error)
+        return fallback
+
     @functools.wraps(method)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
         except Exception:
-            stats.plugin_error(plugin)
-            if stats.should_log_error(plugin):
-                log.exception("plugin %s failed in %s (counted; on_plugin_error=%s)", plugin, hook, on_error)
-            return fallback
+            return failed()
 
+    # PositionalHook calls ``method`` itself (functools.wraps set ``__wrapped__``) inside its own
+    # try/except with this handler: the same containment without a frame and argument packing per call.
+    guarded._dnsgate_failed = failed  # type: ignore[attr-defined]
     return guarded
 
 
@@ -260,3 +267,67 @@ def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str,
     if any(impl.wrapper or impl.hookwrapper for impl in impls):
         return None
     return [(impl.function, tuple(impl.argnames)) for impl in reversed(impls)]
+
+
+#: One implementation in a :class:`PositionalHook` plan: the function, which of the caller's arguments it
+#: takes (None: all of them, in order), and the guard's error handler (None: exceptions propagate).
+_Step = tuple[Callable[..., Any], "tuple[int, ...] | None", "Callable[[], Any] | None"]
+
+
+class PositionalHook:
+    """A hook called with positional arguments in a fixed order: the cheapest call for a per-packet or
+    per-query hook (``dnsgate_dns_answer`` fires before every DNS reply is released).
+
+    Same rules as :class:`DirectHook` (pluggy's order, implementations re-read on every call, the full
+    pluggy call when a wrapper is registered), and the same containment as :class:`GuardedPlugin`: a
+    guarded implementation is called unwrapped inside a try/except that runs the guard's own handler.
+    """
+
+    __slots__ = ("caller", "argnames", "firstresult", "_impls", "_plan")
+
+    def __init__(self, caller: pluggy.HookCaller, *argnames: str) -> None:
+        self.caller = caller
+        self.argnames = argnames
+        spec = caller.spec
+        if spec is not None and set(argnames) != set(spec.argnames):
+            raise TypeError(f"{caller.name} takes {spec.argnames}, not {argnames}")
+        self.firstresult = bool(spec is not None and spec.opts.get("firstresult"))
+        self._impls: list[Any] | None = None
+        self._plan: list[_Step] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        impls = self.caller.get_hookimpls()
+        if impls != self._impls:
+            self._impls = impls
+            self._plan = self._make_plan(impls)
+        plan = self._plan
+        if plan is None:
+            return self.caller(**dict(zip(self.argnames, args)))
+        results: list[Any] = []
+        for function, order, failed in plan:
+            if failed is None:
+                result = function(*args) if order is None else function(*[args[i] for i in order])
+            else:
+                try:
+                    result = function(*args) if order is None else function(*[args[i] for i in order])
+                except Exception:
+                    result = failed()
+            if result is not None:
+                if self.firstresult:
+                    return result
+                results.append(result)
+        return None if self.firstresult else results
+
+    def _make_plan(self, impls: list[Any]) -> list[_Step] | None:
+        calls = _direct_calls(impls)
+        if calls is None:
+            return None
+        plan: list[_Step] = []
+        everything = tuple(range(len(self.argnames)))
+        for function, names in calls:
+            order = tuple(self.argnames.index(name) for name in names)
+            failed = getattr(function, "_dnsgate_failed", None)
+            if failed is not None:
+                function = function.__wrapped__  # type: ignore[attr-defined]
+            plan.append((function, None if order == everything else order, failed))
+        return plan

@@ -35,13 +35,14 @@ GRAVEYARD_SIZE = 4096
 class Entry:
     """One lease: an address (for one client when per-client) with its names and expiry."""
 
-    __slots__ = ("client", "address", "expiry", "names", "open_flows")
+    __slots__ = ("client", "address", "expiry", "names", "newest", "open_flows")
 
     def __init__(self, client: bytes, address: bytes, expiry: float) -> None:
         self.client = client
         self.address = address
         self.expiry = expiry
         self.names: dict[str, None] = {}  # insertion-ordered set, oldest first
+        self.newest: str | None = None  # the last of ``names``: a repeat answer is recognised in one compare
         self.open_flows = 0
 
     def allowed(self, now: float) -> bool:
@@ -67,7 +68,8 @@ class TrackerTable:
         self.per_client = per_client
         self.grace = grace
         self._entries: dict[Key, Entry] = {}
-        self._by_name: dict[tuple[bytes, str], OrderedDict[bytes, None]] = {}
+        #: (client, name) -> its addresses, least recently answered first (a dict used as an ordered set).
+        self._by_name: dict[tuple[bytes, str], dict[bytes, None]] = {}
         self._clients_of: dict[bytes, set[bytes]] = {}  # address -> clients (per_client only)
         # One (expiry, key) item per entry, pushed when the entry is created. A refresh only raises
         # entry.expiry: the item is brought up to date when it reaches the top (no push per DNS answer).
@@ -136,8 +138,14 @@ class TrackerTable:
     # -- learning ------------------------------------------------------------------------------------
 
     def learn(self, address: bytes, name: str, expiry: float, client: bytes = b"") -> None:
-        """Record that ``name`` resolved to ``address`` with a lease until ``expiry``."""
-        key = self._key(address, client)
+        """Record that ``name`` resolved to ``address`` with a lease until ``expiry``.
+
+        Called once per address of every DNS answer, before the reply is released, so it is on the
+        latency path of each query: a repeat answer (same address, same newest name) only moves the expiry
+        and the address's place in the name's order, and the name index uses plain dicts (insertion-ordered,
+        cheaper than OrderedDict).
+        """
+        key = (client, address) if self.per_client else (b"", address)
         entry = self._entries.get(key)
         if entry is None:
             entry = Entry(key[0], address, expiry)
@@ -145,9 +153,17 @@ class TrackerTable:
             if self.per_client:
                 self._clients_of.setdefault(address, set()).add(key[0])
             heapq.heappush(self._heap, (expiry, key))
-            self._graveyard.pop(key, None)
-        elif expiry > entry.expiry:
-            entry.expiry = expiry
+            if self._graveyard:
+                self._graveyard.pop(key, None)
+        else:
+            if expiry > entry.expiry:
+                entry.expiry = expiry
+            if entry.newest == name:
+                # Answered again under its newest name: only the name's address order changes.
+                index = self._by_name[(key[0], name)]
+                del index[address]
+                index[address] = None
+                return
         self._attach_name(entry, name)
         if len(self._entries) > self.max_entries:
             self._evict_one()
@@ -155,24 +171,34 @@ class TrackerTable:
             self._compact_heap()
 
     def _attach_name(self, entry: Entry, name: str) -> None:
+        """Make ``name`` the newest of the entry's names and ``entry`` the newest address of the name."""
         names = entry.names
         if name in names:
             del names[name]
         names[name] = None
+        entry.newest = name
+        client = entry.client
+        address = entry.address
         if len(names) > MAX_NAMES_PER_ADDRESS:
             oldest = next(iter(names))
             del names[oldest]
-            self._unindex_name(entry.client, oldest, entry.address)
-        index = self._by_name.get((entry.client, name))
+            self._unindex_name(client, oldest, address)
+        by_name = self._by_name
+        index = by_name.get((client, name))
         if index is None:
-            index = self._by_name[(entry.client, name)] = OrderedDict()
-        index[entry.address] = None
-        index.move_to_end(entry.address)
+            by_name[(client, name)] = {address: None}
+            return
+        if address in index:
+            del index[address]  # re-inserted below: most recently answered last
+        index[address] = None
         if len(index) > self.max_ips_per_name:
-            dropped, _ = index.popitem(last=False)
-            other = self._entries.get((entry.client, dropped))
+            dropped = next(iter(index))
+            del index[dropped]
+            other = self._entries.get((client, dropped))
             if other is not None:
                 other.names.pop(name, None)
+                if other.newest == name:
+                    other.newest = next(reversed(other.names), None)
                 if not other.names and other.open_flows == 0:
                     self._remove(other, now=None)
                     self.evicted += 1

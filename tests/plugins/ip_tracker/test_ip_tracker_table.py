@@ -73,6 +73,30 @@ def test_per_name_cap_keeps_addresses_with_other_names_or_flows() -> None:
     assert entry is not None and list(entry.names) == ["other.test"]
 
 
+def test_repeat_answers_after_a_name_was_dropped_keep_the_indexes_consistent() -> None:
+    """The repeat-answer shortcut trusts ``entry.newest``: it must follow names dropped by the per-name cap."""
+    table = TrackerTable(max_ips_per_name=1)
+    table.learn(A, "other.test", 100.0)
+    table.learn(A, "cdn.test", 110.0)
+    table.learn(B, "cdn.test", 100.0)  # A loses cdn.test: other.test is its newest name again
+    table.learn(A, "other.test", 120.0)  # the shortcut
+    table.learn(A, "cdn.test", 130.0)  # and back: B is dropped from cdn.test in turn
+    entry_a, entry_b = table.get(A), table.get(B)
+    assert entry_a is not None and list(entry_a.names) == ["other.test", "cdn.test"] and entry_a.expiry == 130.0
+    assert entry_b is None  # no name left, no flow: removed
+    assert table.names_for(A) == ("other.test", "cdn.test")
+
+
+def test_repeat_answer_refreshes_expiry_and_name_order() -> None:
+    table = TrackerTable()
+    table.learn(A, "a.test", 100.0)
+    table.learn(B, "a.test", 100.0)
+    table.learn(A, "a.test", 200.0)  # same newest name: expiry moves, A becomes the name's newest address
+    entry = table.get(A)
+    assert entry is not None and entry.expiry == 200.0
+    assert list(table._by_name[(b"", "a.test")]) == [B, A]
+
+
 def test_global_cap_evicts_soonest_expiring_without_open_flows() -> None:
     table = TrackerTable(max_entries=2)
     table.learn(A, "a.test", 50.0)

@@ -1,0 +1,105 @@
+"""PositionalHook: a positional hook call with pluggy's order and result rules and GuardedPlugin's containment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.hookspecs import hookimpl
+from engine.plugin_manager import GuardedPlugin, PositionalHook, new_plugin_manager
+from engine.stats import Stats
+
+
+class AnswerBoth:
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    @hookimpl
+    def dnsgate_dns_answer(self, now: float, answer: Any) -> None:  # declared in the other order
+        self.log.append(("both", answer, now))
+
+
+class AnswerOnly:
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    @hookimpl
+    def dnsgate_dns_answer(self, answer: Any) -> None:  # a subset of the arguments
+        self.log.append(("answer-only", answer))
+
+
+class Failing:
+    @hookimpl
+    def dnsgate_dns_answer(self, answer: Any, now: float) -> None:
+        raise RuntimeError("boom")
+
+
+class Verdicts:
+    def __init__(self, verdict: Any) -> None:
+        self.verdict = verdict
+
+    @hookimpl
+    def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+        return self.verdict
+
+
+class Watching:
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    @hookimpl(wrapper=True)
+    def dnsgate_dns_answer(self, answer: Any, now: float) -> Any:
+        self.log.append(("wrapper", answer))
+        return (yield)
+
+
+def _manager(stats: Stats, *plugins: tuple[str, Any]) -> Any:
+    pm = new_plugin_manager()
+    for name, plugin in reversed(plugins):  # registered in reverse: called in the listed order
+        pm.register(GuardedPlugin(plugin, name, stats, "accept"), name=name)
+    return pm
+
+
+def test_arguments_reach_each_implementation_by_name_in_pluggy_order() -> None:
+    log: list[Any] = []
+    pm = _manager(Stats(), ("both", AnswerBoth(log)), ("only", AnswerOnly(log)))
+    call = PositionalHook(pm.hook.dnsgate_dns_answer, "answer", "now")
+    assert call("A", 1.5) == []
+    assert log == [("both", "A", 1.5), ("answer-only", "A")]
+
+
+def test_a_failing_implementation_is_counted_and_the_others_still_run() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("failing", Failing()), ("both", AnswerBoth(log)))
+    call = PositionalHook(pm.hook.dnsgate_dns_answer, "answer", "now")
+    call("A", 1.0)
+    call("B", 2.0)
+    assert stats.get("plugin_errors.failing") == 2
+    assert log == [("both", "A", 1.0), ("both", "B", 2.0)]
+
+
+def test_firstresult_returns_the_first_answer() -> None:
+    pm = _manager(Stats(), ("none", Verdicts(None)), ("first", Verdicts("first")), ("second", Verdicts("second")))
+    call = PositionalHook(pm.hook.dnsgate_filter, "packet", "flow", "now")
+    assert call(object(), object(), 0.0) == "first"
+
+
+def test_registration_changes_are_seen_and_a_wrapper_takes_the_pluggy_path() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("only", AnswerOnly(log)))
+    call = PositionalHook(pm.hook.dnsgate_dns_answer, "answer", "now")
+    call("A", 0.0)
+    pm.register(GuardedPlugin(Watching(log), "watching", stats, "accept"), name="watching")
+    call("B", 0.0)
+    pm.unregister(name="only")
+    call("C", 0.0)
+    assert log == [("answer-only", "A"), ("wrapper", "B"), ("answer-only", "B"), ("wrapper", "C")]
+
+
+def test_argument_names_must_match_the_hook() -> None:
+    pm = _manager(Stats())
+    with pytest.raises(TypeError, match="dnsgate_dns_answer"):
+        PositionalHook(pm.hook.dnsgate_dns_answer, "answer")
