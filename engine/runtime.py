@@ -102,6 +102,9 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
         self._reader_fd: int | None = None
+        #: Why the engine stopped serving on its own (see :meth:`on_fatal`), else None.
+        self.fatal: str | None = None
+        self._fatal_listeners: list[Callable[[str], None]] = []
         self.started_at = 0.0
         self.running = False
         self._next_address_refresh = 0.0
@@ -247,6 +250,22 @@ class Engine:
             self.loop.remove_reader(self._reader_fd)
             self._reader_fd = None
 
+    def on_fatal(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(reason)`` when the engine can no longer serve (its device went away)."""
+        self._fatal_listeners.append(listener)
+
+    def _device_lost(self, reason: str) -> None:
+        """The device is gone for good: stop reading it (its fd would report an error on every loop
+        iteration: a busy loop) and tell whoever runs the engine, which then stops it."""
+        log.error("%s: stopping", reason)
+        self.detach()
+        self.fatal = reason
+        for listener in list(self._fatal_listeners):
+            try:
+                listener(reason)
+            except Exception:
+                log.exception("fatal-error listener failed")
+
     def handle_packet(self, data: Any, vnet: VnetHeader | None = None) -> None:
         self.pipeline.handle(data, vnet, self._clock())
 
@@ -256,13 +275,22 @@ class Engine:
             return
         handle = self.pipeline.handle
         clock = self._clock
+        batch = device.read_batch(128)
+        if not batch:
+            lost = getattr(device, "lost", None)
+            if lost:
+                self._device_lost(lost)
+            return
+        if len(batch) == 1:
+            # The idle case: one packet, ended on EAGAIN. Nothing to coalesce its writes with, so they go
+            # out at once, without the write batch's queue-and-flush round.
+            data, vnet = batch[0]
+            handle(data, vnet, clock())
+            return
         writes = self.batch
         writes.begin()
         try:
             for _ in range(8):  # bounded so timers and upstream sockets get their turn
-                batch = device.read_batch(128)
-                if not batch:
-                    return
                 now = clock()
                 for data, vnet in batch:
                     handle(data, vnet, now)
@@ -270,6 +298,9 @@ class Engine:
                     # A short batch ended on EAGAIN (or a full arena): skip the read that would only say
                     # EAGAIN again. The reader is level-triggered, so anything that arrived meanwhile wakes
                     # us at once; at idle this saves a syscall on every packet's path.
+                    return
+                batch = device.read_batch(128)
+                if not batch:
                     return
         finally:
             writes.end()  # coalesced writes the batch queued (DNS queries upstream, ...) go out now

@@ -94,6 +94,7 @@ async def run_engine(
     stop = stop if stop is not None else asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    engine.on_fatal(lambda _reason: stop.set())
     control = None
     await engine.start()
     tune_gc_for_serving()
@@ -127,6 +128,9 @@ async def run_engine(
             await control.close()
         await engine.stop()
         device.close()
+    if engine.fatal:
+        print(f"dnsgate: {engine.fatal}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -133,6 +133,8 @@ class TunDevice:
         self.mtu = mtu
         self.txqueuelen = txqueuelen
         self.counters = DeviceCounters()
+        #: Why the device can no longer be used (set when a read finds the interface deleted), else None.
+        self.lost: str | None = None
         self._owns_fd = owns_fd
         os.set_blocking(fd, False)
         self._file = io.FileIO(fd, "r+b", closefd=False)
@@ -250,9 +252,13 @@ class TunDevice:
             try:
                 n = readinto(view[off : off + READ_SLOT])
             except OSError as exc:
-                # EBADFD/EIO when the link goes away under us: count, let the caller see an empty batch.
                 counters.rx_errors += 1
-                log.debug("TUN %s read error: %s", self.name, exc)
+                if exc.errno == errno.EBADFD:
+                    # The interface was deleted under us (``ip link del``, its namespace removed): the fd
+                    # stays readable-with-error forever, so say so once and let the runtime stop.
+                    self.lost = f"TUN {self.name} is gone (the interface was deleted)"
+                else:
+                    log.debug("TUN %s read error: %s", self.name, exc)
                 break
             if not n:  # None: EAGAIN; 0: nothing (detached)
                 break

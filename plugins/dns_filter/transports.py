@@ -99,24 +99,49 @@ class _UdpChannel:
         loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        batch = self.owner.batch
-        if batch is None:
-            self._drain()
+        """Replies arrived. A lone one (the idle case) is handled at once, its client reply written
+        directly; with more waiting, the drain runs inside a write batch so the client replies it
+        causes leave together when it ends."""
+        first = self._receive()
+        if first is None:
             return
-        batch.begin()  # replies written while draining go out together when the drain ends
+        second = self._receive()
+        batch = self.owner.batch
+        if second is None or batch is None:
+            self._datagram(first)
+            if second is not None and self.sock is not None:
+                self._datagram(second)
+                self._drain()
+            return
+        batch.begin()
         try:
-            self._drain()
+            self._datagram(first)
+            if self.sock is not None:
+                self._datagram(second)
+                self._drain()
         finally:
             batch.end()
+
+    def _receive(self) -> bytes | None:
+        """One datagram, or None when there is none (or the socket reported an ICMP error, handled here;
+        the reader is level-triggered, so datagrams behind it wake us again)."""
+        sock = self.sock
+        if sock is None:
+            return None
+        try:
+            return sock.recv(65535)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as error:
+            self._unreachable(error)
+            return None
 
     def _drain(self) -> None:
         sock = self.sock
         if sock is None:
             return
         recv = sock.recv
-        inflight = self.inflight
-        owner = self.owner
-        on_reply = owner.on_reply
+        datagram = self._datagram
         for _ in range(_READ_BATCH):
             try:
                 data = recv(65535)
@@ -125,24 +150,9 @@ class _UdpChannel:
             except OSError as error:
                 self._unreachable(error)
                 continue
-            # The common case inline (one call less per reply): a reply to an id in flight whose question
-            # section repeats ours byte for byte; anything else takes _datagram's checks.
-            if len(data) >= 12:
-                upstream_id = (data[0] << 8) | data[1]
-                pending = inflight.get(upstream_id)
-                if pending is not None:
-                    match = pending.match
-                    if data[12 : 12 + len(match)] == match and data[4:6] == b"\x00\x01":
-                        del inflight[upstream_id]
-                        pending.channel = None
-                        owner.answers += 1
-                        on_reply(pending, pending.attempt, pending.query[:2] + data[2:])
-                        if self.sock is None:
-                            return  # closed by a callback
-                        continue
-            self._datagram(data)
+            datagram(data)
             if self.sock is None:
-                return
+                return  # closed by a callback
 
     def _unreachable(self, error: OSError) -> None:
         """An ICMP error (port/host unreachable) reported on the connected socket: the upstream is down.
@@ -169,8 +179,11 @@ class _UdpChannel:
         if pending is None:
             owner.ignored += 1  # late (already failed over / timed out) or unsolicited
             return
-        if not reply_matches(data, pending.match):
-            owner.ignored += 1  # a reply that does not answer our question: not ours
+        match = pending.match
+        # Usually the question comes back byte for byte; else compare it as reply_matches does (the
+        # name case-insensitively). A reply that does not answer our question is not ours.
+        if (data[12 : 12 + len(match)] != match or data[4:6] != b"\x00\x01") and not reply_matches(data, match):
+            owner.ignored += 1
             return
         del self.inflight[upstream_id]
         pending.channel = None

@@ -4,6 +4,7 @@ Needs root and /dev/net/tun (skipped otherwise); no traffic leaves the test's ow
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -113,3 +114,36 @@ def test_adopt_a_persistent_tun_by_name_with_vnet_headers(ns: str) -> None:
             got = [bytes(parse(v).payload) for v, _ in dev.read_batch() if parse(v).proto == PROTO_UDP]
         assert got == [b"to the adopted tun"]
     assert nl.link_exists("ptun0", ns)  # persistent: closing our queue does not delete it
+
+
+def test_a_deleted_interface_marks_the_device_lost(ns: str) -> None:
+    dev = TunDevice.open("tun0", netns=ns)
+    try:
+        _up(ns, dev).close()
+        while dev.read_batch():  # whatever the kernel sent on link-up (IPv6 solicitations)
+            pass
+        assert dev.lost is None  # idle: EAGAIN, nothing wrong
+        nl.delete_link("tun0", netns=ns)
+        assert dev.read_batch() == []
+        assert dev.lost is not None and "tun0" in dev.lost and "deleted" in dev.lost
+    finally:
+        dev.close()
+
+
+def test_the_engine_stops_with_status_1_when_its_tun_is_deleted(ns: str) -> None:
+    """Not a busy loop on an fd that reports an error forever: ``serve`` says why and exits."""
+    from engine.commands.serve import run_engine
+    from engine.profile import profile_from_dict
+
+    dev = TunDevice.open("tun0", netns=ns)
+    _up(ns, dev).close()
+    profile = profile_from_dict({"engine": {"plugins": ["dns_filter"], "fwmark": 0}}, file="<test>")
+
+    async def serve_then_delete() -> int:
+        served = asyncio.create_task(run_engine(profile, dev, announce=False))
+        await asyncio.sleep(0.3)
+        assert not served.done()
+        nl.delete_link("tun0", netns=ns)
+        return await asyncio.wait_for(served, 5)
+
+    assert asyncio.run(serve_then_delete()) == 1
