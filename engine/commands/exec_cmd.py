@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine import event_loop
 from engine.commands.run import add_common_arguments, load_profile_or_explain, make_block_observer
 from engine.control import BLOCK_OBSERVER_NAME
 from engine.linux import netns as nl
@@ -183,10 +184,13 @@ def run(args: argparse.Namespace) -> int:
 
         stop = asyncio.Event()
         try:
-            asyncio.run(main())
+            event_loop.run(main())
         except FileNotFoundError as error:
             print(f"dnsgate exec: {error}", file=sys.stderr)
             return 127
+        except event_loop.EventLoopError as error:
+            print(f"dnsgate exec: {error}", file=sys.stderr)
+            return 2
         status = child.get("status")
         if status is None:
             return 1

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+from engine import event_loop
 from engine.control import BLOCK_OBSERVER_NAME, ControlError, default_control_path, full_snapshot
 from engine.linux.routes import (
     DEFAULT_STATE_DIR,
@@ -236,11 +237,11 @@ def run(args: argparse.Namespace) -> int:
     from engine.commands.serve import run_engine
 
     try:
-        return asyncio.run(run_engine(
+        return event_loop.run(run_engine(
             profile, device, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
             on_stopping=on_stopping, extra_handlers=extra_handlers,
         ))
-    except (ProfileError, ControlError, OSError) as error:
+    except (ProfileError, ControlError, OSError, event_loop.EventLoopError) as error:
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
     finally:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from engine import event_loop
 from engine.profile import Profile, ProfileError, load_profile
 
 log = logging.getLogger("dnsgate")
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     except ProfileError as error:
         print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
         return 2
+    except event_loop.EventLoopError as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 2
     from engine.io.tun import TunDevice, TunError
 
     try:
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dnsgate: cannot use the TUN device: {error}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file))
+        return event_loop.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file))
     except ProfileError as error:
         print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
         return 2
