@@ -275,17 +275,19 @@ class Engine:
             return
         handle = self.pipeline.handle
         clock = self._clock
-        batch = device.read_batch(128)
+        # The packet that woke us is handled before we look for more: at idle it is alone, and the read
+        # that would only say EAGAIN then happens after its work (a DNS query already on its way
+        # upstream), not before. Nothing to coalesce its writes with, so they go out at once.
+        batch = device.read_batch(1)
         if not batch:
             lost = getattr(device, "lost", None)
             if lost:
                 self._device_lost(lost)
             return
-        if len(batch) == 1:
-            # The idle case: one packet, ended on EAGAIN. Nothing to coalesce its writes with, so they go
-            # out at once, without the write batch's queue-and-flush round.
-            data, vnet = batch[0]
-            handle(data, vnet, clock())
+        data, vnet = batch[0]
+        handle(data, vnet, clock())
+        batch = device.read_batch(128)
+        if not batch:
             return
         writes = self.batch
         writes.begin()

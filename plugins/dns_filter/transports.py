@@ -99,26 +99,26 @@ class _UdpChannel:
         loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        """Replies arrived. A lone one (the idle case) is handled at once, its client reply written
-        directly; with more waiting, the drain runs inside a write batch so the client replies it
-        causes leave together when it ends."""
+        """Replies arrived. The first is handled at once, its client reply written directly, before we
+        look for more (at idle it is alone, and the read that would only say EAGAIN then comes after its
+        reply is out). Any others are drained inside a write batch, so the client replies they cause
+        leave together when it ends."""
         first = self._receive()
         if first is None:
             return
+        self._datagram(first)
         second = self._receive()
+        if second is None:
+            return
         batch = self.owner.batch
-        if second is None or batch is None:
-            self._datagram(first)
-            if second is not None and self.sock is not None:
-                self._datagram(second)
-                self._drain()
+        if batch is None:
+            self._datagram(second)
+            self._drain()
             return
         batch.begin()
         try:
-            self._datagram(first)
-            if self.sock is not None:
-                self._datagram(second)
-                self._drain()
+            self._datagram(second)
+            self._drain()
         finally:
             batch.end()
 
