@@ -24,20 +24,19 @@ Flush = Callable[[], None]
 class WriteBatch:
     """Nested batch scopes and the flush callbacks queued inside them (each runs once per batch)."""
 
-    __slots__ = ("_depth", "_flushes", "errors")
+    __slots__ = ("_depth", "_flushes", "errors", "active")
 
     def __init__(self) -> None:
         self._depth = 0
         self._flushes: dict[Flush, None] = {}
         self.errors = 0
-
-    @property
-    def active(self) -> bool:
-        """True inside a batch: queue the write and :meth:`defer` its flush instead of writing now."""
-        return self._depth > 0
+        #: True inside a batch: queue the write and :meth:`defer` its flush instead of writing now. A plain
+        #: attribute kept by begin/end (not a property): writers read it for every packet.
+        self.active = False
 
     def begin(self) -> None:
         self._depth += 1
+        self.active = True
 
     def end(self) -> None:
         """Close one scope; the outermost runs every queued flush (also those queued by flushes)."""
@@ -58,6 +57,7 @@ class WriteBatch:
                         log.exception("batch flush %r failed", flush)
         finally:
             self._depth = 0
+            self.active = False
 
     def defer(self, flush: Flush) -> None:
         """Run ``flush`` when the current batch ends (once, however often it is deferred)."""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import NamedTuple
 
-import attrs
 
-
-@attrs.frozen(slots=True)
-class DnsAnswer:
+class DnsAnswer(NamedTuple):
     """What dns_filter learned from one upstream answer, emitted before the reply reaches the device.
 
     Addresses are raw (4 or 16 bytes) so the tracker can key its table without conversions; ``ttl`` is the
     record TTL in seconds. ``client`` is the raw address of the device that asked, for per-client scoping.
+
+    Immutable, like every event (a hook cannot change what the next plugin sees). A NamedTuple rather than
+    an attrs frozen class: one is built before every DNS reply is released, and the frozen class's
+    ``__init__`` (one ``object.__setattr__`` per field) cost ~0.5 µs more, on the query's critical path.
+    ``answer._replace(...)`` gives a changed copy.
     """
 
     qname: str

@@ -49,17 +49,18 @@ class SourceGuard:
     def __init__(self, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network], enabled: bool = True) -> None:
         self.enabled = enabled
         self._networks = [(net.version, int(net.network_address), int(net.netmask)) for net in networks]
-        self._good: set[bytes] = set()
+        #: Sources already found inside a device network (the pipeline looks here first, inline).
+        self.good: set[bytes] = set()
 
     def allows(self, src: bytes) -> bool:
-        if not self.enabled or src in self._good:
+        if not self.enabled or src in self.good:
             return True
         version = 4 if len(src) == 4 else 6
         value = int.from_bytes(src, "big")
         for net_version, network, mask in self._networks:
             if net_version == version and value & mask == network:
-                if len(self._good) < 4096:
-                    self._good.add(src)
+                if len(self.good) < 4096:
+                    self.good.add(src)
                 return True
         return False
 
@@ -103,7 +104,8 @@ class Pipeline:
         except PacketError:
             stats.counters["malformed"] += 1
             return
-        if not self.guard.allows(packet.src):
+        guard = self.guard
+        if packet.src not in guard.good and not guard.allows(packet.src):
             stats.counters["spoofed"] += 1
             return
         self.current_vnet = vnet

@@ -75,6 +75,9 @@ class IpTracker:
 
     def __init__(self, config: IpTrackerConfig) -> None:
         self.config = config
+        #: The lease of every answer when it is fixed (the default), else None: then each record's TTL,
+        #: clamped. Precomputed because learning runs before every DNS reply is released.
+        self._fixed_lease: float | None = None if config.ttl == "record" else config.lease_seconds(0)
         self.table = TrackerTable(
             max_entries=config.max_entries,
             max_ips_per_name=config.max_ips_per_name,
@@ -143,11 +146,20 @@ class IpTracker:
 
     @hookimpl
     def dnsgate_dns_answer(self, answer: DnsAnswer, now: float) -> None:
-        lease = self.config.lease_seconds
+        addresses = answer.addresses
+        if not addresses:
+            return
         learn = self.table.learn
-        for address, ttl in answer.addresses:
-            learn(address, answer.qname, now + lease(ttl), answer.client)
-        self.learned += len(answer.addresses)
+        fixed = self._fixed_lease
+        if fixed is not None:
+            expiry = now + fixed
+            for address, _ttl in addresses:
+                learn(address, answer.qname, expiry, answer.client)
+        else:
+            lease = self.config.lease_seconds
+            for address, ttl in addresses:
+                learn(address, answer.qname, now + lease(ttl), answer.client)
+        self.learned += len(addresses)
 
     # -- the policy ----------------------------------------------------------------------------------
 
