@@ -116,6 +116,17 @@ def dnsgate_blocked(packet: Packet, flow: Flow, decision: Decision, now: float) 
 
 
 @hookspec
+def dnsgate_unmarked_destinations() -> list[tuple[str, str, int]]:
+    """Destinations the plugin reaches through sockets it cannot stamp with the engine's fwmark (a
+    library's own sockets, such as dnspython's DNS-over-QUIC): ``(address, "udp" or "tcp", port)``.
+
+    In firewall mode every unmarked packet is routed into the TUN, so such a socket would loop back into
+    the engine; ``dnsgate run`` routes exactly these destinations around the TUN instead (``ip rule``
+    ``to ADDRESS ipproto PROTO dport PORT lookup main``). Asked once the engine has started."""
+    return []  # a spec's body never runs; this only says what an implementation returns
+
+
+@hookspec
 def dnsgate_dns_answer(answer: DnsAnswer, now: float) -> None:
     """An upstream DNS answer arrived. Called synchronously by the DNS plugin **before** it writes the
     reply to the device, so an application never races the allow-list (DESIGN §6)."""

@@ -26,6 +26,7 @@ from engine import event_loop
 from engine.control import BLOCK_OBSERVER_NAME, ControlError, default_control_path, full_snapshot
 from engine.linux.routes import (
     DEFAULT_STATE_DIR,
+    Bypass,
     MODES,
     Mode,
     RouteError,
@@ -138,7 +139,23 @@ def mode_handler(engine_ref: dict[str, Any], manager: RouteManager) -> Any:
     return set_mode
 
 
-def reload_handler(engine_ref: dict[str, Any], set_mode: Any) -> Any:
+def unmarked_destinations(engine: Any) -> list[Bypass]:
+    """What the plugins reach through sockets without the engine's fwmark (``dnsgate_unmarked_destinations``)."""
+    return [tuple(item) for answer in engine.hook.dnsgate_unmarked_destinations() for item in answer or ()]
+
+
+def route_unmarked_around_tun(engine: Any, manager: RouteManager) -> None:
+    """Give the plugins' unmarked destinations their bypass rules (firewall mode would loop them)."""
+    destinations = unmarked_destinations(engine)
+    rules = manager.set_bypass(destinations)
+    for address, proto, port in destinations:
+        log.info("routing %s/%s:%s around the TUN: a plugin reaches it through a socket without the fwmark",
+                 proto, address, port)
+    if not rules:
+        log.debug("no destination needs to bypass the TUN")
+
+
+def reload_handler(engine_ref: dict[str, Any], set_mode: Any, manager: RouteManager | None = None) -> Any:
     """``ctl reload``: the engine rebuilds changed plugins; if the profile's own ``mode`` was edited, the
     routes follow it (a mode chosen with ``ctl mode`` is kept while the file's mode stays the same)."""
 
@@ -151,6 +168,11 @@ def reload_handler(engine_ref: dict[str, Any], set_mode: Any) -> Any:
         result = engine_handlers(engine)["reload"](request)
         if inspect.isawaitable(result):
             result = await result
+        if manager is not None:  # a reloaded plugin may reach other unmarked destinations
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, route_unmarked_around_tun, engine, manager)
+            except RouteError as error:
+                raise ControlError(str(error)) from None
         try:
             after = load_profile(path).engine.mode
         except ProfileError:
@@ -220,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         engine_ref["engine"] = engine
         engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
         engine.mode = mode
+        route_unmarked_around_tun(engine, manager)  # a RouteError here stops the start, routes undone
         log.info("dnsgate running: %s mode on %s, control socket %s", mode, device.name, control_path)
         if console is not None:
             thread = DashboardThread(engine, console)
@@ -232,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         manager.teardown()
 
     set_mode = mode_handler(engine_ref, manager)
-    extra_handlers = {"mode": set_mode, "reload": reload_handler(engine_ref, set_mode)}
+    extra_handlers = {"mode": set_mode, "reload": reload_handler(engine_ref, set_mode, manager)}
 
     from engine.commands.serve import run_engine
 
@@ -241,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
             profile, device, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
             on_stopping=on_stopping, extra_handlers=extra_handlers,
         ))
-    except (ProfileError, ControlError, OSError, event_loop.EventLoopError) as error:
+    except (ProfileError, ControlError, OSError, RouteError, event_loop.EventLoopError) as error:
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
     finally:

@@ -20,6 +20,12 @@ Layout (all numbers are per network namespace, IPv4 and IPv6 alike):
                                                          the TUN in every mode: this is what keeps open
                                                          connections alive across a mode switch, and what
                                                          makes reverse-path checks on the TUN pass
+  20276-  ``to <address> ipproto udp|tcp dport <port>    the few destinations plugins reach through sockets
+  20279   lookup main``                                  they cannot mark (``dnsgate_unmarked_destinations``:
+                                                         a DoQ upstream, a DoH upstream by hostname) leave
+                                                         through the normal routes instead of looping into
+                                                         the TUN (after 20275: a device connection to the
+                                                         same address keeps its source and its TUN route)
   20280   firewall: ``lookup 2027``                      everything else into the TUN
   20281   dns-only: ``ipproto udp dport 53 lookup 2027`` only DNS into the TUN, the rest untouched
   20282   dns-only: ``ipproto tcp dport 53 lookup 2027``
@@ -63,6 +69,7 @@ PRIORITY_RANGE = range(20270, 20290)
 PRIO_MARK_MAIN = 20270
 PRIO_MARK_GUARD = 20271
 PRIO_DEVICE_SOURCE = 20275
+PRIO_BYPASS = range(20276, 20280)
 PRIO_FIREWALL = 20280
 PRIO_DNS_UDP = 20281
 PRIO_DNS_TCP = 20282
@@ -171,6 +178,27 @@ def plan_mode_rules(mode: Mode, spec: RoutingSpec) -> list[IpRule]:
             rules.append(IpRule(family, PRIO_DNS_TCP, ("ipproto", "tcp", "dport", "53"), table))
         else:
             raise RouteError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    return rules
+
+
+#: ``(address, "udp" | "tcp", port)``: a destination routed around the TUN (see the module docstring).
+Bypass = tuple[str, str, int]
+
+
+def plan_bypass_rules(destinations: Iterable[Bypass]) -> list[IpRule]:
+    """One ``to ADDRESS ipproto PROTO dport PORT lookup main`` rule per destination (duplicates merged)."""
+    unique = list(dict.fromkeys(destinations))
+    if len(unique) > len(PRIO_BYPASS):
+        shown = ", ".join(f"{proto}/{address}:{port}" for address, proto, port in unique)
+        raise RouteError(f"at most {len(PRIO_BYPASS)} destinations can bypass the TUN, plugins asked for {shown}")
+    rules: list[IpRule] = []
+    for priority, (address, proto, port) in zip(PRIO_BYPASS, unique):
+        if proto not in ("udp", "tcp"):
+            raise RouteError(f"cannot route {address}:{port} around the TUN: protocol {proto!r} is not udp or tcp")
+        ip_address = ipaddress.ip_address(address)
+        rules.append(IpRule(ip_address.version, priority,
+                            ("to", f"{ip_address}/{ip_address.max_prefixlen}", "ipproto", proto, "dport", str(port)),
+                            ("lookup", "main")))
     return rules
 
 
@@ -447,6 +475,24 @@ class RouteManager:
         self._state["rules"] = []
         self.mode = None
         self._path.unlink(missing_ok=True)
+
+    def set_bypass(self, destinations: Iterable[Bypass]) -> list[IpRule]:
+        """Route exactly ``destinations`` around the TUN (replacing an earlier set); returns the rules.
+
+        The set is planned (and refused, with the reason) before anything changes; a replacement removes
+        the old rules first, so for a moment an old destination is routed like any other traffic."""
+        rules = plan_bypass_rules(destinations)
+        for entry in [entry for entry in self._state["rules"] if entry["priority"] in PRIO_BYPASS]:
+            _run_quietly([f"-{entry['family']}", "rule", "del", "pref", str(entry["priority"]),
+                          "protocol", str(RULE_PROTOCOL)])
+            self._state["rules"].remove(entry)
+            self._save()
+        try:
+            for rule in rules:
+                self._add_rule(rule)
+        except IpCommandError as error:
+            raise RouteError(f"cannot route a destination around the TUN: {error}") from None
+        return rules
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "table": self.spec.table, "fwmark": self.spec.fwmark,

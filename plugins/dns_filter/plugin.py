@@ -156,6 +156,18 @@ class DnsFilter:
         await self.resolver.open()
         self._submit = self.resolver.submit
 
+    @hookimpl
+    def dnsgate_unmarked_destinations(self) -> list[tuple[str, str, int]]:
+        """DoQ upstreams, and DoH upstreams by hostname, go through dnspython's own sockets, which carry no
+        fwmark: ``dnsgate run`` routes them around the TUN in firewall mode (see the hookspec)."""
+        unmarked: list[tuple[str, str, int]] = []
+        for url in self.urls:
+            if url.scheme == "quic":
+                unmarked.append((url.address, "udp", url.port))
+            elif url.scheme == "https" and url.bootstrap:
+                unmarked.append((url.address, "tcp", url.port))
+        return unmarked
+
     def _not_started(self, pending: PendingQuery, now: float) -> None:
         """Queries before start (or after stop) fail at once instead of waiting for a timeout."""
         self._deliver(pending, None, "not started", now)

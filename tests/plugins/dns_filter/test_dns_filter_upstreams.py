@@ -326,3 +326,12 @@ def test_quic_upstream_restores_the_client_id(certificate: tuple[str, str]) -> N
             assert reply.id == 0x7777 and [r.to_text() for r in reply.answer[0]] == ["198.51.100.10"]
         finally:
             server.close()
+
+
+def test_upstreams_on_unmarked_sockets_are_declared_for_the_bypass_routes() -> None:
+    """DoQ, and DoH by hostname, use dnspython's own sockets (no fwmark): ``dnsgate run`` must route them."""
+    config = {"upstreams": ["quic://192.0.2.53?verify=false", "https://dns.test/dns-query?bootstrap=192.0.2.54",
+                            "https://192.0.2.55/dns-query", "tls://192.0.2.56", "udp://192.0.2.57:53"]}
+    with PluginHarness("dns_filter", config, engine={"fwmark": 0}) as harness:
+        declared = harness.engine.hook.dnsgate_unmarked_destinations()
+    assert declared == [[("192.0.2.53", "udp", 853), ("192.0.2.54", "tcp", 443)]]
