@@ -145,6 +145,7 @@ class DnsFilter:
             policy=engine.socket_options,
             timeout=self.config.timeout,
             attempt_timeout=self.config.attempt_timeout,
+            in_flight=self.pending,
             udp_sockets=self.config.udp_sockets,
             batch=engine.batch,
         )
@@ -299,11 +300,11 @@ class DnsFilter:
             key, query, question, parsed.match, flow.src, client.responder(parsed.udp_limit), now, self._timeout
         )
         pending_table[key] = pending
+        self._submit(pending, now)  # first: the bookkeeping below is off the query's critical path
         try:
             self._udp_flows.move_to_end(flow.key)  # the idle sweep looks at the least recently used first
         except KeyError:
             pass  # a TCP connection: not in the UDP sweep
-        self._submit(pending, now)
 
     def _block_reply(self, query: bytes, question: Question) -> bytes:
         if self.config.block_response == "null":

@@ -4,10 +4,11 @@
   upstream that failed is skipped by later queries until another one fails too.
 * Each attempt has a deadline (``attempt_timeout`` when there is another upstream to fail over to, else
   the query's remaining time); the query has an overall deadline (``timeout``) after which the client
-  gets SERVFAIL. First attempts all get the same delay, so their deadlines arrive in order: a FIFO holds
-  them (an append per query, far cheaper than an asyncio timer handle), and the sweep every 50 ms also
-  drops answered entries from its front, so memory follows the queries in flight, not rate x timeout.
-  Failover attempts (rare, deadlines out of order) go to a small heap.
+  gets SERVFAIL. First attempts all get the same delay, so their deadlines arrive in submission order,
+  which is the order of the plugin's table of queries in flight (a dict: insertion-ordered, answered
+  queries leave it). The sweep every 50 ms walks that table from its oldest entry and stops at the first
+  first attempt still in time: nothing per query on the hot path (no timer handle, no queue entry), and
+  the walk touches only what timed out. Failover attempts (rare, deadlines out of order) go to a small heap.
 * Answers and failures come back through callbacks carrying the attempt number, so a late answer from
   an upstream we already failed over from is recognised and ignored.
 """
@@ -19,6 +20,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 from plugins.dns_filter.pending import PendingQuery
@@ -52,6 +54,7 @@ class Resolver:
         policy: SocketPolicy | None,
         timeout: float,
         attempt_timeout: float,
+        in_flight: Mapping[Any, PendingQuery],
         udp_sockets: int = 4,
         batch: WriteBatch | None = None,
     ) -> None:
@@ -73,7 +76,8 @@ class Resolver:
         self.healthy = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.timeouts = 0
-        self._first: deque[tuple[float, PendingQuery, int]] = deque()
+        #: The plugin's queries in flight, oldest first: the sweep finds first-attempt deadlines here.
+        self._in_flight = in_flight
         self._retries: list[tuple[float, int, PendingQuery, int]] = []
         self._sequence = itertools.count()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -107,13 +111,11 @@ class Resolver:
         pending.attempt += 1
         pending.tried += 1
         pending.sent_at = now
-        more = pending.tried < len(self.upstreams)
-        deadline = min(now + self.attempt_timeout, pending.deadline) if more else pending.deadline
-        if pending.tried == 1:
-            self._first.append((deadline, pending, pending.attempt))
-        else:
-            heapq.heappush(self._retries, (deadline, next(self._sequence), pending, pending.attempt))
         self.upstreams[pending.upstream_index].send(pending)
+        if pending.tried > 1:  # a failover: its deadline is out of submission order
+            more = pending.tried < len(self.upstreams)
+            deadline = min(now + self.attempt_timeout, pending.deadline) if more else pending.deadline
+            heapq.heappush(self._retries, (deadline, next(self._sequence), pending, pending.attempt))
 
     # -- outcomes --------------------------------------------------------------------------------
 
@@ -148,15 +150,20 @@ class Resolver:
     def sweep(self, now: float) -> int:
         """Fail every attempt whose deadline passed; returns how many."""
         failed = 0
-        first = self._first
-        while first:
-            deadline, pending, attempt = first[0]
-            if pending.done or attempt != pending.attempt:
-                first.popleft()  # answered (or failed over): forget it without waiting for its deadline
+        # First attempts: every one was sent ``attempt_timeout`` (capped by the query's own deadline) after
+        # its submission, so the oldest queries time out first. A query that failed over is on the heap.
+        single = len(self.upstreams) == 1
+        cutoff = now - self.attempt_timeout
+        expired: list[PendingQuery] = []
+        for pending in self._in_flight.values():
+            if pending.tried != 1 or pending.done:
                 continue
-            if deadline > now:
+            if pending.deadline > now and (single or pending.sent_at > cutoff):
                 break
-            first.popleft()
+            expired.append(pending)
+        for pending in expired:  # failing one changes the table: collect first, then fail
+            if pending.done or pending.tried != 1:
+                continue
             failed += 1
             self.timeouts += 1
             self._attempt_failed(pending, now, "timeout")

@@ -13,7 +13,7 @@ import pytest
 from engine.decision import Verdict
 from engine.hookspecs import hookimpl
 from engine.packet import ACK, FIN, PROTO_TCP, PROTO_UDP, SYN
-from engine.testing import syn, tcp, udp
+from engine.testing import PluginHarness, syn, tcp, udp
 
 from dnsfilter_support import query, replies, wait_reply
 
@@ -48,9 +48,8 @@ def test_query_to_any_address_is_answered_after_the_event(dns_bench: Bench, clie
     snap = bench.plugin.snapshot()
     assert snap["queries"] == 1 and snap["answers"] == 1 and snap["pending"] == 0
     assert snap["latency"]["samples"] == 1
-    # The answered query's deadline entry is dropped at the next sweep, not kept until its deadline.
-    bench.plugin.resolver.sweep(bench.harness.now())
-    assert len(bench.plugin.resolver._first) == 0
+    # An answered query leaves nothing for the deadline sweep, even once its deadline has passed.
+    assert bench.plugin.resolver.sweep(bench.harness.now() + 60) == 0
 
 
 def test_cname_chain_in_event(dns_bench: Bench) -> None:
@@ -311,3 +310,34 @@ def test_answer_event_follows_pluggy_registration_arguments_and_wrappers(dns_ben
     bench.harness.feed(udp("10.0.0.2", 40010, "10.0.0.1", 53, query("three.test.", qid=3)))
     wait_reply(bench)
     assert late.qnames == ["one.test", "two.test"] and len(bench.recorder.events) == 3
+
+
+def test_the_deadline_sweep_fails_first_attempts_oldest_first_and_only_when_due() -> None:
+    """The sweep walks the in-flight table from its oldest query and stops at the first one still in time."""
+    import socket
+
+    dead = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]  # bound, never read
+    for sock in dead:
+        sock.bind(("127.0.0.1", 0))
+    config = {"upstreams": [f"udp://127.0.0.1:{sock.getsockname()[1]}" for sock in dead],
+              "attempt_timeout": "2s", "timeout": "5s", "udp_sockets": 1}
+    try:
+        with PluginHarness("dns_filter", config, engine={"fwmark": 0}) as harness:
+            resolver = harness.plugin.resolver
+            start = harness.now()
+            harness.feed(udp("10.0.0.2", 40100, "10.0.0.1", 53, query("first.test.")))
+            harness.clock.offset += 1.0
+            harness.feed(udp("10.0.0.2", 40101, "10.0.0.1", 53, query("second.test.")))
+            assert resolver.sweep(start + 1.9) == 0
+            assert resolver.sweep(start + 2.5) == 1  # only the first query's attempt is due: it fails over
+            first, second = sorted(harness.plugin.pending.values(), key=lambda p: p.started)
+            assert (first.tried, second.tried) == (2, 1)
+            assert resolver.sweep(start + 3.5) == 1  # now the second one's
+            assert second.tried == 2 and resolver.timeouts == 2
+            assert resolver.sweep(start + 5.5) == 1  # the first query's 5 s are up: SERVFAIL
+            assert list(harness.plugin.pending.values()) == [second]
+            assert resolver.sweep(start + 6.5) == 1  # and the second's
+            assert harness.plugin.pending == {} and harness.plugin.snapshot()["servfail"] == 2
+    finally:
+        for sock in dead:
+            sock.close()
