@@ -42,6 +42,8 @@ CLASSIC_UDP_SIZE = 512
 OUR_EDNS_SIZE = 1232
 
 _HEADER = struct.Struct("!HHHHHH")
+_QUERY_FIXED = struct.Struct("!HHHHH")  # the header after the id: flags and the four counts
+_TYPE_CLASS = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 _MAX_POINTER_HOPS = 32
 
@@ -161,46 +163,49 @@ def parse_query(msg: bytes) -> Query:
     """Header, question, reply-matching key and EDNS size of a query, in one pass over the bytes.
 
     The common shape (one uncompressed question, no answer/authority records, at most an OPT record)
-    takes a fast path of a few slices; anything else goes through the general helpers.
+    takes a fast path of a few slices; anything else goes through the general helpers. This runs for
+    every query before it can be sent upstream, so it is written for few bytecodes: one unpack of the
+    fixed header, one test per label (a length over 63 is either compression or an invalid label type:
+    the general path decides which), and the name lower-cased once, as bytes, before it is decoded.
     """
-    if len(msg) < HEADER_LEN:
+    end = len(msg)
+    if end < HEADER_LEN:
         raise WireError("message shorter than a DNS header")
-    _id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(msg, 0)
+    flags, qdcount, ancount, nscount, arcount = _QUERY_FIXED.unpack_from(msg, 2)
     if qdcount != 1:
         raise WireError(f"expected one question, got {qdcount}")
-    end = len(msg)
     offset = HEADER_LEN
     labels: list[bytes] = []
     while True:
         if offset >= end:
             raise WireError("name runs past the end of the message")
         length = msg[offset]
-        if length == 0:
+        if not length:
             break
-        if length & 0xC0:
+        if length > 63:
             # Compressed or exotic question name: rare, take the general path.
             question = read_question(msg)
             return Query(question, question_bytes(msg), client_udp_limit(msg, question.end), flags)
-        labels.append(msg[offset + 1 : offset + 1 + length])
-        offset += 1 + length
+        offset += length + 1
+        labels.append(msg[offset - length : offset])
     name_end = offset + 1
-    if name_end + 4 > end or name_end - HEADER_LEN > 255:
-        raise WireError("truncated question or name too long")
-    raw_name = b".".join(labels)
-    try:
-        qname = raw_name.decode("ascii").lower()
-    except UnicodeDecodeError:
-        qname = raw_name.decode("ascii", "backslashreplace").lower()
-    qtype, qclass = struct.unpack_from("!HH", msg, name_end)
     question_end = name_end + 4
-    match = msg[HEADER_LEN:name_end].lower() + msg[name_end:question_end]
+    if question_end > end or name_end > HEADER_LEN + 255:
+        raise WireError("truncated question or name too long")
+    raw_name = b".".join(labels).lower()
+    try:
+        qname = raw_name.decode("ascii")
+    except UnicodeDecodeError:
+        qname = raw_name.decode("ascii", "backslashreplace")
+    qtype, qclass = _TYPE_CLASS.unpack_from(msg, name_end)
     question = Question(qname, qtype, qclass, question_end)
-    if arcount == 0:
+    match = msg[HEADER_LEN:name_end].lower() + msg[name_end:question_end]
+    if not arcount:
         return Query(question, match, CLASSIC_UDP_SIZE, flags)
-    if ancount == 0 and nscount == 0 and arcount == 1 and question_end + 11 <= end and msg[question_end] == 0:
-        rtype, rclass = struct.unpack_from("!HH", msg, question_end + 1)
+    if not ancount and not nscount and arcount == 1 and question_end + 11 <= end and not msg[question_end]:
+        rtype, rclass = _TYPE_CLASS.unpack_from(msg, question_end + 1)
         if rtype == TYPE_OPT:
-            return Query(question, match, max(CLASSIC_UDP_SIZE, rclass), flags)
+            return Query(question, match, rclass if rclass > CLASSIC_UDP_SIZE else CLASSIC_UDP_SIZE, flags)
     return Query(question, match, client_udp_limit(msg, question_end), flags)
 
 
