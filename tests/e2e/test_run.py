@@ -355,49 +355,6 @@ def test_exec_leftovers_after_sigkill_are_removed_by_the_next_exec(topology: Top
     assert list(state.glob("exec-*.json")) == []
 
 
-DOQ_SERVER = '''
-"""A DNS-over-QUIC server (RFC 9250, aioquic) answering one A record; argv: address port cert key name answer."""
-import asyncio, struct, sys
-import dns.message, dns.name, dns.rdatatype, dns.rrset
-from aioquic.asyncio import QuicConnectionProtocol, serve
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import StreamDataReceived
-
-address, port, cert, key, name, answer = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7]
-
-
-class Protocol(QuicConnectionProtocol):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.buffers = {}
-
-    def quic_event_received(self, event):
-        if not isinstance(event, StreamDataReceived):
-            return
-        data = self.buffers.get(event.stream_id, b"") + event.data
-        self.buffers[event.stream_id] = data
-        if not event.end_stream:
-            return
-        query = dns.message.from_wire(data[2:])
-        reply = dns.message.make_response(query)
-        question = query.question[0]
-        if question.name == dns.name.from_text(name) and question.rdtype == dns.rdatatype.A:
-            reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", answer))
-        wire = reply.to_wire()
-        self._quic.send_stream_data(event.stream_id, struct.pack("!H", len(wire)) + wire, end_stream=True)
-        self.transmit()
-
-
-async def main():
-    configuration = QuicConfiguration(is_client=False, alpn_protocols=["doq"])
-    configuration.load_cert_chain(cert, key)
-    await serve(address, port, configuration=configuration, create_protocol=Protocol)
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-'''
-
-
 def test_firewall_mode_routes_a_doq_upstream_around_the_tun(topology: Topology) -> None:
     """dnspython's DoQ socket carries no fwmark: without its bypass rule it would loop into the TUN (and be
     refused there as a hard-coded address), so every query would end in SERVFAIL."""
@@ -406,7 +363,7 @@ def test_firewall_mode_routes_a_doq_upstream_around_the_tun(topology: Topology) 
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dns.test",
                     "-addext", f"subjectAltName=IP:{DNS_V4}", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    script = topology.write_file("doq_server.py", DOQ_SERVER)
+    script = REPO_ROOT / "tests" / "doq_server.py"
     server = topology.server.spawn([PY, str(script), DNS_V4, "853", str(cert), str(key), "doq.example.com", WEB_V4],
                                    name="doq")
     topology.server.wait_listening(853, "udp", proc=server)

@@ -283,34 +283,10 @@ def _free_udp_port() -> int:
 
 
 def _serve_doq(loop: Any, port: int, certificate: tuple[str, str]) -> Any:
-    """A DNS-over-QUIC server (RFC 9250) on ``loop``, built on aioquic, answering from the test zone."""
-    from aioquic.asyncio import QuicConnectionProtocol, serve
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.events import StreamDataReceived
+    """A DNS-over-QUIC server (RFC 9250, ``tests/doq_server.py``) on ``loop``, answering from the test zone."""
+    from tests.doq_server import serve_doq
 
-    class Protocol(QuicConnectionProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.buffers: dict[int, bytes] = {}
-
-        def quic_event_received(self, event: Any) -> None:
-            if not isinstance(event, StreamDataReceived):
-                return
-            data = self.buffers.get(event.stream_id, b"") + event.data
-            self.buffers[event.stream_id] = data
-            if not event.end_stream:
-                return
-            message = dns.message.from_wire(data[2:])
-            assert message.id == 0  # RFC 9250: the id is 0 on the wire
-            reply = build_reply(message)
-            assert reply is not None
-            wire = reply.to_wire()
-            self._quic.send_stream_data(event.stream_id, struct.pack("!H", len(wire)) + wire, end_stream=True)
-            self.transmit()
-
-    configuration = QuicConfiguration(is_client=False, alpn_protocols=["doq"])
-    configuration.load_cert_chain(*certificate)
-    return loop.run_until_complete(serve("127.0.0.1", port, configuration=configuration, create_protocol=Protocol))
+    return loop.run_until_complete(serve_doq("127.0.0.1", port, certificate, build_reply))
 
 
 def test_quic_upstream_restores_the_client_id(certificate: tuple[str, str]) -> None:
