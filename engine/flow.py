@@ -9,7 +9,7 @@ a tuple of bytes is what makes the fast-path lookup cheap.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Dict, Generic, Iterator, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Iterator, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
     from engine.decision import Decision
@@ -82,6 +82,9 @@ class FlowHandler(Protocol):
 
     def close(self, now: float) -> None: ...
 
+    # Optional, for UDP handlers: ``on_datagram(payload, now)`` takes a later plain IPv4 datagram's payload
+    # (a view, valid during the call) without the parsed Packet: the pipeline's UDP fast lane.
+
 
 def replaceable_by(handler: object, packet: Packet) -> bool:
     """True when a new SYN may replace the flow's handler (a TCP endpoint in TIME_WAIT, RFC 6191)."""
@@ -98,7 +101,7 @@ class Flow:
     __slots__ = (
         "key", "version", "proto", "src", "sport", "dst", "dport", "created", "last_seen", "labels",
         "decision", "handler", "inspect", "packets_out", "bytes_out", "packets_in", "bytes_in", "stash",
-        "closed", "id",
+        "closed", "id", "datagram",
     )
 
     def __init__(self, key: FlowKey, version: int, now: float, flow_id: int = 0) -> None:
@@ -118,6 +121,8 @@ class Flow:
         self.stash = Stash()
         self.closed = False
         self.id = flow_id
+        #: The handler's ``on_datagram`` for a UDP flow whose handler has one (set with the handler).
+        self.datagram: Callable[[Any, float], None] | None = None
 
     @property
     def src_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -96,6 +96,8 @@ _TCP_HDR = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, fla
 _V4_TCP = struct.Struct("!2xHxxHBxxx4s4sHHIIBBH")
 _V6_TCP = struct.Struct("!4xHxB16s16sHHIIBBH")
 _V4_UDP = struct.Struct("!2xHxxHBxxx4s4sHHH")
+#: IPv4 (no options) + UDP header fields: total length, fragment field, TTL, src, dst, ports, UDP length.
+V4_UDP_HEADERS = _V4_UDP
 _V6_UDP = struct.Struct("!4xHxB16s16sHHH")
 _UDP_HDR = struct.Struct("!HHH")  # sport, dport, length
 _ICMP_HDR = struct.Struct("!BBxxH")  # type, code, identifier (meaningful for echo only)

@@ -19,12 +19,14 @@ from engine.packet import (
     PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_TCP,
+    PROTO_UDP,
     RST,
     SYN,
     Packet,
     PacketError,
     VnetHeader,
     parse,
+    V4_UDP_HEADERS,
 )
 
 if TYPE_CHECKING:
@@ -99,6 +101,22 @@ class Pipeline:
         stats = self.stats
         stats.packets_out += 1
         stats.bytes_out += len(data)
+        if vnet is None and len(data) >= 28 and data[0] == 0x45 and data[9] == PROTO_UDP:
+            # UDP fast lane: a plain IPv4 datagram (no options, not a fragment) of a flow whose handler
+            # takes payloads (``on_datagram``: dns_filter's client flows) needs no Packet object.
+            total, frag, _ttl, src, dst, sport, dport, ulen = V4_UDP_HEADERS.unpack_from(data)
+            if not frag & 0x3FFF and total <= len(data) and ulen >= 8 and 20 + ulen <= total:
+                flow = self.flows.flows.get((PROTO_UDP, src, sport, dst, dport))
+                if flow is not None and flow.datagram is not None and src in self.guard.good:
+                    flow.last_seen = now
+                    flow.packets_out += 1
+                    flow.bytes_out += total
+                    self.current_vnet = None
+                    try:
+                        flow.datagram(data[28 : 20 + ulen], now)
+                    except Exception:
+                        self._handler_failed(flow, now)
+                    return
         try:
             packet = parse(data)
         except PacketError:
@@ -201,6 +219,8 @@ class Pipeline:
         if handler is not None:
             flow.handler = handler
             flow.inspect = decision.inspect
+            if flow.proto == PROTO_UDP and not flow.inspect:
+                flow.datagram = getattr(handler, "on_datagram", None)
             counters["flows_accepted"] += 1
             self._safe_hook("dnsgate_flow_opened", flow=flow, now=now)
             return

@@ -190,6 +190,7 @@ class Engine:
         # under connection churn, let dead connections pile up in the oldest generation: tens of MB and a
         # long pause when it finally ran).
         flow.handler = None
+        flow.datagram = None
 
     def end_flow(self, flow: Flow, now: float, reason: str) -> None:
         """The engine ends a flow (expiry, eviction, shutdown, ``ctl close``): close its handler too."""

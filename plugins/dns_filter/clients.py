@@ -9,7 +9,7 @@ fragment). TCP (RFC 7766): the engine's user-space TCP endpoint terminates the c
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from engine.packet import UdpFlowBuilder
 from engine.udp_out import write_datagrams
@@ -72,6 +72,10 @@ class UdpDnsHandler:
 
     def on_packet(self, packet: Packet, now: float) -> None:
         self.sink(self.flow, bytes(packet.payload), self, now)
+
+    def on_datagram(self, payload: Any, now: float) -> None:
+        """The pipeline's UDP fast lane: the query's bytes without a parsed Packet."""
+        self.sink(self.flow, bytes(payload), self, now)
 
     def responder(self, udp_limit: int) -> Respond:
         """Replies to this query are cut to the client's EDNS size (512 without), capped by the MTU."""

@@ -72,6 +72,31 @@ class RecordingHandler:
         return self.time_wait
 
 
+class DatagramRecorder(Recorder):
+    """Like Recorder, but its handlers also take the pipeline's UDP fast lane (``on_datagram``)."""
+
+    name = "datagram_recorder"
+
+    @hookimpl
+    def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> RecordingHandler:
+        self.calls.append("forward")
+        handler = DatagramHandler(first=packet.sport)
+        self.handlers.append(handler)
+        return handler
+
+
+class DatagramHandler(RecordingHandler):
+    def __init__(self, first: int) -> None:
+        super().__init__(first)
+        self.datagrams: list[bytes] = []
+        self.explode = False
+
+    def on_datagram(self, payload: Any, now: float) -> None:
+        if self.explode:
+            raise RuntimeError("boom")
+        self.datagrams.append(bytes(payload))
+
+
 class Exploding:
     """Raises in every pipeline hook: must cost only its own answer."""
 

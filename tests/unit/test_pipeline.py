@@ -160,3 +160,47 @@ def test_client_rst_on_a_rejected_flow_is_not_answered_and_does_not_raise() -> N
         result = harness.feed(tcp("10.0.0.2", 40000, "192.0.2.7", 443, flags=RST, seq=1001))
         assert result.written == []
         assert harness.feed(syn("10.0.0.2", 40001, "192.0.2.7", 443)).written[0].tcp_flags & RST
+
+
+DATAGRAMS = "tests.unit.sample_plugins:DatagramRecorder"
+
+
+def _ipv4_options(packet: bytes) -> bytes:
+    """The same IPv4 packet with a 4-byte options field (NOP x4): IHL 6, lengths and checksum fixed."""
+    import struct
+
+    from engine.packet import checksum
+
+    header = bytearray(packet[:20])
+    header[0] = 0x46
+    header[2:4] = struct.pack("!H", len(packet) + 4)
+    header[10:12] = b"\x00\x00"
+    options = bytes(header) + b"\x01\x01\x01\x01"
+    fixed = options[:10] + struct.pack("!H", checksum(options)) + options[12:]
+    return fixed + packet[20:]
+
+
+def test_udp_fast_lane_hands_later_datagrams_to_on_datagram() -> None:
+    with PluginHarness(DATAGRAMS) as harness:
+        first = harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"one"))
+        flow = first.flow
+        assert flow is not None and flow.datagram is not None
+        harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"two"))
+        harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"three!"))
+        handler = harness.plugin.handlers[0]
+        assert handler.datagrams == [b"two", b"three!"] and handler.packets == []
+        assert flow.packets_out == 3 and flow.bytes_out == 3 * 28 + 3 + 3 + 6
+        # Not for the fast lane: IPv4 options (the generic parse handles them), and after the flow closed.
+        harness.feed(_ipv4_options(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"opts")))
+        assert handler.packets == [4] and handler.datagrams == [b"two", b"three!"]
+        harness.engine.close_flow(flow, harness.now(), "test")
+        assert flow.datagram is None and flow.handler is None
+
+
+def test_udp_fast_lane_contains_a_failing_handler() -> None:
+    with PluginHarness(DATAGRAMS) as harness:
+        flow = harness.feed(udp("10.0.0.2", 5001, "192.0.2.7", 9999, b"one")).flow
+        assert flow is not None
+        harness.plugin.handlers[0].explode = True
+        harness.feed(udp("10.0.0.2", 5001, "192.0.2.7", 9999, b"two"))
+        assert harness.engine.stats.counters["handler_errors"] == 1 and flow.closed
