@@ -17,11 +17,29 @@ class EmptyConfig:
     pass
 
 
+class RecordingHandler:
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.packets: list[int] = []
+        self.closed = False
+        self.time_wait = False
+
+    def on_packet(self, packet: Packet, now: float) -> None:
+        self.packets.append(packet.seq if packet.proto == 6 else len(packet.payload))
+
+    def close(self, now: float) -> None:
+        self.closed = True
+
+    def accepts_new_syn(self, packet: Packet) -> bool:
+        return self.time_wait
+
+
 class Recorder:
     """Accepts everything, forwards into a handler that records packets; counts hook calls."""
 
     name = "recorder"
     Config = EmptyConfig
+    handler_class: type[RecordingHandler] = RecordingHandler
 
     def __init__(self, config: EmptyConfig) -> None:
         self.config = config
@@ -50,39 +68,12 @@ class Recorder:
     @hookimpl
     def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> RecordingHandler:
         self.calls.append("forward")
-        handler = RecordingHandler(first=packet.sport)
+        handler = self.handler_class(first=packet.sport)
         self.handlers.append(handler)
         return handler
 
 
-class RecordingHandler:
-    def __init__(self, first: int) -> None:
-        self.first = first
-        self.packets: list[int] = []
-        self.closed = False
-        self.time_wait = False
 
-    def on_packet(self, packet: Packet, now: float) -> None:
-        self.packets.append(packet.seq if packet.proto == 6 else len(packet.payload))
-
-    def close(self, now: float) -> None:
-        self.closed = True
-
-    def accepts_new_syn(self, packet: Packet) -> bool:
-        return self.time_wait
-
-
-class DatagramRecorder(Recorder):
-    """Like Recorder, but its handlers also take the pipeline's UDP fast lane (``on_datagram``)."""
-
-    name = "datagram_recorder"
-
-    @hookimpl
-    def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> RecordingHandler:
-        self.calls.append("forward")
-        handler = DatagramHandler(first=packet.sport)
-        self.handlers.append(handler)
-        return handler
 
 
 class DatagramHandler(RecordingHandler):
@@ -95,6 +86,13 @@ class DatagramHandler(RecordingHandler):
         if self.explode:
             raise RuntimeError("boom")
         self.datagrams.append(bytes(payload))
+
+
+class DatagramRecorder(Recorder):
+    """Like Recorder, but its handlers also take the pipeline's UDP fast lane (``on_datagram``)."""
+
+    name = "datagram_recorder"
+    handler_class = DatagramHandler
 
 
 class Exploding:
