@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowTable, replaceable_by
-from engine.plugin_manager import DirectHook
+from engine.plugin_manager import PositionalHook
 from engine.packet import (
     ACK,
     PROTO_ICMP,
@@ -88,7 +88,7 @@ class Pipeline:
         self.stats = engine.stats
         self.hook = engine.hook
         # The per-new-flow hooks, called without pluggy's generic machinery (same order and arguments).
-        self._direct: dict[str, DirectHook] = {}
+        self._direct: dict[str, PositionalHook] = {}
         self.current_vnet: VnetHeader | None = None
         """The vnet header of the packet being handled (GSO size of a UDP super-packet), else None."""
         self.dry_run = False
@@ -165,7 +165,7 @@ class Pipeline:
             self._new_flow(packet, now)
             return
         if flow.inspect:
-            verdict = self._safe_hook("dnsgate_inspect", packet=packet, flow=flow, now=now)
+            verdict = self._safe_hook("dnsgate_inspect", packet, flow, now)
             if isinstance(verdict, Decision) and not verdict.allowed:
                 flow.decision = verdict
                 self.engine.close_flow(flow, now, f"inspect: {verdict.describe()}")
@@ -200,18 +200,18 @@ class Pipeline:
         counters["flows_new"] += 1
         flow.packets_out = 1
         flow.bytes_out = len(packet.buf)
-        self._safe_hook("dnsgate_classify", packet=packet, flow=flow, now=now)
-        decision = self._safe_hook("dnsgate_filter", packet=packet, flow=flow, now=now)
+        self._safe_hook("dnsgate_classify", packet, flow, now)
+        decision = self._safe_hook("dnsgate_filter", packet, flow, now)
         if not isinstance(decision, Decision):
             decision = ACCEPT_BY_DEFAULT
         flow.decision = decision
-        self._safe_hook("dnsgate_track", packet=packet, flow=flow, decision=decision, now=now)
+        self._safe_hook("dnsgate_track", packet, flow, decision, now)
         handler = None
         if decision.allowed:
             if self.dry_run:
                 handler = DryRunHandler()
             else:
-                handler = self._safe_hook("dnsgate_forward", packet=packet, flow=flow, now=now)
+                handler = self._safe_hook("dnsgate_forward", packet, flow, now)
             if handler is None:
                 # Accepted, but nothing can carry it (e.g. no tcp_forward in the profile): refuse it
                 # cleanly instead of leaving the client to time out.
@@ -222,22 +222,23 @@ class Pipeline:
             if flow.proto == PROTO_UDP and not flow.inspect:
                 flow.datagram = getattr(handler, "on_datagram", None)
             counters["flows_accepted"] += 1
-            self._safe_hook("dnsgate_flow_opened", flow=flow, now=now)
+            self._safe_hook("dnsgate_flow_opened", flow, now)
             return
         counters[f"blocked.{decision.plugin}"] += 1
         self._log_block(flow, decision)
-        self._safe_hook("dnsgate_blocked", packet=packet, flow=flow, decision=decision, now=now)
+        self._safe_hook("dnsgate_blocked", packet, flow, decision, now)
         if decision.verdict is Verdict.REJECT:
             self.engine.reject(packet, now, decision)
 
-    def _safe_hook(self, name: str, **kwargs: Any) -> Any:
-        """Call a hook; plugin errors are already contained per plugin, this guards pluggy itself
-        (e.g. a wrapper that raises)."""
+    def _safe_hook(self, name: str, *args: Any) -> Any:
+        """Call a hook with its arguments in the hookspec's order; plugin errors are already contained per
+        plugin, this guards pluggy itself (e.g. a wrapper that raises)."""
         direct = self._direct.get(name)
         if direct is None:
-            direct = self._direct[name] = DirectHook(getattr(self.hook, name))
+            caller = getattr(self.hook, name)
+            direct = self._direct[name] = PositionalHook(caller, *caller.spec.argnames)
         try:
-            return direct(**kwargs)
+            return direct(*args)
         except Exception:
             self.stats.counters[f"hook_errors.{name}"] += 1
             log.exception("hook %s failed", name)

@@ -219,48 +219,6 @@ def same_plugin(old: Any, new: Any) -> bool:
     return type(old) is type(new) and getattr(old, "config", None) == getattr(new, "config", object())
 
 
-class DirectHook:
-    """Calls one hook's implementations directly, with pluggy's order and argument rules.
-
-    Why: pluggy's generic path (``HookCaller.__call__`` -> ``_hookexec`` -> ``_multicall``: argument
-    checks, a result list, try/finally, one argument list per implementation) costs several µs per call,
-    and a new flow makes five or six hook calls: a visible share of a short TCP connection. pluggy stays
-    the registry: the implementations are re-read on every call (``get_hookimpls`` is a list copy and an
-    identity compare), so plugins registered or unregistered later (reload, observers) are seen. With any
-    wrapper among them the full pluggy call is used, and exceptions propagate exactly as pluggy's would.
-    """
-
-    __slots__ = ("caller", "firstresult", "_impls", "_calls")
-
-    def __init__(self, caller: pluggy.HookCaller) -> None:
-        self.caller = caller
-        spec = caller.spec
-        self.firstresult = bool(spec is not None and spec.opts.get("firstresult"))
-        self._impls: list[Any] | None = None
-        self._calls: list[tuple[Callable[..., Any], tuple[str, ...]]] | None = None
-
-    def __call__(self, **kwargs: Any) -> Any:
-        impls = self.caller.get_hookimpls()
-        if impls != self._impls:
-            self._impls = impls
-            self._calls = _direct_calls(impls)
-        calls = self._calls
-        if calls is None:
-            return self.caller(**kwargs)
-        if self.firstresult:
-            for function, argnames in calls:
-                result = function(*[kwargs[name] for name in argnames])
-                if result is not None:
-                    return result
-            return None
-        results = []
-        for function, argnames in calls:
-            result = function(*[kwargs[name] for name in argnames])
-            if result is not None:
-                results.append(result)
-        return results
-
-
 def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str, ...]]] | None:
     """``(function, argnames)`` in pluggy's call order (last registered first), or None when a wrapper is
     among the implementations."""
@@ -275,12 +233,19 @@ _Step = tuple[Callable[..., Any], "tuple[int, ...] | None", "Callable[[], Any] |
 
 
 class PositionalHook:
-    """A hook called with positional arguments in a fixed order: the cheapest call for a per-packet or
-    per-query hook (``dnsgate_dns_answer`` fires before every DNS reply is released).
+    """Calls one hook's implementations directly, with positional arguments in a fixed order.
 
-    Same rules as :class:`DirectHook` (pluggy's order, implementations re-read on every call, the full
-    pluggy call when a wrapper is registered), and the same containment as :class:`GuardedPlugin`: a
-    guarded implementation is called unwrapped inside a try/except that runs the guard's own handler.
+    Why: pluggy's generic path (``HookCaller.__call__`` -> ``_hookexec`` -> ``_multicall``: argument
+    checks, a result list, try/finally, one argument list per implementation) costs several µs per call;
+    a new flow makes five or six hook calls (a visible share of a short TCP connection) and
+    ``dnsgate_dns_answer`` fires before every DNS reply is released. pluggy stays the registry and its
+    rules hold: implementations in pluggy's order, each given the arguments it names, the first
+    non-None result for a ``firstresult`` hook, a list otherwise. The implementations are re-read on
+    every call (``get_hookimpls`` is a list copy and an identity compare), so plugins registered or
+    unregistered later (reload, observers) are seen; with any wrapper among them the full pluggy call is
+    used. Containment is :class:`GuardedPlugin`'s: a guarded implementation is called unwrapped inside a
+    try/except that runs the guard's own handler (one frame and argument packing less per call); other
+    exceptions propagate as pluggy's would.
     """
 
     __slots__ = ("caller", "argnames", "firstresult", "_impls", "_plan")
