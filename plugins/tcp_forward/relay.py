@@ -156,19 +156,18 @@ class Relay:
         self._on_dialed(self, DIAL_OK, None)
 
     def _dial_failed(self, error: OSError) -> None:
-        if not self.dialing:
-            return
-        self._end_dial()
-        self._close_socket(reset=False)
-        self._on_dialed(self, DIAL_FAILED, error)
+        self._give_up_dial(DIAL_FAILED, error)
 
     def _dial_timed_out(self) -> None:
-        self._ticket = None
+        self._ticket = None  # fired: nothing left to cancel
+        self._give_up_dial(DIAL_TIMEOUT, None)
+
+    def _give_up_dial(self, outcome: str, error: OSError | None) -> None:
         if not self.dialing:
             return
         self._end_dial()
         self._close_socket(reset=False)
-        self._on_dialed(self, DIAL_TIMEOUT, None)
+        self._on_dialed(self, outcome, error)
 
     def _end_dial(self) -> None:
         self.dialing = False
