@@ -101,9 +101,11 @@ class Pipeline:
         stats = self.stats
         stats.packets_out += 1
         stats.bytes_out += len(data)
-        if vnet is None and len(data) >= 28 and data[0] == 0x45 and data[9] == PROTO_UDP:
+        if len(data) >= 28 and data[0] == 0x45 and data[9] == PROTO_UDP and (vnet is None or not vnet.gso_type):
             # UDP fast lane: a plain IPv4 datagram (no options, not a fragment) of a flow whose handler
-            # takes payloads (``on_datagram``: dns_filter's client flows) needs no Packet object.
+            # takes payloads (``on_datagram``: dns_filter's client flows) needs no Packet object. On an
+            # offload TUN the kernel hands over local datagrams with a vnet header that only says "checksum
+            # partial" (no GSO): still one datagram, and the payload is all the handler reads.
             total, frag, _ttl, src, dst, sport, dport, ulen = V4_UDP_HEADERS.unpack_from(data)
             if not frag & 0x3FFF and total <= len(data) and ulen >= 8 and 20 + ulen <= total:
                 flow = self.flows.flows.get((PROTO_UDP, src, sport, dst, dport))

@@ -197,6 +197,22 @@ def test_udp_fast_lane_hands_later_datagrams_to_on_datagram() -> None:
         assert flow.datagram is None and flow.handler is None
 
 
+def test_udp_fast_lane_takes_checksum_partial_datagrams_from_an_offload_device() -> None:
+    """A real TUN with offloads hands local datagrams over with a vnet header saying only "checksum
+    partial": still one datagram for the fast lane. A UDP GSO super-packet is several: the generic path."""
+    from engine.packet import GSO_NONE, GSO_UDP_L4, VNET_HDR_F_NEEDS_CSUM, VnetHeader
+
+    partial = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6)
+    with PluginHarness(DATAGRAMS, offload=True) as harness:
+        flow = harness.feed(udp("10.0.0.2", 5002, "192.0.2.7", 9999, b"one"), partial).flow
+        assert flow is not None and flow.datagram is not None
+        harness.feed(udp("10.0.0.2", 5002, "192.0.2.7", 9999, b"two"), partial)
+        handler = harness.plugin.handlers[0]
+        assert handler.datagrams == [b"two"] and handler.packets == []
+        harness.feed(udp("10.0.0.2", 5002, "192.0.2.7", 9999, b"x" * 16), VnetHeader.for_udp(20, 8))
+        assert handler.datagrams == [b"two"] and handler.packets == [16]
+
+
 def test_udp_fast_lane_contains_a_failing_handler() -> None:
     with PluginHarness(DATAGRAMS) as harness:
         flow = harness.feed(udp("10.0.0.2", 5001, "192.0.2.7", 9999, b"one")).flow
