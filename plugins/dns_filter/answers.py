@@ -29,6 +29,8 @@ from plugins.dns_filter.wire import (
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _MAX_CHAIN = 16
+#: A compression pointer to offset 12, where the question name starts.
+_POINTER_TO_QUESTION = b"\xc0\x0c"
 _SVC_IPV4HINT = 4
 _SVC_IPV6HINT = 6
 
@@ -116,6 +118,14 @@ def parse_answer(reply: bytes, qname: str, question_end: int = 0) -> ParsedAnswe
     if offset > end:
         raise WireError("truncated question")
     if qdcount == 1:
+        if ancount == 1 and reply[offset : offset + 2] == _POINTER_TO_QUESTION and offset + 12 <= end:
+            # The most common answer of all, one A or AAAA record owned by the question name: no loop.
+            rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(reply, offset + 2)
+            start = offset + 12
+            if start + rdlength <= end and (
+                (rtype == TYPE_A and rdlength == 4) or (rtype == TYPE_AAAA and rdlength == 16)
+            ):
+                return ParsedAnswer(rcode, (), ((reply[start : start + rdlength], ttl),))
         simple = _owned_by_question(reply, offset, ancount, end)
         if simple is not None:
             return ParsedAnswer(rcode, (), simple)

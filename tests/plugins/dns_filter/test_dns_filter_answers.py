@@ -6,6 +6,7 @@ import ipaddress
 
 import dns.message
 import dns.rrset
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -144,3 +145,27 @@ def test_parse_query_matches_general_helpers_and_survives_mutation(data: st.Data
         parse_query(mutated)
     except WireError:
         pass
+
+
+def test_a_single_record_answer_takes_the_short_path_only_when_it_is_well_formed() -> None:
+    """One A/AAAA record owned by the question is read without the general walk; a wrong rdata length,
+    a record running past the end or a CNAME falls through to the walk, which ignores or rejects it."""
+    import struct
+
+    head = struct.pack("!HHHHHH", 7, 0x8180, 1, 1, 0, 0)
+    question = b"\x07example\x03com\x00" + struct.pack("!HH", 1, 1)
+    end = 12 + len(question)
+
+    def record(rtype: int, rdata: bytes, rdlength: int | None = None) -> bytes:
+        size = len(rdata) if rdlength is None else rdlength
+        return b"\xc0\x0c" + struct.pack("!HHIH", rtype, 1, 60, size) + rdata
+
+    good = parse_answer(head + question + record(1, bytes([192, 0, 2, 9])), "example.com", end)
+    assert good.addresses == ((bytes([192, 0, 2, 9]), 60),) and good.cnames == ()
+    six = parse_answer(head + question + record(28, bytes(15) + b"\x01"), "example.com", end)
+    assert six.addresses == ((bytes(15) + b"\x01", 60),)
+    assert parse_answer(head + question + record(1, bytes(5)), "example.com", end).addresses == ()
+    with pytest.raises(WireError):
+        parse_answer(head + question + record(1, bytes(2), rdlength=4), "example.com", end)
+    cname = parse_answer(head + question + record(5, b"\x03www\xc0\x0c"), "example.com", end)
+    assert cname.cnames == ("www.example.com",) and cname.addresses == ()
