@@ -99,6 +99,8 @@ _V4_UDP = struct.Struct("!2xHxxHBxxx4s4sHHH")
 #: IPv4 (no options) + UDP header fields: total length, fragment field, TTL, src, dst, ports, UDP length.
 V4_UDP_HEADERS = _V4_UDP
 _V6_UDP = struct.Struct("!4xHxB16s16sHHH")
+#: IPv6 (UDP as the next header) + UDP header fields: payload length, hop limit, src, dst, ports, UDP length.
+V6_UDP_HEADERS = _V6_UDP
 _UDP_HDR = struct.Struct("!HHH")  # sport, dport, length
 _ICMP_HDR = struct.Struct("!BBxxH")  # type, code, identifier (meaningful for echo only)
 _U16 = struct.Struct("!H")

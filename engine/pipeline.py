@@ -27,6 +27,7 @@ from engine.packet import (
     VnetHeader,
     parse,
     V4_UDP_HEADERS,
+    V6_UDP_HEADERS,
 )
 
 if TYPE_CHECKING:
@@ -101,13 +102,24 @@ class Pipeline:
         stats = self.stats
         stats.packets_out += 1
         stats.bytes_out += len(data)
-        if len(data) >= 28 and data[0] == 0x45 and data[9] == PROTO_UDP and (vnet is None or not vnet.gso_type):
-            # UDP fast lane: a plain IPv4 datagram (no options, not a fragment) of a flow whose handler
-            # takes payloads (``on_datagram``: dns_filter's client flows) needs no Packet object. On an
-            # offload TUN the kernel hands over local datagrams with a vnet header that only says "checksum
-            # partial" (no GSO): still one datagram, and the payload is all the handler reads.
-            total, frag, _ttl, src, dst, sport, dport, ulen = V4_UDP_HEADERS.unpack_from(data)
-            if not frag & 0x3FFF and total <= len(data) and ulen >= 8 and 20 + ulen <= total:
+        # UDP fast lane: a plain datagram (IPv4 without options and not a fragment, or IPv6 with UDP as the
+        # next header) of a flow whose handler takes payloads (``on_datagram``: dns_filter's client flows)
+        # needs no Packet object. On an offload TUN the kernel hands over local datagrams with a vnet header
+        # that only says "checksum partial" (no GSO): still one datagram, and the payload is all the handler
+        # reads. Anything else, or any doubt, takes the generic path below.
+        if vnet is None or not vnet.gso_type:
+            size = len(data)
+            header_len = 0
+            if size >= 28 and data[0] == 0x45 and data[9] == PROTO_UDP:
+                total, frag, _ttl, src, dst, sport, dport, ulen = V4_UDP_HEADERS.unpack_from(data)
+                if not frag & 0x3FFF and total <= size and ulen >= 8 and 20 + ulen <= total:
+                    header_len = 20
+            elif size >= 48 and data[0] >> 4 == 6 and data[6] == PROTO_UDP:
+                plen, _ttl, src, dst, sport, dport, ulen = V6_UDP_HEADERS.unpack_from(data)
+                total = plen + 40
+                if total <= size and ulen >= 8 and 40 + ulen <= total:
+                    header_len = 40
+            if header_len:
                 flow = self.flows.flows.get((PROTO_UDP, src, sport, dst, dport))
                 if flow is not None and flow.datagram is not None and src in self.guard.good:
                     flow.last_seen = now
@@ -115,7 +127,7 @@ class Pipeline:
                     flow.bytes_out += total
                     self.current_vnet = None
                     try:
-                        flow.datagram(data[28 : 20 + ulen], now)
+                        flow.datagram(data[header_len + 8 : header_len + ulen], now)
                     except Exception:
                         self._handler_failed(flow, now)
                     return

@@ -213,6 +213,26 @@ def test_udp_fast_lane_takes_checksum_partial_datagrams_from_an_offload_device()
         assert handler.datagrams == [b"two"] and handler.packets == [16]
 
 
+def test_udp_fast_lane_takes_ipv6_datagrams_too() -> None:
+    """An IPv6 client's later datagrams skip the Packet object as an IPv4 client's do; a datagram whose UDP
+    length claims more than the packet holds is left to the generic path (which drops it as malformed)."""
+    import struct
+
+    with PluginHarness(DATAGRAMS) as harness:
+        first = harness.feed(udp("fd00:db8::2", 5003, "2001:db8::7", 9999, b"one"))
+        flow = first.flow
+        assert flow is not None and flow.datagram is not None
+        harness.feed(udp("fd00:db8::2", 5003, "2001:db8::7", 9999, b"two"))
+        handler = harness.plugin.handlers[0]
+        assert handler.datagrams == [b"two"] and handler.packets == []
+        assert flow.packets_out == 2 and flow.bytes_out == 2 * 48 + 3 + 3
+        bad = bytearray(udp("fd00:db8::2", 5003, "2001:db8::7", 9999, b"three"))
+        bad[44:46] = struct.pack("!H", 64)  # UDP length past the end
+        harness.feed(bytes(bad))
+        assert handler.datagrams == [b"two"]
+        assert harness.engine.stats.counters["malformed"] == 1
+
+
 def test_udp_fast_lane_contains_a_failing_handler() -> None:
     with PluginHarness(DATAGRAMS) as harness:
         flow = harness.feed(udp("10.0.0.2", 5001, "192.0.2.7", 9999, b"one")).flow
