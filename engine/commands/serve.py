@@ -135,6 +135,37 @@ async def run_engine(
     return 0
 
 
+def bypass_advice(destinations: list[tuple[str, str, int]]) -> list[str]:
+    """The ``ip rule`` commands that keep each destination out of the TUN, for whoever owns the routes.
+
+    ``dnsgate run`` adds these rules itself; ``serve`` touches no routes, so when a plugin reaches a
+    destination through sockets without the engine's fwmark (``dnsgate_unmarked_destinations``: DoQ, DoH
+    by hostname) and the caller's routes send everything into the TUN, those packets would loop back into
+    the engine. Saying so at start is cheaper than debugging a resolver that never answers.
+    """
+    from engine.linux.routes import RouteError, plan_bypass_rules
+
+    try:
+        rules = plan_bypass_rules(destinations)
+    except (RouteError, ValueError) as error:
+        return [f"cannot express a bypass rule: {error}"]
+    return [" ".join(["ip", f"-{rule.family}", "rule", "add", *rule.selector, *rule.action]) for rule in rules]
+
+
+def warn_about_unmarked_destinations(engine: Any) -> None:
+    """``serve``'s start-up note: the destinations a plugin reaches without the fwmark, and their rules."""
+    from engine.commands.run import unmarked_destinations
+
+    destinations = unmarked_destinations(engine)
+    if not destinations:
+        return
+    shown = ", ".join(f"{proto}/{address}:{port}" for address, proto, port in destinations)
+    log.warning(
+        "plugins reach %s through sockets without the engine's fwmark; serve leaves routing to you: if your "
+        "routes send these into the TUN, keep them out with: %s", shown, "; ".join(bypass_advice(destinations)),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args)
     try:
@@ -159,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dnsgate: cannot use the TUN device: {error}", file=sys.stderr)
         return 1
     try:
-        return event_loop.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file))
+        return event_loop.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file,
+                                         on_started=warn_about_unmarked_destinations))
     except ProfileError as error:
         print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
         return 2

@@ -85,3 +85,26 @@ def test_serving_tunes_the_collector_and_keeps_older_generations() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_serve_names_the_rules_that_keep_unmarked_upstreams_out_of_the_tun(caplog: pytest.LogCaptureFixture) -> None:
+    """serve touches no routes: a DoQ upstream (dnspython's own sockets, no fwmark) gets a start-up warning
+    with the exact ``ip rule`` that ``dnsgate run`` would have added; plain UDP upstreams get none."""
+    import logging
+
+    from engine.commands.serve import bypass_advice, warn_about_unmarked_destinations
+    from engine.testing import PluginHarness
+
+    assert bypass_advice([("192.0.2.53", "udp", 853), ("2001:db8::53", "tcp", 443)]) == [
+        "ip -4 rule add to 192.0.2.53/32 ipproto udp dport 853 lookup main",
+        "ip -6 rule add to 2001:db8::53/128 ipproto tcp dport 443 lookup main",
+    ]
+    with caplog.at_level(logging.WARNING, logger="dnsgate"):
+        with PluginHarness("dns_filter", {"upstreams": ["quic://192.0.2.53:853"]}) as harness:
+            warn_about_unmarked_destinations(harness.engine)
+        with PluginHarness("dns_filter", {"upstreams": ["udp://192.0.2.53:53"]}) as harness:
+            warn_about_unmarked_destinations(harness.engine)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "udp/192.0.2.53:853" in warnings[0]
+    assert "ip -4 rule add to 192.0.2.53/32 ipproto udp dport 853 lookup main" in warnings[0]
