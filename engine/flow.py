@@ -82,8 +82,8 @@ class FlowHandler(Protocol):
 
     def close(self, now: float) -> None: ...
 
-    # Optional, for UDP handlers: ``on_datagram(payload, now)`` takes a later plain IPv4 datagram's payload
-    # (a view, valid during the call) without the parsed Packet: the pipeline's UDP fast lane.
+    # Optional, for UDP handlers: ``on_datagram(payload, now)`` takes a later plain datagram's payload (IPv4
+    # or IPv6; a view, valid during the call) without the parsed Packet: the pipeline's UDP fast lane.
 
 
 def replaceable_by(handler: object, packet: Packet) -> bool:
