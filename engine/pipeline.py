@@ -125,6 +125,7 @@ class Pipeline:
                     flow.last_seen = now
                     flow.packets_out += 1
                     flow.bytes_out += total
+                    stats.fast_lane += 1
                     self.current_vnet = None
                     try:
                         flow.datagram(data[header_len + 8 : header_len + ulen], now)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.topology import DNS_V4, GATEWAY_V4, SILENT_V4, WEB_V4, WEB_V6, EngineProcess, Topology
+from tests.e2e.topology import DNS_V4, GATEWAY_V4, GATEWAY_V6, SILENT_V4, WEB_V4, WEB_V6, EngineProcess, Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +108,43 @@ def test_answers_over_udp_and_tcp_to_any_resolver_with_local_policy(topology: To
     assert snapshot["tcp_connections"] == 2 and snapshot["answers"] >= 5
     log = topology.logs()
     assert "x.ads.test" not in log.split("----- engine")[0]  # dnsmasq never saw the blocked query
+
+
+# Many queries over one UDP socket (a stub resolver's shape): after the first, the engine takes them on the
+# pipeline's UDP fast lane. Prints one line per query: the name asked and the addresses answered.
+ONE_SOCKET = """
+import socket, sys
+import dns.message, dns.rdatatype
+server = sys.argv[1]
+family = socket.AF_INET6 if ":" in server else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((server, 53))
+for i in range(int(sys.argv[2])):
+    name = f"n{i}.burst.test"
+    query = dns.message.make_query(name, "A" if i % 2 == 0 else "AAAA")
+    s.send(query.to_wire())
+    reply = dns.message.from_wire(s.recv(4096))
+    assert reply.id == query.id
+    print(name, " ".join(sorted(r.to_text() for rrset in reply.answer for r in rrset)) or "-")
+"""
+
+
+@pytest.mark.parametrize("topology", [{"vnet_hdr": True}], ids=["offload"], indirect=True)
+def test_many_queries_on_one_socket_over_ipv4_and_ipv6_are_all_answered(topology: Topology) -> None:
+    """A client socket's later queries take the fast lane on a real offload TUN (the kernel marks them
+    "checksum partial"), for IPv4 and IPv6 alike: every one is answered with its own name's addresses."""
+    count = 12
+    records = {f"n{i}.burst.test": (f"198.51.100.{100 + i}" if i % 2 == 0 else f"2001:db8:100::{100 + i:x}")
+               for i in range(count)}
+    topology.dns_server(records)
+    engine = start(topology)
+    for gateway in (GATEWAY_V4, GATEWAY_V6):
+        out = topology.client.run(["python3", "-c", ONE_SOCKET, gateway, str(count)], timeout=30).stdout
+        assert out.splitlines() == [f"n{i}.burst.test {records[f'n{i}.burst.test']}" for i in range(count)]
+    stats = engine.request("stats")
+    assert stats["plugins"]["dns_filter"]["answers"] == 2 * count and stats["plugins"]["dns_filter"]["malformed"] == 0
+    assert stats["stats"]["fast_lane_datagrams"] == 2 * (count - 1)  # all but each socket's first query
 
 
 def test_resolved_address_reachable_hard_coded_refused_lease_expires(topology: Topology) -> None:
