@@ -147,7 +147,7 @@ def bypass_advice(destinations: list[tuple[str, str, int]]) -> list[str]:
 
     try:
         rules = plan_bypass_rules(destinations)
-    except (RouteError, ValueError) as error:
+    except RouteError as error:
         return [f"cannot express a bypass rule: {error}"]
     return [" ".join(["ip", f"-{rule.family}", "rule", "add", *rule.selector, *rule.action]) for rule in rules]
 

@@ -195,7 +195,10 @@ def plan_bypass_rules(destinations: Iterable[Bypass]) -> list[IpRule]:
     for priority, (address, proto, port) in zip(PRIO_BYPASS, unique):
         if proto not in ("udp", "tcp"):
             raise RouteError(f"cannot route {address}:{port} around the TUN: protocol {proto!r} is not udp or tcp")
-        ip_address = ipaddress.ip_address(address)
+        try:
+            ip_address = ipaddress.ip_address(address)
+        except ValueError:
+            raise RouteError(f"cannot route {address!r} around the TUN: not an IP address") from None
         rules.append(IpRule(ip_address.version, priority,
                             ("to", f"{ip_address}/{ip_address.max_prefixlen}", "ipproto", proto, "dport", str(port)),
                             ("lookup", "main")))

@@ -25,4 +25,6 @@ def test_too_many_destinations_or_an_unknown_protocol_are_refused_with_the_reaso
         plan_bypass_rules(many)
     with pytest.raises(RouteError, match="'sctp' is not udp or tcp"):
         plan_bypass_rules([("192.0.2.1", "sctp", 853)])
+    with pytest.raises(RouteError, match="not an IP address"):
+        plan_bypass_rules([("dns.example", "udp", 853)])
     assert plan_bypass_rules([]) == []
