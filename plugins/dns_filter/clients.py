@@ -27,6 +27,10 @@ Respond = Callable[[bytes], None]
 class DnsClient(Protocol):
     """A client transport: it makes the function that writes one query's reply back."""
 
+    #: True for a TCP connection: its replies are never cut, so a truncated upstream answer is fetched
+    #: again over TCP before it is given to this client.
+    stream: bool
+
     def responder(self, udp_limit: int) -> Respond:
         """The writer for one query's reply; ``udp_limit`` is the client's EDNS size (UDP only)."""
         ...
@@ -58,6 +62,8 @@ class UdpDnsHandler:
     """
 
     __slots__ = ("engine", "flow", "sink", "inflight", "closed", "_mtu_limit", "_build", "_outbox")
+
+    stream = False
 
     def __init__(self, engine: Engine, flow: Flow, sink: QuerySink) -> None:
         self.engine = engine
@@ -125,7 +131,13 @@ class UdpDnsHandler:
 
 
 class TcpDnsServer:
-    """TcpApplication serving DNS over one terminated TCP connection."""
+    """TcpApplication serving DNS over one terminated TCP connection.
+
+    Replies are written whole (up to 65,535 bytes): the UDP size rules (512 without EDNS, the client's
+    EDNS size, the MTU) are for datagrams only — a client that came over TCP after a TC answer has no
+    smaller transport left."""
+
+    stream = True
 
     def __init__(self, engine: Engine, flow: Flow, sink: QuerySink) -> None:
         self.engine = engine

@@ -36,6 +36,7 @@ class PendingQuery:
         "upstream_id",
         "tried",
         "requeued",
+        "over_stream",
     )
 
     def __init__(
@@ -48,6 +49,7 @@ class PendingQuery:
         respond: Callable[[bytes], None],
         now: float,
         timeout: float,
+        over_stream: bool = False,
     ) -> None:
         self.key = key
         self.qid = key & 0xFFFF
@@ -66,6 +68,9 @@ class PendingQuery:
         self.upstream_id = -1
         self.tried = 0
         self.requeued = False  # resent once on a fresh stream after the upstream closed the old one
+        #: The client asked over TCP: a truncated UDP answer from upstream is fetched again over TCP
+        #: (a TCP client has no smaller retry left; glibc's stub retries over TCP without EDNS).
+        self.over_stream = over_stream
 
     def __repr__(self) -> str:
         return f"PendingQuery({self.question.qname!r}, id={self.qid}, attempt={self.attempt})"

@@ -297,7 +297,8 @@ class DnsFilter:
             client.responder(parsed.udp_limit)(error_reply(query, question, RCODE_SERVFAIL))
             return
         pending = PendingQuery(
-            key, query, question, parsed.match, flow.src, client.responder(parsed.udp_limit), now, self._timeout
+            key, query, question, parsed.match, flow.src, client.responder(parsed.udp_limit), now, self._timeout,
+            client.stream,
         )
         pending_table[key] = pending
         self._submit(pending, now)  # first: the bookkeeping below is off the query's critical path
@@ -362,6 +363,7 @@ class DnsFilter:
             **self.counters.as_dict(),
             "pending": len(self.pending),
             "timeouts": resolver.timeouts if resolver else 0,
+            "tcp_retries": resolver.tcp_retries if resolver else 0,
             "latency": resolver.latency_percentiles() if resolver else {},
             "upstreams": resolver.upstream_stats() if resolver else [],
             "block_rules": len(self.policy.blocked),

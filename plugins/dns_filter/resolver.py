@@ -11,6 +11,10 @@
   the walk touches only what timed out. Failover attempts (rare, deadlines out of order) go to a small heap.
 * Answers and failures come back through callbacks carrying the attempt number, so a late answer from
   an upstream we already failed over from is recognised and ignored.
+* A client that asked over TCP gets the whole answer: when a ``udp://`` upstream answers it with TC (an
+  answer over 512 bytes to a query without EDNS — glibc's stub retries over TCP without EDNS), the query
+  is sent again over TCP to the same server (RFC 7766 §5) and that answer is delivered. UDP clients get
+  the TC answer as before and retry over TCP themselves.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
+import attrs
+
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.stream_upstream import StreamUpstream
 from plugins.dns_filter.transports import DnspythonUpstream, UdpUpstream, Upstream
 from plugins.dns_filter.upstream_url import UpstreamUrl
+from plugins.dns_filter.wire import FLAG_TC
 
 if TYPE_CHECKING:
     from engine.batching import WriteBatch
@@ -65,6 +72,11 @@ class Resolver:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.upstreams: list[Upstream] = []
+        self._policy = policy
+        self._spawn = spawn
+        #: Per ``udp://`` upstream index: its TCP twin, opened on the first truncated answer a TCP client needs.
+        self._tcp_retry: dict[int, StreamUpstream] = {}
+        self.tcp_retries = 0
         for url in urls:
             if url.scheme == "udp":
                 self.upstreams.append(UdpUpstream(url, policy, self._on_reply, self._on_failure, udp_sockets, batch))
@@ -99,6 +111,9 @@ class Resolver:
             self._sweeper = None
         for upstream in self.upstreams:
             upstream.close()
+        for twin in self._tcp_retry.values():
+            twin.close()
+        self._tcp_retry.clear()
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -125,6 +140,30 @@ class Resolver:
         now = self.clock()
         self.latencies.append(now - pending.sent_at)
         self.healthy = pending.upstream_index
+        if pending.over_stream and reply[2] & (FLAG_TC >> 8) and self.upstreams[pending.upstream_index].url.scheme == "udp":
+            self._retry_over_tcp(pending, now)
+            return
+        self.deliver(pending, reply, self.names[pending.upstream_index], now)
+
+    def _retry_over_tcp(self, pending: PendingQuery, now: float) -> None:
+        """A TCP client's query came back truncated over UDP: ask the same server over TCP."""
+        index = pending.upstream_index
+        twin = self._tcp_retry.get(index)
+        if twin is None:
+            url = attrs.evolve(self.upstreams[index].url, scheme="tcp")
+            twin = StreamUpstream(url, self._policy, self._on_tcp_reply, self._on_failure, self._spawn, self.timeout)
+            self._tcp_retry[index] = twin
+        self.tcp_retries += 1
+        pending.attempt += 1  # a late UDP duplicate of the truncated answer is now stale
+        pending.sent_at = now
+        twin.send(pending)
+
+    def _on_tcp_reply(self, pending: PendingQuery, attempt: int, reply: bytes) -> None:
+        """The TCP twin's answer: delivered as it is (a TCP client takes any size)."""
+        if pending.done or attempt != pending.attempt:
+            return
+        now = self.clock()
+        self.latencies.append(now - pending.sent_at)
         self.deliver(pending, reply, self.names[pending.upstream_index], now)
 
     def _on_failure(self, pending: PendingQuery, attempt: int, reason: str) -> None:

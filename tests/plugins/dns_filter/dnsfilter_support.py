@@ -12,6 +12,7 @@ import struct
 from typing import Any
 
 import attrs
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -65,23 +66,36 @@ class FakeUpstream(asyncio.DatagramProtocol):
         self.port = 0
         self.tcp_server: asyncio.Server | None = None
         self.tcp_connections = 0
+        self.udp_queries = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.port = transport.get_extra_info("sockname")[1]
 
-    def answer(self, data: bytes) -> bytes | None:
+    def answer(self, data: bytes, udp: bool = False) -> bytes | None:
+        """The reply's wire form; over UDP cut like a real server: 512 bytes without EDNS, else the
+        query's EDNS size (header + question with TC, RFC 1035 §4.2.1, RFC 6891 §6.2.5)."""
         query = dns.message.from_wire(data)
         self.queries.append(query)
         reply = build_reply(query)
         if reply is None:
             return None
-        wire = reply.to_wire(max_size=65535)
+        if udp:
+            self.udp_queries += 1
+            limit = max(512, query.payload) if query.edns >= 0 else 512
+            try:
+                wire = reply.to_wire(max_size=limit)
+            except dns.exception.TooBig:
+                cut = dns.message.make_response(query)
+                cut.flags |= dns.flags.TC | dns.flags.RA
+                wire = cut.to_wire()
+        else:
+            wire = reply.to_wire(max_size=65535)
         self.replies.append(wire)
         return wire
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        wire = self.answer(data)
+        wire = self.answer(data, udp=True)
         if wire is not None and self.transport is not None:
             self.transport.sendto(wire, addr)
 

@@ -213,6 +213,49 @@ def test_tcp_query_over_the_user_space_stack(dns_bench: Bench, offload: bool) ->
     )
 
 
+def _tcp_exchange(bench: Any, message: bytes, port: int = 41500) -> bytes:
+    """One DNS message over a fresh client TCP connection through the engine; returns the reply bytes."""
+    harness = bench.harness
+    client, server = "10.0.0.2", "203.0.113.99"
+    result = harness.feed(syn(client, port, server, 53, seq=1000))
+    (synack,) = [p for p in result.written if p.proto == PROTO_TCP]
+    server_seq = synack.seq + 1
+    harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001, ack=server_seq))
+    stream = len(message).to_bytes(2, "big") + message
+    harness.feed(tcp(client, port, server, 53, flags=ACK, seq=1001, ack=server_seq, payload=stream))
+    received = bytearray()
+
+    def whole() -> bool:
+        for packet in harness.take_written():
+            if packet.proto == PROTO_TCP and packet.payload_len:
+                received.extend(packet.payload)
+        return len(received) >= 2 and len(received) >= 2 + int.from_bytes(received[:2], "big")
+
+    assert harness.run_until(whole, 3.0), f"no whole reply over TCP ({len(received)} bytes)"
+    return bytes(received[2:])
+
+
+def test_tcp_client_gets_the_whole_answer_when_the_udp_upstream_truncates(dns_bench: Bench) -> None:
+    """glibc's stub: a TC answer over UDP, then the same query over TCP without EDNS. The engine must not
+    hand it TC again: it asks the upstream over TCP and relays every record (issue: getaddrinfo failed
+    with 'No address associated with hostname' for a 60-address name)."""
+    bench = dns_bench(tcp=True)
+    reply = dns.message.from_wire(_tcp_exchange(bench, query("big.test.", use_edns=False)))
+    assert not reply.flags & dns.flags.TC
+    assert len(reply.answer[0]) == 60
+    assert bench.upstream.udp_queries == 1 and bench.upstream.tcp_connections == 1
+    assert bench.plugin.snapshot()["tcp_retries"] == 1
+    assert len(bench.recorder.events[-1][0].addresses) == 60  # every address is learned
+
+
+def test_udp_client_still_gets_tc_for_an_answer_over_512_bytes(dns_bench: Bench) -> None:
+    bench = dns_bench(tcp=True)
+    bench.harness.feed(udp("10.0.0.2", 40030, "10.0.0.1", 53, query("big.test.", use_edns=False)))
+    packet, reply = wait_reply(bench)
+    assert reply.flags & dns.flags.TC and len(packet.payload) <= 512
+    assert bench.upstream.tcp_connections == 0 and bench.plugin.snapshot()["tcp_retries"] == 0
+
+
 def test_tcp_pipelining_beyond_the_inflight_bound(dns_bench: Bench) -> None:
     """100 pipelined queries in one segment: 64 go upstream at once, the rest as answers come back."""
     bench = dns_bench(tcp=True)
