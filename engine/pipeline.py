@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowTable, replaceable_by
 from engine.plugin_manager import PositionalHook
+from engine.tun_subnet import GatewayEcho, GatewayEchoHandler, TunSubnetGuard
 from engine.packet import (
     ACK,
     PROTO_ICMP,
@@ -40,6 +41,7 @@ ICMP_ECHO_REQUEST_V6 = 128
 
 ACCEPT_BY_DEFAULT = Decision.accept("engine", "no filter objected")
 NO_FORWARDER = Decision.reject("engine", "no forwarder takes this flow")
+GATEWAY_ACCEPT = Decision.accept("engine", "ping to the gateway: answered by the engine")
 
 
 class SourceGuard:
@@ -86,6 +88,7 @@ class Pipeline:
         config = engine.config.engine
         self.flows = FlowTable(config.max_flows, config.flow_idle_timeout, config.blocked_flow_ttl)
         self.guard = SourceGuard(config.device_networks, config.anti_spoof)
+        self.tun_subnet = TunSubnetGuard(config.tun_addresses, config.forward_tun_subnet)
         self.stats = engine.stats
         self.hook = engine.hook
         # The per-new-flow hooks, called without pluggy's generic machinery (same order and arguments).
@@ -216,7 +219,20 @@ class Pipeline:
         flow.packets_out = 1
         flow.bytes_out = len(packet.buf)
         self._safe_hook("dnsgate_classify", packet, flow, now)
-        decision = self._safe_hook("dnsgate_filter", packet, flow, now)
+        # The gateway is the engine and the TUN subnet is not the host's LAN (engine/tun_subnet.py): judged
+        # here, before any filter could accept it and a forwarder dial it on the host's network.
+        own = self.tun_subnet.judge(flow)
+        if isinstance(own, GatewayEcho):
+            counters["gateway_echo"] += 1
+            flow.decision = GATEWAY_ACCEPT
+            echo = GatewayEchoHandler(self.engine, flow)
+            flow.handler = echo
+            echo.on_packet(packet, now)
+            return
+        if own is not None:
+            decision = own
+        else:
+            decision = self._safe_hook("dnsgate_filter", packet, flow, now)
         if not isinstance(decision, Decision):
             decision = ACCEPT_BY_DEFAULT
         flow.decision = decision

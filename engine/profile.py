@@ -225,6 +225,8 @@ class EngineConfig:
     allow_loopback: bool = False
     allow_host_addresses: bool = False
     allow_link_local: bool = False
+    #: Dial flows to TUN-subnet addresses other than the gateway on the host's network (engine/tun_subnet.py).
+    forward_tun_subnet: bool = False
     tick_interval: Duration = Duration(1.0)
 
     @property

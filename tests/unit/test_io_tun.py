@@ -161,10 +161,11 @@ def test_an_offload_tuns_single_datagrams_take_the_pipelines_udp_fast_lane(ns: s
     try:
         assert dev.offload
         sock = _up(ns, dev)
+        nl.add_route("198.51.100.0/24", dev=dev.name, netns=ns)  # outside the TUN subnet (the engine refuses that)
         sock.bind(("10.0.0.2", 5353))
         read: list[tuple[bytes, VnetHeader | None]] = []
         for payload in (b"first", b"second"):
-            sock.sendto(payload, ("10.0.0.9", 9999))
+            sock.sendto(payload, ("198.51.100.9", 9999))
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline:
                 got = [(bytes(v), h) for v, h in dev.read_batch() if parse(v).proto == PROTO_UDP]

@@ -127,8 +127,8 @@ def test_open_flow_keeps_address_allowed_plus_grace() -> None:
 
 
 def test_exempt_networks_and_dns_flows_are_not_judged() -> None:
-    with tracker({"exempt": ["10.0.0.0/24", "2001:db8:ffff::/48"]}) as harness:
-        assert harness.feed(syn("10.0.0.2", 1000, "10.0.0.1", 22)).decision.verdict is Verdict.ACCEPT  # type: ignore[union-attr]
+    with tracker({"exempt": ["192.0.2.0/24", "2001:db8:ffff::/48"]}) as harness:
+        assert harness.feed(syn("10.0.0.2", 1000, "192.0.2.1", 22)).decision.verdict is Verdict.ACCEPT  # type: ignore[union-attr]
         assert harness.feed(syn("fd00:db8::2", 1000, "2001:db8:ffff::1", 22)).decision.verdict is Verdict.ACCEPT  # type: ignore[union-attr]
         assert harness.feed(syn("fd00:db8::2", 1001, "2001:db8:fffe::1", 22)).decision.verdict is Verdict.REJECT  # type: ignore[union-attr]
 
