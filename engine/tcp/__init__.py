@@ -38,9 +38,10 @@ counts against the advertised window), ``unsent`` (queued, not yet acknowledged)
 ``accepts_new_syn(syn)`` is true in TIME_WAIT/CLOSED: the engine may replace the endpoint with a new one for a
 new SYN on the same 4-tuple (RFC 6191).
 
-Modules: :mod:`.config` (TcpConfig), :mod:`.state` (states and the one transition table), :mod:`.events`,
-:mod:`.endpoint` (the machine), :mod:`.seq` (mod 2**32 arithmetic), :mod:`.options` (option encoding),
-:mod:`.reassembly` (out-of-order queue), :mod:`.scoreboard` (peer's SACK blocks), :mod:`.rtt` (RFC 6298).
+Modules: :mod:`.config` (TcpConfig), :mod:`.state` (states, the one transition table and every set of
+states the endpoint tests), :mod:`.events`, :mod:`.endpoint` (the machine), :mod:`.seq` (mod 2**32
+arithmetic), :mod:`.options` (option encoding), :mod:`.reassembly` (out-of-order queue), :mod:`.scoreboard`
+(peer's SACK blocks), :mod:`.rtt` (RFC 6298).
 """
 
 from engine.tcp.config import TcpConfig

@@ -42,7 +42,22 @@ from engine.tcp.reassembly import Reassembly
 from engine.tcp.rtt import RttEstimator
 from engine.tcp.scoreboard import Scoreboard
 from engine.tcp.seq import HALF, MASK, unwrap
-from engine.tcp.state import RECEIVING, SENDING, SYNCHRONIZED, TcpState, Trigger, next_state
+from engine.tcp.state import (
+    CAN_QUEUE,
+    CAN_SEND_FIN,
+    FIN_UNACKED,
+    HALF_CLOSED,
+    KEEPALIVE,
+    RECEIVING,
+    REPLACEABLE,
+    SENDING,
+    SYNCHRONIZED,
+    TIMERLESS,
+    WINDOW_UPDATES,
+    TcpState,
+    Trigger,
+    next_state,
+)
 
 __all__ = ["TcpEndpoint", "OutSegment", "SegmentIn", "TcpOptionsView"]
 
@@ -53,8 +68,6 @@ PSH = 0x08
 ACK = 0x10
 
 _S = TcpState
-_HALF_CLOSED = frozenset({_S.FIN_WAIT_1, _S.FIN_WAIT_2, _S.CLOSING, _S.CLOSE_WAIT, _S.LAST_ACK})
-_KEEPALIVE_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT, _S.FIN_WAIT_2})
 _DEFAULT_PEER_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
 _CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7: rate-limit challenge ACKs
 _MAX_CWND = 64 << 20
@@ -268,7 +281,7 @@ class TcpEndpoint:
     @property
     def send_space(self) -> int:
         """Bytes :meth:`send` would accept now."""
-        if self._fin_queued or self.state not in _CAN_QUEUE:
+        if self._fin_queued or self.state not in CAN_QUEUE:
             return 0
         return max(self.config.send_buffer - len(self._sbuf), 0)
 
@@ -291,7 +304,7 @@ class TcpEndpoint:
         """True when a new SYN on this 4-tuple may replace this endpoint (RFC 6191 spirit): in TIME_WAIT
         or CLOSED. Our TIME_WAIT only exists to re-ACK a retransmitted FIN from the local peer, so any SYN
         means the client has moved on; refusing it is the gVisor stall REFERENCE.md measured."""
-        return self.state is _S.TIME_WAIT or self.state is _S.CLOSED
+        return self.state in REPLACEABLE
 
     # --- application calls --------------------------------------------------------------------------
 
@@ -327,11 +340,11 @@ class TcpEndpoint:
 
     def shutdown(self, now: float) -> None:
         """Send FIN after everything queued (half-close toward the client). Idempotent."""
-        if self._fin_queued or self.state not in _CAN_QUEUE:
+        if self._fin_queued or self.state not in CAN_QUEUE:
             return
         self._fin_queued = True
         self._fin_seq = self._sbuf_seq + len(self._sbuf)
-        if self.state is _S.ESTABLISHED or self.state is _S.CLOSE_WAIT:
+        if self.state in CAN_SEND_FIN:
             self._transition(Trigger.SEND_FIN)
             self._last_progress = now
         # In SYN_PENDING/SYN_RECEIVED the FIN waits for the handshake (see _on_handshake_ack).
@@ -357,7 +370,7 @@ class TcpEndpoint:
         if n > self._unconsumed:
             n = self._unconsumed
         self._unconsumed -= n
-        if self.state in RECEIVING and self.state is not _S.SYN_RECEIVED:
+        if self.state in WINDOW_UPDATES:
             room = self._rcv_adv - self._rcv_nxt
             new = min(self.config.recv_buffer - self._unconsumed, 0xFFFF << self._rcv_wscale)
             if new >= 2 * room and new - room >= self._mss_ours:
@@ -374,7 +387,7 @@ class TcpEndpoint:
     def next_deadline(self) -> Optional[float]:
         """The earliest time :meth:`on_timer` has something to do, or None."""
         state = self.state
-        if state is _S.CLOSED or state is _S.SYN_PENDING:
+        if state in TIMERLESS:
             return None
         if state is _S.TIME_WAIT:
             return self._tw_deadline
@@ -386,7 +399,7 @@ class TcpEndpoint:
         ka = self._keepalive_deadline()
         if ka is not None and (best is None or ka < best):
             best = ka
-        if state in _HALF_CLOSED:
+        if state in HALF_CLOSED:
             hc = self._last_progress + self.config.half_close_timeout
             if best is None or hc < best:
                 best = hc
@@ -395,15 +408,14 @@ class TcpEndpoint:
     def on_timer(self, now: float) -> None:
         """Run every timer that is due at ``now`` (calling it early is harmless)."""
         state = self.state
-        if state is _S.CLOSED or state is _S.SYN_PENDING:
+        if state in TIMERLESS:
             return
         if state is _S.TIME_WAIT:
             if self._tw_deadline is not None and now >= self._tw_deadline:
                 self._close(Trigger.TIMEOUT, ev.CLOSE_NORMAL)
             return
-        if state in _HALF_CLOSED and now >= self._last_progress + self.config.half_close_timeout:
-            self.abort(now)
-            self._replace_close_reason(ev.CLOSE_HALF_CLOSE_TIMEOUT)
+        if state in HALF_CLOSED and now >= self._last_progress + self.config.half_close_timeout:
+            self._give_up(ev.CLOSE_HALF_CLOSE_TIMEOUT)
             return
         if self._rtx_deadline is not None and now >= self._rtx_deadline:
             self._on_rto(now)
@@ -418,8 +430,7 @@ class TcpEndpoint:
         ka = self._keepalive_deadline()
         if ka is not None and now >= ka:
             if self._ka_probes >= self.config.keepalive_probes:
-                self.abort(now)
-                self._replace_close_reason(ev.CLOSE_KEEPALIVE)
+                self._give_up(ev.CLOSE_KEEPALIVE)
                 return
             self._ka_probes += 1
             # RFC 9293 3.8.4: an ACK with SEG.SEQ = SND.NXT-1 and no data; the peer must answer with an ACK.
@@ -429,7 +440,7 @@ class TcpEndpoint:
             )
 
     def _keepalive_deadline(self) -> Optional[float]:
-        if not self.config.keepalive or self.state not in _KEEPALIVE_STATES:
+        if not self.config.keepalive or self.state not in KEEPALIVE:
             return None
         if self._rtx_deadline is not None or self._persist_deadline is not None:
             return None  # something is outstanding: the retransmission/persist timers watch the peer
@@ -443,15 +454,13 @@ class TcpEndpoint:
         self._rtt_seq = None  # Karn: never time a retransmitted segment
         if self.state is _S.SYN_RECEIVED:
             if self._retries > self.config.syn_retries:
-                self.abort(now)
-                self._replace_close_reason(ev.CLOSE_HANDSHAKE_TIMEOUT)
+                self._give_up(ev.CLOSE_HANDSHAKE_TIMEOUT)
                 return
             self._synack_needed = True
             self._rtx_deadline = now + self._rtt.rto
             return
         if self._retries > self.config.max_retries:
-            self.abort(now)
-            self._replace_close_reason(ev.CLOSE_TIMEOUT)
+            self._give_up(ev.CLOSE_TIMEOUT)
             return
         flight = self._snd_nxt - self._snd_una
         self._ssthresh = max(flight // 2, 2 * self._smss)
@@ -470,8 +479,7 @@ class TcpEndpoint:
         even when the window update was lost. Unanswered probes count like retransmissions."""
         self._persist_deadline = None
         if self._retries >= self.config.max_retries:
-            self.abort(now)
-            self._replace_close_reason(ev.CLOSE_TIMEOUT)
+            self._give_up(ev.CLOSE_TIMEOUT)
             return
         self._retries += 1
         data_end = self._sbuf_seq + len(self._sbuf)
@@ -752,7 +760,7 @@ class TcpEndpoint:
             self._rtx_deadline = None
         self._tlp_deadline = None  # re-armed by segments() if data is still outstanding
         self._tlp_fired = False
-        if self._fin_queued and ack == self._fin_seq + 1 and self.state in _FIN_UNACKED:
+        if self._fin_queued and ack == self._fin_seq + 1 and self.state in FIN_UNACKED:
             self._transition(Trigger.FIN_ACKED)
             if self.state is _S.CLOSED:
                 self._emit_closed(ev.CLOSE_NORMAL)
@@ -1093,7 +1101,7 @@ class TcpEndpoint:
             self._persist_deadline = now + self._persist_interval()
 
     def _state_is_sending_fin(self) -> bool:
-        return self._fin_queued and self.state in _FIN_UNACKED and self._snd_nxt == self._fin_seq \
+        return self._fin_queued and self.state in FIN_UNACKED and self._snd_nxt == self._fin_seq \
             and self._sbuf_seq + len(self._sbuf) == self._fin_seq
 
     def _send_fin(self, now: float, out: list[OutSegment], window: int, tsopt: bytes) -> None:
@@ -1133,13 +1141,10 @@ class TcpEndpoint:
         self._ack_pending = False
         self._events.append(ev.Closed(reason))
 
-    def _replace_close_reason(self, reason: str) -> None:
-        """abort() reports CLOSE_ABORTED; a timer-driven abort names its own cause instead."""
-        for i in range(len(self._events) - 1, -1, -1):
-            if isinstance(self._events[i], ev.Closed):
-                self._events[i] = ev.Closed(reason)
-                return
-
-
-_CAN_QUEUE = frozenset({_S.SYN_PENDING, _S.SYN_RECEIVED, _S.ESTABLISHED, _S.CLOSE_WAIT})
-_FIN_UNACKED = frozenset({_S.FIN_WAIT_1, _S.CLOSING, _S.LAST_ACK})
+    def _give_up(self, reason: str) -> None:
+        """A timer ran out of patience: reset the peer and close through :attr:`Trigger.TIMEOUT` with the
+        timer's own ``reason``. Not :meth:`abort`: that is the application's reset (``Trigger.ABORT``,
+        ``CLOSE_ABORTED``), and the table and the ``Closed`` event should both say what really happened.
+        Timers never run in TIME_WAIT or the timerless states, so there is always a peer to reset."""
+        self._out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
+        self._close(Trigger.TIMEOUT, reason)

@@ -7,13 +7,39 @@ the endpoint only fires triggers that are legal in the current state.
 ``SYN_PENDING`` is the forwarder addition to RFC 9293: the client's SYN has been seen, the upstream dial is in
 progress and nothing has been sent yet (gVisor's ``tcp.NewForwarder`` equivalent). ``accept`` moves on to
 SYN_RECEIVED (SYN-ACK sent), ``refuse`` to CLOSED (RST sent).
+
+Every *set* of states the endpoint asks about ("may the application still queue bytes?", "does keepalive
+run?") is defined here too, next to the table (h11's rule: everything that decides what state means lives
+in the state module). The endpoint never spells a set out itself, so a new state or transition is one edit
+here, and the sets that follow from the table (:data:`CAN_SEND_FIN`, :data:`FIN_UNACKED`) are derived
+from it rather than kept in step by hand.
+
+A timer that gives up (retransmissions, zero-window probes, keepalive, the SYN-ACK, a stalled half-close)
+fires :attr:`Trigger.TIMEOUT` and names its own reason in the ``Closed`` event; it does not go through
+``ABORT``, which is the application's own reset.
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["TcpState", "Trigger", "next_state", "InvalidTransition", "SYNCHRONIZED", "RECEIVING", "SENDING"]
+__all__ = [
+    "TcpState",
+    "Trigger",
+    "next_state",
+    "InvalidTransition",
+    "SYNCHRONIZED",
+    "RECEIVING",
+    "SENDING",
+    "CAN_QUEUE",
+    "CAN_SEND_FIN",
+    "FIN_UNACKED",
+    "HALF_CLOSED",
+    "KEEPALIVE",
+    "WINDOW_UPDATES",
+    "TIMERLESS",
+    "REPLACEABLE",
+]
 
 
 class TcpState(enum.Enum):
@@ -79,6 +105,25 @@ SYNCHRONIZED = frozenset(
 RECEIVING = frozenset({S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2})
 # States in which we may still have data or a FIN to (re)transmit.
 SENDING = frozenset({S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK})
+# States in which the application may still queue bytes and a FIN (ours has not been queued by the state:
+# before the handshake ends the FIN waits for it, see TcpEndpoint.shutdown).
+CAN_QUEUE = frozenset({S.SYN_PENDING, S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT})
+# States in which a FIN queued by the application changes the state at once (read off the table).
+CAN_SEND_FIN = frozenset(state for (state, trigger) in _TRANSITIONS if trigger is T.SEND_FIN)
+# States in which our FIN is out and not yet acknowledged (read off the table: FIN_ACKED is legal).
+FIN_UNACKED = frozenset(state for (state, trigger) in _TRANSITIONS if trigger is T.FIN_ACKED)
+# One side has finished and the other may stall: the half-close timeout watches these.
+HALF_CLOSED = frozenset({S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.CLOSE_WAIT, S.LAST_ACK})
+# States in which an idle peer is probed with keepalives (nothing of ours is outstanding by design:
+# in the others a retransmission or TIME_WAIT timer already watches the peer).
+KEEPALIVE = frozenset({S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_2})
+# States in which a window reopened by the application is worth an ACK of its own (the peer may still
+# send, and the handshake is over: in SYN_RECEIVED the SYN-ACK carries the window).
+WINDOW_UPDATES = RECEIVING - {S.SYN_RECEIVED}
+# States without any timer: nothing has been sent yet, or nothing is left.
+TIMERLESS = frozenset({S.SYN_PENDING, S.CLOSED})
+# States a new SYN on the same 4-tuple may replace (RFC 6191 spirit): our TIME_WAIT only re-ACKs a FIN.
+REPLACEABLE = frozenset({S.TIME_WAIT, S.CLOSED})
 
 
 def next_state(state: TcpState, trigger: Trigger) -> TcpState:

@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import pytest
 
+from typing import Callable
+
+import engine.tcp.endpoint as endpoint_module
 from engine.tcp import (
     CLOSE_ABORTED,
     CLOSE_HALF_CLOSE_TIMEOUT,
+    CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_KEEPALIVE,
     CLOSE_NORMAL,
     CLOSE_RESET,
+    CLOSE_TIMEOUT,
     Closed,
     ConnectionReset,
     DataReceived,
     PeerFinished,
     TcpConfig,
+    TcpEndpoint,
     TcpState,
 )
-from tcp_helpers import ACK, FIN, PSH, RST, open_connection, syn_packet
+from engine.tcp.state import Trigger
+from tcp_helpers import ACK, FIN, PSH, RST, Client, open_connection, syn_packet
 
 
 def test_we_close_first_and_still_receive_then_time_wait() -> None:
@@ -259,3 +266,78 @@ def test_time_wait_flow_is_replaced_by_a_new_syn() -> None:
     assert c.ep.accepts_new_syn(new_syn)  # the engine swaps in a fresh endpoint instead of dropping it
     fresh = open_connection(TcpConfig(), now=0.3, client_iss=c.seq + 100_000)
     assert fresh.ep.state is TcpState.ESTABLISHED
+
+
+# --- timers that give up --------------------------------------------------------------------------------
+
+def _stalled_handshake() -> TcpEndpoint:
+    ep = TcpEndpoint.from_syn(syn_packet(1000), TcpConfig(syn_retries=1), 0.0, iss=5000)
+    ep.accept(0.0)
+    ep.segments(0.0)
+    return ep
+
+
+def _unacked_data() -> TcpEndpoint:
+    c = open_connection(TcpConfig(max_retries=2), ts=False, sack=False)
+    c.ep.send(b"never acknowledged")
+    c.ep.segments(0.0)
+    return c.ep
+
+
+def _closed_window() -> TcpEndpoint:
+    c = open_connection(TcpConfig(max_retries=2), ts=False)
+    c.window = 0
+    c.send_ack(0.0)
+    c.ep.send(b"x")
+    c.ep.segments(0.0)
+    return c.ep
+
+
+def _idle() -> TcpEndpoint:
+    return open_connection(TcpConfig(keepalive_idle=60, keepalive_interval=30, keepalive_probes=2)).ep
+
+
+def _stalled_half_close() -> TcpEndpoint:
+    c: Client = open_connection(TcpConfig(half_close_timeout=60, keepalive=False))
+    c.fin(1.0)
+    c.take(1.0)
+    return c.ep
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        (_stalled_handshake, CLOSE_HANDSHAKE_TIMEOUT),
+        (_unacked_data, CLOSE_TIMEOUT),
+        (_closed_window, CLOSE_TIMEOUT),
+        (_idle, CLOSE_KEEPALIVE),
+        (_stalled_half_close, CLOSE_HALF_CLOSE_TIMEOUT),
+    ],
+    ids=["handshake", "retransmission", "persist", "keepalive", "half-close"],
+)
+def test_a_timer_that_gives_up_fires_the_timeout_trigger_with_its_reason(
+    setup: Callable[[], TcpEndpoint], reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table's TIMEOUT edge, not the application's ABORT followed by a rewritten reason: the trigger
+    log ends in exactly one TIMEOUT, the peer is reset, and the only Closed event names the timer."""
+    ep = setup()
+    ep.events()
+    triggers: list[Trigger] = []
+    real_next_state = endpoint_module.next_state
+
+    def recording(state: TcpState, trigger: Trigger) -> TcpState:
+        triggers.append(trigger)
+        return real_next_state(state, trigger)
+
+    monkeypatch.setattr(endpoint_module, "next_state", recording)
+    out = []
+    for _ in range(20):
+        deadline = ep.next_deadline()
+        if deadline is None:
+            break
+        ep.on_timer(deadline)
+        out += ep.segments(deadline)
+    assert ep.state is TcpState.CLOSED
+    assert triggers == [Trigger.TIMEOUT]
+    assert out[-1].flags & RST
+    assert ep.events() == [Closed(reason)]

@@ -63,6 +63,28 @@ def test_illegal_transitions_raise(state: TcpState, trigger: Trigger) -> None:
         next_state(state, trigger)
 
 
+def _legal(state: TcpState, trigger: Trigger) -> bool:
+    try:
+        next_state(state, trigger)
+    except InvalidTransition:
+        return False
+    return True
+
+
+def test_state_sets_agree_with_the_table() -> None:
+    """The sets the endpoint tests are state-module facts; the ones that follow from the table must."""
+    from engine.tcp import state as st
+
+    assert st.CAN_SEND_FIN == {s for s in S if _legal(s, T.SEND_FIN)} == {S.ESTABLISHED, S.CLOSE_WAIT}
+    assert st.FIN_UNACKED == {s for s in S if _legal(s, T.FIN_ACKED)} == {S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK}
+    assert st.CAN_SEND_FIN <= st.CAN_QUEUE and not st.CAN_QUEUE & st.FIN_UNACKED
+    assert st.FIN_UNACKED <= st.SENDING and st.FIN_UNACKED <= st.HALF_CLOSED
+    assert st.KEEPALIVE <= st.SYNCHRONIZED and st.WINDOW_UPDATES <= st.RECEIVING
+    # Every live state can time out; the timerless ones are exactly those no timer runs in.
+    assert all(_legal(s, T.TIMEOUT) for s in S if s is not S.CLOSED)
+    assert st.TIMERLESS == {S.SYN_PENDING, S.CLOSED} and S.CLOSED in st.REPLACEABLE
+
+
 # --- reassembly ------------------------------------------------------------------------------------------
 
 def test_reassembly_merges_and_releases_in_order() -> None:
