@@ -25,7 +25,11 @@ import socket
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the client side (``ctl``, ``top``) needs no engine, so the module does not import it
+    from engine.flow import Flow
+    from engine.runtime import Engine
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +261,15 @@ class ControlClient:
 BLOCK_OBSERVER_NAME = "dnsgate_block_log"
 
 
-def _names_for(engine: Any, address_text: str) -> str | None:
-    """The DNS names the tracker remembers for a destination (``None`` when it has none or no tracker)."""
+def _names_for(engine: Engine, address_text: str) -> str | None:
+    """The DNS names the tracker remembers for a destination (``None`` when it has none or no tracker).
+
+    The probe for ``names_for`` is on the plugin, not the engine: a profile may name a replacement
+    ``ip_tracker`` that keeps no names.
+    """
     import ipaddress
 
-    tracker = engine.plugin("ip_tracker") if hasattr(engine, "plugin") else None
+    tracker = engine.plugin("ip_tracker")
     names_for = getattr(tracker, "names_for", None)
     if names_for is None:
         return None
@@ -272,10 +280,10 @@ def _names_for(engine: Any, address_text: str) -> str | None:
     return ", ".join(names[-2:]) if names else None
 
 
-def full_snapshot(engine: Any) -> dict[str, Any]:
+def full_snapshot(engine: Engine) -> dict[str, Any]:
     """``engine.snapshot()`` plus the block feed and the domain names of the top connections."""
     snapshot = dict(engine.snapshot())
-    observer = engine.pm.get_plugin(BLOCK_OBSERVER_NAME) if hasattr(engine, "pm") else None
+    observer = engine.pm.get_plugin(BLOCK_OBSERVER_NAME)
     if observer is not None:
         snapshot["blocks"] = observer.snapshot()
     for flow in snapshot.get("top_flows", []):
@@ -284,7 +292,7 @@ def full_snapshot(engine: Any) -> dict[str, Any]:
     return snapshot
 
 
-def find_flow(engine: Any, selector: Any) -> Any:
+def find_flow(engine: Engine, selector: Any) -> Flow:
     """A flow by its numeric id (``ctl flows`` shows it) or by its text (``10.0.0.2:5000 -> 1.2.3.4:443/tcp``)."""
     text = str(selector).strip()
     if text.isdigit():
@@ -298,7 +306,7 @@ def find_flow(engine: Any, selector: Any) -> Any:
     raise ControlError(f"no open flow {text!r} (see `dnsgate ctl flows`)")
 
 
-def engine_handlers(engine: Any) -> dict[str, Handler]:
+def engine_handlers(engine: Engine) -> dict[str, Handler]:
     """The commands every engine answers: ``stats``, ``flows``, ``tracker``, ``close``, ``reload``.
 
     ``mode`` needs the routes and is added by ``dnsgate run`` (an engine on a borrowed TUN cannot switch).
@@ -338,15 +346,9 @@ def engine_handlers(engine: Any) -> dict[str, Handler]:
             profile = load_profile(path)
         except ProfileError as error:
             raise ControlError(f"profile not reloaded: {error}") from None
-        reload_engine = getattr(engine, "reload", None)
-        if reload_engine is None:
-            raise ControlError("this engine cannot reload profiles")
         try:
-            result = reload_engine(profile)
-            if inspect.isawaitable(result):
-                result = await result
+            return await engine.reload(profile)
         except (ProfileError, ValueError) as error:
             raise ControlError(f"profile not reloaded: {error}") from None
-        return result if result is not None else {"profile": path}
 
     return {"stats": stats, "flows": flows, "tracker": tracker, "close": close, "reload": reload}

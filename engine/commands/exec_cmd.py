@@ -29,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from engine import event_loop
-from engine.commands.run import add_common_arguments, load_profile_or_explain, make_block_observer
+from engine.commands.serving import (
+    add_common_arguments,
+    load_profile_or_explain,
+    make_block_observer,
+    run_engine,
+    setup_logging_or_explain,
+)
 from engine.control import BLOCK_OBSERVER_NAME
+from engine.io.tun import TunDevice
 from engine.linux import netns as nl
 from engine.linux.routes import DEFAULT_STATE_DIR, pid_alive, require_net_admin
-from engine.logs import setup_logging
+from engine.profile import Profile
+from engine.runtime import Engine
 
 log = logging.getLogger("dnsgate.exec")
 
@@ -51,7 +59,7 @@ def add_parser(subparsers: Any) -> None:
     add_common_arguments(parser)
     parser.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR), help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
-    parser.set_defaults(func=run, log_level="1")
+    parser.set_defaults(func=run)
 
 
 def remove_exec_namespace(name: str) -> None:
@@ -85,10 +93,8 @@ def sweep_stale(state_dir: Path) -> list[str]:
     return removed
 
 
-def build_namespace(name: str, profile: Any) -> Any:
+def build_namespace(name: str, profile: Profile) -> TunDevice:
     """Create the namespace, its TUN (returned, served by us), addresses, default routes and resolv.conf."""
-    from engine.io.tun import TunDevice
-
     options = profile.engine
     nl.create_netns(name)
     for key in ("net.ipv6.conf.all.router_solicitations", "net.ipv6.conf.default.router_solicitations",
@@ -134,10 +140,7 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile_or_explain(args.profile)
     if profile is None:
         return 2
-    try:
-        setup_logging(args.log_level, json_lines=args.log_json, file=args.log_file)
-    except (ValueError, OSError) as error:
-        print(f"dnsgate: {error}", file=sys.stderr)
+    if not setup_logging_or_explain(args):
         return 2
     state_dir = Path(args.state_dir)
     sweep_stale(state_dir)
@@ -159,13 +162,13 @@ def run(args: argparse.Namespace) -> int:
             child["status"] = await process.wait()
             stop.set()
 
-        async def on_started(engine: Any) -> None:
+        async def on_started(engine: Engine) -> None:
             engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
             process = await asyncio.create_subprocess_exec(*nl.exec_argv(name, command))
             child["process"] = process
             engine.spawn(watch(process), name="dnsgate-exec-child")
 
-        async def on_stopping(_engine: Any) -> None:
+        async def on_stopping(_engine: Engine) -> None:
             process = child.get("process")
             if process is None or process.returncode is not None:
                 return
@@ -175,8 +178,6 @@ def run(args: argparse.Namespace) -> int:
             except asyncio.TimeoutError:
                 process.kill()
                 child["status"] = await process.wait()
-
-        from engine.commands.serve import run_engine
 
         async def main() -> None:
             await run_engine(profile, device, control_path=args.control, on_started=on_started,

@@ -19,14 +19,30 @@ import inspect
 import logging
 import sys
 import threading
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from engine import event_loop
-from engine.control import BLOCK_OBSERVER_NAME, ControlError, default_control_path, full_snapshot
+from engine.commands.serving import (
+    add_common_arguments,
+    load_profile_or_explain,
+    make_block_observer,
+    run_engine,
+    setup_logging_or_explain,
+    unmarked_destinations,
+)
+from engine.control import (
+    BLOCK_OBSERVER_NAME,
+    ControlError,
+    Handler,
+    default_control_path,
+    engine_handlers,
+    full_snapshot,
+)
+from engine.io.tun import TunDevice, TunError
 from engine.linux.routes import (
     DEFAULT_STATE_DIR,
-    Bypass,
     MODES,
     Mode,
     RouteError,
@@ -35,12 +51,16 @@ from engine.linux.routes import (
     cleanup_stale,
     require_net_admin,
 )
-from engine.logs import BlockObserver, setup_logging
-from engine.profile import Profile, ProfileError, load_profile
+from engine.profile import ProfileError, load_profile
+from engine.runtime import Engine
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger("dnsgate.run")
 
-PCAP_MAX_PACKETS = 100_000
+#: ``ctl mode``'s handler: takes the request, answers ``{"mode": new, "previous": old}``.
+ModeHandler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -55,41 +75,11 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Logging, control socket and pcap options shared by ``run`` and ``exec``."""
-    parser.add_argument("--log-level", default="2", help="0-3 (error, warning, info, debug) or a name (default 2)")
-    parser.add_argument("--log-json", action="store_true", help="JSON lines instead of human-readable logs")
-    parser.add_argument("--log-file", metavar="FILE", help="log to FILE instead of stderr")
-    parser.add_argument("--pcap-blocked", metavar="FILE", help="record the packets of blocked flows to FILE (pcap)")
-    parser.add_argument("--control", metavar="PATH",
-                        help="control socket path (default /run/dnsgate/<tun>.sock, mode 0600)")
-
-
-def load_profile_or_explain(name: str, mode: str | None = None) -> Profile | None:
-    try:
-        profile = load_profile(name)
-    except ProfileError as error:
-        print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
-        return None
-    if mode:
-        profile = profile.with_engine(mode=mode)
-    return profile
-
-
-def make_block_observer(pcap_path: str | None) -> BlockObserver:
-    pcap = None
-    if pcap_path:
-        from engine.io.pcap import PcapRecorder
-
-        pcap = PcapRecorder(pcap_path, max_packets=PCAP_MAX_PACKETS, sync=False)
-    return BlockObserver(pcap=pcap)
-
-
 class DashboardThread:
     """The live dashboard in a worker thread: the engine's loop only builds a snapshot dict once a second;
     rendering and terminal writes happen here, so the packet path never waits for the screen."""
 
-    def __init__(self, engine: Any, console: Any) -> None:
+    def __init__(self, engine: Engine, console: Console) -> None:
         self.engine = engine
         self.console = console
         self.stopping = threading.Event()
@@ -118,7 +108,7 @@ class DashboardThread:
         await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 3.0)
 
 
-def mode_handler(engine_ref: dict[str, Any], manager: RouteManager) -> Any:
+def mode_handler(engine: Engine, manager: RouteManager) -> ModeHandler:
     """``ctl mode firewall|dns-only``: swap the mode rules (in a worker thread: ``ip`` is a subprocess)."""
 
     async def set_mode(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,21 +120,14 @@ def mode_handler(engine_ref: dict[str, Any], manager: RouteManager) -> Any:
             await asyncio.get_running_loop().run_in_executor(None, manager.set_mode, mode)
         except RouteError as error:
             raise ControlError(str(error)) from None
-        engine = engine_ref.get("engine")
-        if engine is not None:
-            engine.mode = mode
+        engine.mode = mode
         log.info("mode %s -> %s", previous, mode)
         return {"mode": mode, "previous": previous}
 
     return set_mode
 
 
-def unmarked_destinations(engine: Any) -> list[Bypass]:
-    """What the plugins reach through sockets without the engine's fwmark (``dnsgate_unmarked_destinations``)."""
-    return [tuple(item) for answer in engine.hook.dnsgate_unmarked_destinations() for item in answer or ()]
-
-
-def route_unmarked_around_tun(engine: Any, manager: RouteManager) -> None:
+def route_unmarked_around_tun(engine: Engine, manager: RouteManager) -> None:
     """Give the plugins' unmarked destinations their bypass rules (firewall mode would loop them)."""
     destinations = unmarked_destinations(engine)
     rules = manager.set_bypass(destinations)
@@ -155,14 +138,11 @@ def route_unmarked_around_tun(engine: Any, manager: RouteManager) -> None:
         log.debug("no destination needs to bypass the TUN")
 
 
-def reload_handler(engine_ref: dict[str, Any], set_mode: Any, manager: RouteManager | None = None) -> Any:
+def reload_handler(engine: Engine, set_mode: ModeHandler, manager: RouteManager | None = None) -> Handler:
     """``ctl reload``: the engine rebuilds changed plugins; if the profile's own ``mode`` was edited, the
     routes follow it (a mode chosen with ``ctl mode`` is kept while the file's mode stays the same)."""
 
     async def reload(request: dict[str, Any]) -> Any:
-        from engine.control import engine_handlers
-
-        engine = engine_ref["engine"]
         path = str(request.get("profile") or engine.config.path)
         before = engine.config.engine.mode
         result = engine_handlers(engine)["reload"](request)
@@ -194,15 +174,12 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile_or_explain(args.profile, args.mode)
     if profile is None:
         return 2
-    console = None
+    console: Console | None = None
     if args.dashboard:
         from rich.console import Console
 
         console = Console()
-    try:
-        setup_logging(args.log_level, json_lines=args.log_json, file=args.log_file, console=console)
-    except (ValueError, OSError) as error:
-        print(f"dnsgate: {error}", file=sys.stderr)
+    if not setup_logging_or_explain(args, console=console):
         return 2
     options = profile.engine
     state_dir = Path(args.state_dir)
@@ -212,8 +189,6 @@ def run(args: argparse.Namespace) -> int:
     except RouteError as error:
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
-
-    from engine.io.tun import TunDevice, TunError
 
     try:
         device = TunDevice.open(options.tun_name, vnet_hdr=options.offload, offload=options.offload,
@@ -225,7 +200,6 @@ def run(args: argparse.Namespace) -> int:
     spec = RoutingSpec(tun=device.name, device_addresses=tuple(options.device_addresses), fwmark=options.fwmark)
     manager = RouteManager(spec, state_dir=state_dir)
     observer = make_block_observer(args.pcap_blocked)
-    engine_ref: dict[str, Any] = {}
     dashboard: list[DashboardThread] = []
     control_path = args.control or str(default_control_path(device.name))
     mode: Mode = options.mode
@@ -238,8 +212,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
 
-    def on_started(engine: Any) -> None:
-        engine_ref["engine"] = engine
+    def on_started(engine: Engine) -> None:
         engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
         engine.mode = mode
         route_unmarked_around_tun(engine, manager)  # a RouteError here stops the start, routes undone
@@ -249,15 +222,14 @@ def run(args: argparse.Namespace) -> int:
             dashboard.append(thread)
             thread.start()
 
-    async def on_stopping(_engine: Any) -> None:
+    async def on_stopping(_engine: Engine) -> None:
         for thread in dashboard:
             await thread.stop()
         manager.teardown()
 
-    set_mode = mode_handler(engine_ref, manager)
-    extra_handlers = {"mode": set_mode, "reload": reload_handler(engine_ref, set_mode, manager)}
-
-    from engine.commands.serve import run_engine
+    def extra_handlers(engine: Engine) -> dict[str, Handler]:
+        set_mode = mode_handler(engine, manager)
+        return {"mode": set_mode, "reload": reload_handler(engine, set_mode, manager)}
 
     try:
         return event_loop.run(run_engine(

@@ -74,7 +74,7 @@ def test_replay_of_a_missing_capture_is_a_clear_error(capsys: pytest.CaptureFixt
 def test_serving_tunes_the_collector_and_keeps_older_generations() -> None:
     import gc
 
-    from engine.commands.serve import GC_YOUNG_THRESHOLD, tune_gc_for_serving
+    from engine.commands.serving import GC_YOUNG_THRESHOLD, tune_gc_for_serving
 
     before = gc.get_threshold()
     try:

@@ -284,7 +284,12 @@ def test_engine_handlers_over_a_real_engine(real_engine: Any, tmp_path: Path) ->
     with pytest.raises(ControlError, match="profile not reloaded"):
         run_handler(handlers["reload"], {"profile": str(tmp_path / "missing.toml")})
     seen: list[Any] = []
-    real_engine.reload = lambda profile: seen.append(profile) or {"rebuilt": ["ip_tracker"]}
+
+    async def reload(profile: Any) -> dict[str, Any]:
+        seen.append(profile)
+        return {"rebuilt": ["ip_tracker"]}
+
+    real_engine.reload = reload
     changed = tmp_path / "changed.toml"
     changed.write_text('extends = "firewall"\n[plugins.ip_tracker]\nttl = "1m"\n')
     assert run_handler(handlers["reload"], {"profile": str(changed)}) == {"rebuilt": ["ip_tracker"]}

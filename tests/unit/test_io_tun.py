@@ -132,7 +132,7 @@ def test_a_deleted_interface_marks_the_device_lost(ns: str) -> None:
 
 def test_the_engine_stops_with_status_1_when_its_tun_is_deleted(ns: str) -> None:
     """Not a busy loop on an fd that reports an error forever: ``serve`` says why and exits."""
-    from engine.commands.serve import run_engine
+    from engine.commands.serving import run_engine
     from engine.profile import profile_from_dict
 
     dev = TunDevice.open("tun0", netns=ns)
