@@ -148,7 +148,7 @@ class Pipeline:
         flow = self.flows.flows.get((packet.proto, packet.src, packet.sport, packet.dst, packet.dport))
         if flow is not None:
             handler = flow.handler
-            if handler is not None and not flow.inspect and packet.tcp_flags & 0x12 != SYN:
+            if handler is not None and not flow.inspect and packet.tcp_flags & (SYN | ACK) != SYN:
                 flow.last_seen = now
                 flow.packets_out += 1
                 flow.bytes_out += len(packet.buf)

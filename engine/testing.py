@@ -36,8 +36,6 @@ from engine.plugin_manager import resolve_plugin_class
 from engine.profile import Profile, profile_from_dict
 from engine.runtime import Engine
 
-PluginRef = "str | type"
-
 
 def addr(text: str) -> bytes:
     """``"10.0.0.2"`` -> raw bytes, the form packets and flows use."""

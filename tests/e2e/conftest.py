@@ -7,18 +7,14 @@ Without root or /dev/net/tun every test using the fixture is skipped with the re
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the project on the path
-    sys.path.insert(0, _REPO_ROOT)
-
-from tests.e2e.topology import Topology, e2e_skip_reason, reap_stale_namespaces  # noqa: E402
+# ``tests.e2e`` resolves from the project root, which pyproject's ``[tool.pytest.ini_options] pythonpath``
+# puts on sys.path for plain ``pytest`` as well as ``python -m pytest``, before any conftest is imported.
+from tests.e2e.topology import Topology, e2e_skip_reason, reap_stale_namespaces
 
 
 def pytest_configure(config: pytest.Config) -> None:
