@@ -2,7 +2,7 @@
 """Micro-benchmark of engine.packet: min µs per operation (timeit, best of several repeats).
 
 Run from the project root: ``python3 bench/micro_packet.py``. The "reference" column is the hand-written
-struct/memoryview figure from shared/REFERENCE.md, measured on this kind of machine; the minimum over
+struct/memoryview figure from docs/architecture.md §10, measured on this kind of machine; the minimum over
 repeats is reported because on a shared 2-core box only the minimum is stable (the operations take turns
 in short bursts, compare within one run, and look at the printed load average).
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # run.sh -- the project's benchmark: dnsgate next to the direct path and sing-box's
-# gVisor stack, in one run of the shared harness (/work/shared/bench/peers.sh).
+# gVisor stack, in one run of the shared peer harness (bench/README.md: where it lives, how it runs).
 #
 #   bash bench/run.sh                                    # every workload, harness defaults
 #   bash bench/run.sh --workloads tcp1,tcp1r,http,http1dst --repeat 1 --duration 5

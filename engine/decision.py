@@ -1,7 +1,7 @@
 """The verdict a filter gives a new flow.
 
-A decision is made once per flow and cached on it (DESIGN §3); it names the plugin that decided and why,
-so logs, the dashboard and ``ctl flows`` can always say who blocked what.
+A decision is made once per flow and cached on it (docs/architecture.md §3, the flow table); it names
+the plugin that decided and why, so logs, the dashboard and ``ctl flows`` can always say who blocked what.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Flows: the engine's conntrack.
 
 A flow is one client 5-tuple. It is judged once (classify -> filter -> track -> forward) and then every
-later packet goes straight to its handler (the fast path, DESIGN §3), so the per-flow record keeps the
+later packet goes straight to its handler (the fast path, docs/architecture.md §2-3), so the per-flow record keeps the
 cached decision, the handler, counters and a typed per-plugin stash. Addresses stay raw bytes: hashing
 a tuple of bytes is what makes the fast-path lookup cheap.
 """
@@ -173,9 +173,10 @@ class Flow:
 class FlowTable:
     """The bounded flow table.
 
-    Every table in the data path has a bound (DESIGN §8): when ``max_flows`` is reached the least
-    recently seen flows are evicted (their handlers closed by the caller). Idle expiry is a safety net;
-    handlers normally end their flows themselves (TCP close, UDP idle timeout).
+    Every table in the data path has a bound (docs/architecture.md §6, data-path rules): when
+    ``max_flows`` is reached the least recently seen flows are evicted (their handlers closed by the
+    caller). Idle expiry is a safety net; handlers normally end their flows themselves (TCP close, UDP
+    idle timeout).
     """
 
     def __init__(self, max_flows: int = 65536, idle_timeout: float = 7200.0, blocked_ttl: float = 5.0) -> None:

@@ -3,7 +3,8 @@
 Pipeline hooks run once per *new* flow, in profile order: ``dnsgate_classify`` -> ``dnsgate_filter`` ->
 ``dnsgate_track`` -> ``dnsgate_forward``. Established flows never reach a hook (the fast path), unless
 their decision asked for ``inspect``. Hooks are synchronous and must never block: a plugin that needs I/O
-starts a task with ``engine.spawn`` and answers later (DESIGN §3, §4).
+starts a task with ``engine.spawn`` and answers later (docs/architecture.md §5, the hook contract; §6,
+data-path rules).
 
 Lifecycle hooks ``dnsgate_start``/``dnsgate_stop`` may return an awaitable; the runtime awaits it.
 Event hooks let plugins talk without importing each other (dns_filter -> ip_tracker).
@@ -129,4 +130,4 @@ def dnsgate_unmarked_destinations() -> list[tuple[str, str, int]]:
 @hookspec
 def dnsgate_dns_answer(answer: DnsAnswer, now: float) -> None:
     """An upstream DNS answer arrived. Called synchronously by the DNS plugin **before** it writes the
-    reply to the device, so an application never races the allow-list (DESIGN §6)."""
+    reply to the device, so an application never races the allow-list (docs/architecture.md §8, DNS first)."""

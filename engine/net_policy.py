@@ -4,7 +4,7 @@ Every forwarder (tcp_forward, udp_forward, icmp_echo) dials the real destination
 Without a guard a device could reach what only the host should reach: ``127.0.0.1:6379``, the host's
 own management addresses, link-local metadata services (``169.254.169.254``), or multicast groups on the
 host's LAN. :class:`SocketPolicy` is the one place that says no, and the one place that stamps outbound
-sockets with the fwmark / bound interface that keep them from looping back into the TUN (DESIGN §7-8).
+sockets with the fwmark / bound interface that keep them from looping back into the TUN (docs/architecture.md §9).
 
 The API is deliberately small:
 

@@ -565,7 +565,7 @@ def _skip_v6_extensions(buf: memoryview, proto: int, total: int) -> tuple[int, i
 
 # --- checksums -------------------------------------------------------------------------------------------
 
-# Above this size numpy's vectorised sum beats int.from_bytes (REFERENCE.md: 8x at 64 KB; measured here
+# Above this size numpy's vectorised sum beats int.from_bytes (docs/architecture.md §10: 8x at 64 KB; measured here
 # the two cross near 2 KB); below it the numpy call overhead loses. numpy is imported with this module,
 # not on first use: a first use inside the packet loop (say a 3 KB DNS reply) would stall it for the
 # 100-300 ms numpy takes to import. Without numpy everything works, large checksums are just slower.

@@ -1,8 +1,8 @@
 """The packet loop: parse -> anti-spoof -> flow lookup -> fast path or classify/filter/track/forward.
 
 Established flows never call a hook: the flow's handler gets the parsed packet directly, which is what
-keeps a Python engine fast enough (a pluggy call costs 2-5 µs, the fast path well under 1; REFERENCE.md).
-New flows pay for the four hooks once, and the decision is cached on the flow (DESIGN §3).
+keeps a Python engine fast enough (a pluggy call costs 2-5 µs, the fast path well under 1; docs/architecture.md §10).
+New flows pay for the four hooks once, and the decision is cached on the flow (docs/architecture.md §3).
 """
 
 from __future__ import annotations

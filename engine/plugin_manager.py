@@ -6,7 +6,8 @@ are loaded, and profile order is hook call order (pluggy calls the most recently
 register in reverse).
 
 Every hook implementation is wrapped so that an exception is counted against its plugin and answered by
-the profile's ``on_plugin_error`` policy instead of unwinding the packet loop (DESIGN §4).
+the profile's ``on_plugin_error`` policy instead of unwinding the packet loop (docs/architecture.md §5,
+the hook contract).
 """
 
 from __future__ import annotations

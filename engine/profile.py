@@ -204,7 +204,7 @@ def check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], 
 
 @attrs.frozen
 class EngineConfig:
-    """The ``[engine]`` table: device, addresses, bounds and safety switches (DESIGN §7, §8)."""
+    """The ``[engine]`` table: device, addresses, bounds and safety switches (docs/architecture.md §6 and §9)."""
 
     mode: Literal["firewall", "dns-only"] = "firewall"
     plugins: tuple[str, ...] = ()

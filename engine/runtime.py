@@ -2,7 +2,7 @@
 
 This is the I/O edge. The pipeline and plugins receive ``now`` from here (the loop's clock), write
 packets through :meth:`Engine.write`, and start their I/O with :meth:`Engine.spawn` so the packet loop
-never waits (DESIGN §3).
+never waits (docs/architecture.md §6, data-path rules).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Writing UDP datagrams of one flow to the device, as few writes as the device allows.
 
 With ``IFF_VNET_HDR`` and offloads a TUN accepts one ``GSO_UDP_L4`` write that the kernel cuts into
-``gso_size``-byte datagrams (REFERENCE: 40 x 1200 B in one write arrived as 40 correct datagrams): one
+``gso_size``-byte datagrams (docs/architecture.md §10: 40 x 1200 B in one write arrived as 40 correct datagrams): one
 syscall and no Python checksum for a whole run instead of one syscall and one checksum per datagram. The
 kernel's rule is the one ``UDP_SEGMENT`` senders follow: every segment has the same size except the last,
 which may be shorter. Datagrams that become ready together usually come from one burst (QUIC, RTP, iperf

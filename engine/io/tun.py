@@ -1,6 +1,6 @@
 """Linux TUN device: create/adopt, vnet headers + offloads, batched zero-copy reads, non-blocking writes.
 
-Why these choices (numbers in shared/REFERENCE.md):
+Why these choices (the measurements are in docs/architecture.md §10, the performance model):
 
 * ``IFF_VNET_HDR`` + ``TUNSETOFFLOAD(CSUM|TSO4|TSO6|TSO_ECN|USO4|USO6)`` lets the kernel hand us GRO
   super-packets of up to ~64 KB and accept GSO super-packet writes: ~15x the throughput and ~20x less CPU

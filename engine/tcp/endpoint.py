@@ -303,7 +303,8 @@ class TcpEndpoint:
     def accepts_new_syn(self, syn: SegmentIn) -> bool:
         """True when a new SYN on this 4-tuple may replace this endpoint (RFC 6191 spirit): in TIME_WAIT
         or CLOSED. Our TIME_WAIT only exists to re-ACK a retransmitted FIN from the local peer, so any SYN
-        means the client has moved on; refusing it is the gVisor stall REFERENCE.md measured."""
+        means the client has moved on; refusing it is the gVisor stall of docs/architecture.md §7 (TCP in
+        user space)."""
         return self.state in REPLACEABLE
 
     # --- application calls --------------------------------------------------------------------------

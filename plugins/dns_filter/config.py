@@ -34,7 +34,7 @@ def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) 
 
 @attrs.frozen
 class Config:
-    """Upstreams, timeouts, local block/allow policy and bounds of the DNS plugin (DESIGN §6).
+    """Upstreams, timeouts, local block/allow policy and bounds of the DNS plugin (docs/architecture.md §8).
 
     ``upstreams`` empty means "the host's resolver" from ``resolv_conf``; a local stub there (127.0.0.53)
     would send its own queries back through the TUN, so its upstreams are used instead or the engine

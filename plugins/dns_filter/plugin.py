@@ -1,6 +1,6 @@
 """dns_filter: answer the device's DNS (UDP and TCP port 53, to any address) through upstream resolvers.
 
-Why it is shaped this way (DESIGN §3, §6):
+Why it is shaped this way (docs/architecture.md §6, data-path rules; §8, DNS first):
 
 * **Never stall the packet loop.** A query becomes a pending entry and is sent at once; the reply is
   written from the upstream socket's callback (UDP) or the transport's task (TCP, DoT, DoH, DoQ). The

@@ -1,7 +1,7 @@
 """DNS wire-format helpers that work on raw message bytes.
 
 Why hand-written instead of dnspython: the query path runs once per DNS message and dnspython costs
-~28 µs to parse a query and ~162 µs to build a reply (REFERENCE.md). Everything the packet path needs —
+~28 µs to parse a query and ~162 µs to build a reply (docs/architecture.md §10). Everything the packet path needs —
 the header, the question, the client's EDNS size, error/block replies and truncation — is a few slices of
 the original bytes. Replies from the upstream are forwarded unchanged; nothing here re-encodes them.
 

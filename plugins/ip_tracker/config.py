@@ -33,7 +33,7 @@ def _check_ttl(_instance: object, attribute: attrs.Attribute[Any], value: object
 
 @attrs.frozen
 class Config:
-    """Lease length, bounds, exemptions and persistence of the tracker (DESIGN §6)."""
+    """Lease length, bounds, exemptions and persistence of the tracker (docs/architecture.md §8)."""
 
     ttl: Duration | Literal["record"] = attrs.field(default=Duration(300.0), validator=_check_ttl)
     min_ttl: Duration = Duration(30.0)

@@ -1,4 +1,4 @@
-"""ip_tracker: a new flow may only go to an address that DNS handed out (DESIGN §6).
+"""ip_tracker: a new flow may only go to an address that DNS handed out (docs/architecture.md §8).
 
 The table learns **only** from ``dnsgate_dns_answer``, i.e. from answers to queries the engine itself sent
 upstream; nothing a client or a spoofer puts in a packet can add an address. dns_filter calls that hook

@@ -3,7 +3,7 @@
 Every method takes ``now`` (loop time) where time matters; nothing here reads a clock or touches a file,
 so the rules are unit-testable to the second.
 
-Rules (DESIGN §6, with Cilium's toFQDNs lessons):
+Rules (docs/architecture.md §8, with Cilium's toFQDNs lessons):
 
 * An address is allowed while ``now < expiry``. Learning it again moves the expiry to the later of the two
   (a re-resolve never shortens a lease another answer granted).

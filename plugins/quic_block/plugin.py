@@ -13,7 +13,7 @@ This plugin is the reference for plugin authors; it shows the whole contract in 
   flow hit the engine's cached decision, not this plugin.
 * Counters go to ``engine.stats``, namespaced by the plugin's name, so ``dnsgate top`` can show them.
 * No I/O and no clock: the packet and ``now`` come in, a :class:`Decision` goes out. Sending the ICMP error
-  is the engine's job (``Decision.reject`` -> rate-limited ICMP/ICMPv6 port unreachable, DESIGN §3).
+  is the engine's job (``Decision.reject`` -> rate-limited ICMP/ICMPv6 port unreachable, docs/architecture.md §2).
 """
 
 from __future__ import annotations

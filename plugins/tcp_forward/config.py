@@ -1,7 +1,7 @@
 """The ``[plugins.tcp_forward]`` table.
 
 Defaults follow the forwarders this project is measured against (tun2socks / newt netstack2, see
-REFERENCE.md): 5 s to dial, 60 s half-close wait, keepalive 60 s idle / 30 s interval / 9 probes.
+docs/architecture.md §7): 5 s to dial, 60 s half-close wait, keepalive 60 s idle / 30 s interval / 9 probes.
 """
 
 from __future__ import annotations

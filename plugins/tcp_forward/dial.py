@@ -2,7 +2,7 @@
 
 The socket is made here rather than by ``loop.create_connection(host, port)`` because it must be
 prepared *before* ``connect``: fwmark / bind-to-device keep it from looping back into the TUN in firewall
-mode (DESIGN §7), and keepalive / TCP_NODELAY are set once.
+mode (docs/architecture.md §9), and keepalive / TCP_NODELAY are set once.
 
 The connect itself is a plain non-blocking ``connect_ex``; the relay waits for writability with one
 writer callback in the engine's poller (no task, no future, no transport: those were ~40% of the Python

@@ -1,6 +1,6 @@
 """tcp_forward: terminate the client's TCP in the engine and relay it to the real destination.
 
-The order of events for one accepted SYN is the point of this plugin (DESIGN §5, sing-box's "lazy
+The order of events for one accepted SYN is the point of this plugin (docs/architecture.md §7, sing-box's "lazy
 handshake"): the upstream is dialed **first**, and the client gets its SYN-ACK only once that connect
 succeeded. A refused or unreachable destination is answered with RST (after ``connect_timeout`` for a
 black hole), so the client sees exactly what it would have seen without the engine in between, instead

@@ -6,7 +6,7 @@ engine's poller (:mod:`engine.poller`): no asyncio transport, protocol, future o
 connection (HTTP/1.0) is dominated by per-connection setup, and the transport layer's setup, buffering
 and teardown was a large share of it; the callbacks here do the same work in a few calls.
 
-Backpressure both ways (DESIGN §5), so memory per connection stays bounded by the two windows:
+Backpressure both ways (docs/architecture.md §7), so memory per connection stays bounded by the two windows:
 
 * upstream -> client: ``send`` takes only what fits the endpoint's send buffer; the rest is kept and the
   socket's reader is removed until ``on_send_space``. The server then sees a full receive window.

@@ -372,7 +372,7 @@ def test_sequential_connections_to_one_port_never_stall(topology: Topology) -> N
     """5,000 short connections to one destination (DNSGATE_E2E_SEQUENTIAL=20000 runs the full 20,000:
     ~21 s here, no failure, worst 0.22 s), then 300 that reuse one source port, so that every SYN arrives
     while the engine holds the previous connection in TIME_WAIT: RFC 6191 says accept it (gVisor ignores
-    it and the client stalls; REFERENCE.md)."""
+    it and the client stalls; docs/architecture.md §7)."""
     bytes_server(topology)
     start_engine(topology)
     sequential = int(os.environ.get("DNSGATE_E2E_SEQUENTIAL", "5000"))  # 20000 for the full check
