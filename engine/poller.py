@@ -1,10 +1,30 @@
-"""Readiness callbacks for the engine's many short-lived sockets, through one epoll set of its own.
+"""Readiness callbacks for every socket the engine and its plugins watch, through one epoll set of its own.
 
-Why not ``loop.add_reader``/``add_writer``: each of those costs several microseconds of Python
-bookkeeping in asyncio (selector key objects and maps, a transport check through a weak dictionary, an
-``epoll_ctl``) and every event becomes a ``Handle`` scheduled on the ready queue. A forwarded HTTP/1.0
-connection registers and unregisters its upstream socket four times, so at a few thousand connections
-per second that bookkeeping was a visible share of the engine's CPU. Here the engine keeps one
+This is the one way a descriptor is watched in dnsgate (the TUN excepted: engine/runtime.py ``attach``
+says why it may stay on the loop), for correctness first. On uvloop, the loop the engine serves on, a
+descriptor registered with ``loop.add_reader``/``add_writer`` is watched by a libuv ``uv_poll``; when
+epoll reports EPOLLERR on it, libuv calls back with ``UV_EBADF`` and uvloop's ``UVPoll._fatal_error``
+runs the reader (and writer) once and closes the poll handle: the descriptor is never watched again, and
+even a new ``add_reader`` for it fails until it is removed. An error condition is routine on the
+engine's sockets: one ICMP port unreachable on a connected UDP socket (a resolver restarting), an ICMP
+error on a ping socket. A dns_filter upstream socket that saw one stayed deaf for good, and every later
+query timed out until dnsgate was restarted. asyncio keeps polling and recovers. An epoll descriptor
+never reports an error itself (only "readable"), so the loop keeps watching this set, and the
+descriptors inside keep being reported after an error on either loop; their callbacks are woken on
+EPOLLERR/EPOLLHUP (a reader's ``recv`` then returns the pending error, e.g. ECONNREFUSED, and clears it).
+Level-triggered, so a reader must clear the condition it is woken for or it is woken again at once: one
+whose descriptor is gone for good (EBADFD) must ``forget`` it. tests/unit/test_poller_errors.py checks
+this on both loops. asyncio streams and transports (the control socket, TCP/DoT upstreams) are not raw
+watches: uvloop drives them with libuv streams, which hand an error to the protocol (connection lost)
+as they should, and its one-shot ``sock_connect`` watch reports a refused connect before it is dropped.
+
+Registering is also cheaper than ``loop.add_reader``/``add_writer``: each of those costs several
+microseconds of Python bookkeeping in asyncio (selector key objects and maps, a transport check through a weak
+dictionary, an ``epoll_ctl``) and every event becomes a ``Handle`` scheduled on the ready queue. A
+forwarded HTTP/1.0 connection registers and unregisters its upstream socket four times, so at a few
+thousand connections per second that bookkeeping was a visible share of the engine's CPU (a wake-up
+of a descriptor that stays registered costs more here, by the set's own ``epoll_wait`` and a Python
+call: ~0.8 µs on either loop, which is why the TUN stays on the loop). Here the engine keeps one
 ``select.epoll`` set, registered with the loop as a single reader; callbacks are kept in a plain dict
 and called directly when the set is readable. Semantics are asyncio's: level-triggered, one reader and
 one writer per descriptor, an error or hang-up wakes both, and a callback's exception is reported and

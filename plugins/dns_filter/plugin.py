@@ -148,6 +148,7 @@ class DnsFilter:
             in_flight=self.pending,
             udp_sockets=self.config.udp_sockets,
             batch=engine.batch,
+            poller=engine.poller,
         )
 
     @hookimpl

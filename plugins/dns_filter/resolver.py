@@ -38,6 +38,7 @@ from plugins.dns_filter.wire import FLAG_TC
 if TYPE_CHECKING:
     from engine.batching import WriteBatch
     from engine.net_policy import SocketPolicy
+    from engine.poller import Poller
 
 log = logging.getLogger("dnsgate.dns_filter")
 
@@ -64,6 +65,7 @@ class Resolver:
         in_flight: Mapping[Any, PendingQuery],
         udp_sockets: int = 4,
         batch: WriteBatch | None = None,
+        poller: Poller | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one upstream is needed")
@@ -79,7 +81,9 @@ class Resolver:
         self.tcp_retries = 0
         for url in urls:
             if url.scheme == "udp":
-                self.upstreams.append(UdpUpstream(url, policy, self._on_reply, self._on_failure, udp_sockets, batch))
+                self.upstreams.append(
+                    UdpUpstream(url, policy, self._on_reply, self._on_failure, udp_sockets, batch, poller)
+                )
             elif url.scheme in ("tcp", "tls"):
                 self.upstreams.append(StreamUpstream(url, policy, self._on_reply, self._on_failure, spawn, timeout))
             else:

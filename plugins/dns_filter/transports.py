@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from engine.batching import WriteBatch
 from engine.net_policy import SO_BINDTODEVICE, SO_MARK
+from engine.poller import Poller
 from engine.udp_out import GSO_REFUSED, plan_runs, send_segmented
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.upstream_url import UpstreamUrl
@@ -79,24 +80,29 @@ class _RandomIds:
 class _UdpChannel:
     """One connected UDP socket with its table of upstream ids in flight.
 
-    Read with ``loop.add_reader`` and drained in a loop on each readiness event: asyncio's datagram
-    transport reads one datagram per event-loop iteration, which at tens of thousands of replies per second
-    costs more than the replies themselves.
+    Drained in a loop on each readiness event: asyncio's datagram transport reads one datagram per
+    event-loop iteration, which at tens of thousands of replies per second costs more than the replies
+    themselves. Watched through the engine's :class:`~engine.poller.Poller`, not ``loop.add_reader``: the
+    ICMP port unreachable of a restarting resolver is an error condition on this socket, and uvloop stops
+    watching a descriptor after its first error (engine/poller.py), which left the socket deaf to the
+    resolver once it was back. The reader clears the error itself (the ``recv`` that reports
+    ECONNREFUSED resets it), so the level-triggered EPOLLERR wakes it once per ICMP error, not forever.
     """
 
-    __slots__ = ("owner", "sock", "inflight", "outbox", "segment", "_loop")
+    __slots__ = ("owner", "sock", "fd", "inflight", "outbox", "segment", "_poller")
 
-    def __init__(self, owner: UdpUpstream, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, owner: UdpUpstream, sock: socket.socket, poller: Poller) -> None:
         self.owner = owner
         self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
         self.inflight: dict[int, PendingQuery] = {}
         #: Queries queued during a write batch, sent by :meth:`flush` (see ``UdpUpstream.send``).
         self.outbox: list[tuple[bytes, PendingQuery]] = []
         #: Whether runs of equal-size queries go out as one ``UDP_SEGMENT`` send (off after the kernel
         #: refuses one: no UDP GSO on this path).
         self.segment = True
-        self._loop = loop
-        loop.add_reader(sock.fileno(), self._readable)
+        self._poller = poller
+        poller.set_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         """Replies arrived. The first is handled at once, its client reply written directly, before we
@@ -251,10 +257,7 @@ class _UdpChannel:
         sock = self.sock
         if sock is not None:
             self.sock = None
-            try:
-                self._loop.remove_reader(sock.fileno())
-            except (ValueError, RuntimeError):
-                pass
+            self._poller.forget(self.fd)
             sock.close()
         self.inflight.clear()
         self.outbox.clear()
@@ -271,6 +274,7 @@ class UdpUpstream:
         on_failure: OnFailure,
         sockets: int = 4,
         batch: WriteBatch | None = None,
+        poller: Poller | None = None,
     ) -> None:
         self.url = url
         self.policy = policy
@@ -278,6 +282,10 @@ class UdpUpstream:
         self.on_failure = on_failure
         #: The engine's write batch: inside one, queries are queued per socket and sent together.
         self.batch = batch
+        #: What watches the sockets: the engine's poller; without one (a transport used on its own), a
+        #: poller of our own on the running loop, made at :meth:`open` and closed with us.
+        self.poller = poller
+        self._own_poller: Poller | None = None
         self.channels: list[_UdpChannel] = []
         self._size = sockets
         self._next = 0
@@ -291,7 +299,9 @@ class UdpUpstream:
         self.segmented_sends = 0
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = self._own_poller = Poller(asyncio.get_running_loop())
         family = socket.AF_INET6 if ":" in self.url.address else socket.AF_INET
         for _ in range(self._size):
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -304,7 +314,7 @@ class UdpUpstream:
             except BaseException:
                 sock.close()
                 raise
-            self.channels.append(_UdpChannel(self, sock, loop))
+            self.channels.append(_UdpChannel(self, sock, poller))
 
     def send(self, pending: PendingQuery) -> None:
         channels = self.channels
@@ -377,6 +387,10 @@ class UdpUpstream:
         for channel in self.channels:
             channel.close()
         self.channels.clear()
+        own, self._own_poller = self._own_poller, None
+        if own is not None:
+            own.close()
+            self.poller = None
 
 
 class _TaskUpstream:

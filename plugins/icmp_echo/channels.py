@@ -11,10 +11,17 @@ filter (``ICMP_FILTER`` / ``ICMP6_FILTER``) lets only echo replies wake us.
 
 Both present the same small interface to :class:`~plugins.icmp_echo.session.EchoSession`: ``open(session)``
 returns the identifier used upstream, ``send(session, seq, payload)``, ``release(session)``.
+
+Both are read through the engine's :class:`~engine.poller.Poller`. An echo request to an unreachable host
+can come back as an ICMP error that the kernel reports on the socket (a ping socket's ``sk_err``, a raw
+socket's for a hard error): an error condition, after which uvloop's ``add_reader`` stops watching the
+descriptor (engine/poller.py). On a shared raw socket that would end ping for every session. The readers
+take the error with their ``recv`` (which clears it) and read on.
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from typing import TYPE_CHECKING, Protocol
@@ -22,9 +29,8 @@ from typing import TYPE_CHECKING, Protocol
 from engine.packet import PROTO_ICMP, PacketError, checksum, parse
 
 if TYPE_CHECKING:
-    import asyncio
-
     from engine.net_policy import SocketPolicy
+    from engine.poller import Poller
 
     from .session import EchoSession
 
@@ -102,10 +108,10 @@ class PingSocketChannel:
 
     kind = "ping"
 
-    def __init__(self, version: int, policy: SocketPolicy, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, version: int, policy: SocketPolicy, poller: Poller) -> None:
         self.version = version
         self.policy = policy
-        self.loop = loop
+        self.poller = poller
         self._sockets: dict[EchoSession, socket.socket] = {}
 
     def open(self, session: EchoSession) -> int:
@@ -118,7 +124,7 @@ class PingSocketChannel:
             sock.close()
             raise
         self._sockets[session] = sock
-        self.loop.add_reader(sock.fileno(), self._on_readable, session, sock)
+        self.poller.set_reader(sock.fileno(), functools.partial(self._on_readable, session, sock))
         return ident
 
     def send(self, session: EchoSession, seq: int, payload: memoryview) -> None:
@@ -141,10 +147,7 @@ class PingSocketChannel:
     def release(self, session: EchoSession) -> None:
         sock = self._sockets.pop(session, None)
         if sock is not None:
-            try:
-                self.loop.remove_reader(sock.fileno())
-            except Exception:
-                pass
+            self.poller.forget(sock.fileno())
             sock.close()
 
     def close(self) -> None:
@@ -157,9 +160,9 @@ class RawSocketChannel:
 
     kind = "raw"
 
-    def __init__(self, version: int, policy: SocketPolicy, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, version: int, policy: SocketPolicy, poller: Poller) -> None:
         self.version = version
-        self.loop = loop
+        self.poller = poller
         family = _family(version)
         self.sock = policy.open_socket(family, socket.SOCK_RAW, _proto(version))
         try:
@@ -168,7 +171,7 @@ class RawSocketChannel:
             pass  # only an optimisation: replies are still matched by (address, identifier)
         self._by_id: dict[tuple[bytes, int], EchoSession] = {}
         self._next_id = 1
-        loop.add_reader(self.sock.fileno(), self._on_readable)
+        poller.set_reader(self.sock.fileno(), self._on_readable)
 
     def _install_filter(self) -> None:
         if self.version == 4:
@@ -227,9 +230,7 @@ class RawSocketChannel:
             del self._by_id[key]
 
     def close(self) -> None:
-        try:
-            self.loop.remove_reader(self.sock.fileno())
-        except Exception:
-            pass
+        if self.sock.fileno() >= 0:
+            self.poller.forget(self.sock.fileno())
         self.sock.close()
         self._by_id.clear()

@@ -127,12 +127,12 @@ class IcmpEcho:
             return self._channels[version]
         choice = self.config.socket
         channel: Channel | None = None
-        policy, loop = self.engine.socket_options, self.engine.loop
+        policy, poller = self.engine.socket_options, self.engine.poller
         try:
             if choice in ("auto", "ping") and ping_sockets_available(version):
-                channel = PingSocketChannel(version, policy, loop)
+                channel = PingSocketChannel(version, policy, poller)
             elif choice in ("auto", "raw") and raw_sockets_available(version):
-                channel = RawSocketChannel(version, policy, loop)
+                channel = RawSocketChannel(version, policy, poller)
         except OSError as error:
             log.warning("icmp_echo: cannot open an IPv%d echo socket: %s", version, error)
         if channel is None:
