@@ -88,6 +88,9 @@ _V6_FRAGMENT = 44
 _V6_AH = 51
 _V6_DEST_OPTS = 60
 _V6_EXTENSIONS = frozenset((_V6_HOP_BY_HOP, _V6_ROUTING, _V6_FRAGMENT, _V6_AH, _V6_DEST_OPTS, 135, 139, 140))
+#: Next-header values that are IPv6 extension headers, and the fragment header's (RFC 8200 4.5).
+IPV6_EXTENSION_HEADERS = _V6_EXTENSIONS
+IPV6_FRAGMENT_HEADER = _V6_FRAGMENT
 
 _V4_HDR = struct.Struct("!BxHxxHBBxx4s4s")  # ver/ihl, total length, flags/frag offset, ttl, proto, src, dst
 _V6_HDR = struct.Struct("!4xHBB16s16s")  # payload length, next header, hop limit, src, dst
@@ -555,12 +558,67 @@ def _skip_v6_extensions(buf: memoryview, proto: int, total: int) -> tuple[int, i
             if frag & 0xFFF8:
                 return nxt, off, True, True
         else:
-            length = (buf[off + 1] + 2) * 4 if proto == _V6_AH else (buf[off + 1] + 1) * 8
+            length = _v6_extension_length(buf, off, proto)
             off += length
             if off > total:
                 raise PacketError(f"IPv6 extension header {proto} of {length} bytes beyond the packet")
         proto = nxt
     return proto, off, is_fragment, False
+
+
+def _v6_extension_length(buf: Buffer, off: int, proto: int) -> int:
+    """Bytes of the (non-fragment) extension header ``proto`` at ``off``: AH counts 4-byte units
+    beyond the first two, the others 8-byte units beyond the first (RFC 4302 2.2, RFC 8200 4.3-4.6)."""
+    return (buf[off + 1] + 2) * 4 if proto == _V6_AH else (buf[off + 1] + 1) * 8
+
+
+_V4_ID_FRAG = struct.Struct("!HH")  # identification, flags + fragment offset (at byte 4)
+_V6_FRAG_FIELDS = struct.Struct("!HI")  # fragment offset + M flag, identification (at byte 2 of the header)
+
+
+class Fragment(NamedTuple):
+    """What reassembly needs of a fragment beyond :class:`Packet` (RFC 791 3.2, RFC 8200 4.5).
+
+    ``header_len`` is what the whole datagram keeps of the offset-0 fragment: the IPv4 header (options
+    included), or the IPv6 unfragmentable part (the fixed header and the extension headers before the
+    fragment header). The fragment's data starts at ``data_offset`` (IPv6: after the 8-byte fragment header).
+    """
+
+    ident: int
+    """IPv4: the 16-bit identification; IPv6: the fragment header's 32-bit identification."""
+    offset: int
+    """In bytes (the header field counts 8-byte units)."""
+    more: bool
+    """MF (IPv4) / M (IPv6): more fragments follow."""
+    next_header: int
+    """IPv4: the protocol; IPv6: the fragment header's next header (the datagram's after reassembly)."""
+    header_len: int
+    data_offset: int
+    next_header_at: int
+    """IPv6: the byte that names the fragment header (byte 6, or the first byte of the last extension
+    header before it): reassembly writes ``next_header`` there. IPv4: 9, the protocol byte."""
+
+
+def fragment_fields(packet: Packet) -> Fragment:
+    """The fragment fields of a packet :func:`parse` reported as ``is_fragment``. Raises
+    :class:`PacketError` when there are none (an IPv6 packet without a fragment header, say)."""
+    buf = packet.buf
+    if packet.version == 4:
+        ident, frag = _V4_ID_FRAG.unpack_from(buf, 4)
+        ihl = (buf[0] & 0x0F) << 2
+        return Fragment(ident, (frag & 0x1FFF) << 3, bool(frag & 0x2000), packet.proto, ihl, ihl, 9)
+    total = len(buf)
+    off, at, proto = 40, 6, buf[6]
+    while proto != _V6_FRAGMENT:
+        if proto not in _V6_EXTENSIONS or off + 8 > total:
+            raise PacketError("no IPv6 fragment header")
+        at = off
+        off += _v6_extension_length(buf, off, proto)
+        proto = buf[at]
+    if off + 8 > total:
+        raise PacketError("IPv6 fragment header truncated")
+    frag, ident = _V6_FRAG_FIELDS.unpack_from(buf, off + 2)
+    return Fragment(ident, frag & 0xFFF8, bool(frag & 1), buf[off], off, off + 8, at)
 
 
 # --- checksums -------------------------------------------------------------------------------------------

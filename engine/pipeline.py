@@ -1,4 +1,4 @@
-"""The packet loop: parse -> anti-spoof -> flow lookup -> fast path or classify/filter/track/forward.
+"""The packet loop: parse -> anti-spoof -> reassembly -> flow lookup -> fast path or classify/filter/track/forward.
 
 Established flows never call a hook: the flow's handler gets the parsed packet directly, which is what
 keeps a Python engine fast enough (a pluggy call costs 2-5 µs, the fast path well under 1; docs/architecture.md §10).
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowTable, replaceable_by
 from engine.plugin_manager import PositionalHook
+from engine.reassembly import Reassembler
 from engine.tun_subnet import GatewayEcho, GatewayEchoHandler, TunSubnetGuard
 from engine.packet import (
     ACK,
@@ -90,11 +91,18 @@ class Pipeline:
         self.guard = SourceGuard(config.device_networks, config.anti_spoof)
         self.tun_subnet = TunSubnetGuard(config.tun_addresses, config.forward_tun_subnet)
         self.stats = engine.stats
+        #: Fragments from the device wait here until their datagram is whole (engine/reassembly.py).
+        self.reassembly = Reassembler(
+            self.stats.counters, config.reassembly_timeout, config.reassembly_max_bytes,
+            config.reassembly_max_datagrams,
+        )
         self.hook = engine.hook
         # The per-new-flow hooks, called without pluggy's generic machinery (same order and arguments).
         self._direct: dict[str, PositionalHook] = {}
         self.current_vnet: VnetHeader | None = None
         """The vnet header of the packet being handled (GSO size of a UDP super-packet), else None."""
+        self.current_reassembled = False
+        """The packet being handled was reassembled from fragments (each of which fitted the MTU)."""
         self.dry_run = False
         """Judge flows but never forward them (``dnsgate replay``: a capture must not cause real I/O)."""
 
@@ -144,6 +152,15 @@ class Pipeline:
         if packet.src not in guard.good and not guard.allows(packet.src):
             stats.counters["spoofed"] += 1
             return
+        if packet.is_fragment:
+            # Whole datagrams only from here on: the flow lookup and the handler see the real ports.
+            whole = self._reassemble(packet, now)
+            if whole is None:
+                return
+            packet, vnet = whole, None
+            self.current_reassembled = True
+        elif self.current_reassembled:
+            self.current_reassembled = False
         self.current_vnet = vnet
         flow = self.flows.flows.get((packet.proto, packet.src, packet.sport, packet.dst, packet.dport))
         if flow is not None:
@@ -159,12 +176,29 @@ class Pipeline:
                 return
             self._established_slow(packet, flow, now)
             return
-        if packet.is_fragment:
-            stats.counters["fragments_dropped"] += 1
-            return
         self._new_flow(packet, now)
 
     # -- slower paths ----------------------------------------------------------------------------
+
+    def _reassemble(self, fragment: Packet, now: float) -> Packet | None:
+        """The datagram ``fragment`` completes, parsed, or None (kept for later, or dropped and counted)."""
+        counters = self.stats.counters
+        reassembly = self.reassembly
+        if not reassembly.enabled:
+            counters["fragments_dropped"] += 1
+            return None
+        datagram = reassembly.add(fragment, now)
+        if datagram is None:
+            return None
+        try:
+            whole = parse(datagram)
+        except PacketError:
+            counters["reassembly.malformed"] += 1  # e.g. a UDP length beyond the reassembled datagram
+            return None
+        if whole.is_fragment:
+            counters["reassembly.nested"] += 1  # a second fragment header inside: never reassembled twice
+            return None
+        return whole
 
     def _established_slow(self, packet: Packet, flow: Flow, now: float) -> None:
         flow.last_seen = now

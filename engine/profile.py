@@ -202,6 +202,11 @@ def check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], 
             raise ValueError(f"{attribute.name}: {item!r} is not a network like 10.0.0.0/24") from None
 
 
+def _positive_duration(_instance: object, attribute: attrs.Attribute[Duration], value: Duration) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be longer than 0 s")
+
+
 @attrs.frozen
 class EngineConfig:
     """The ``[engine]`` table: device, addresses, bounds and safety switches (docs/architecture.md §6 and §9)."""
@@ -228,6 +233,11 @@ class EngineConfig:
     #: Dial flows to TUN-subnet addresses other than the gateway on the host's network (engine/tun_subnet.py).
     forward_tun_subnet: bool = False
     tick_interval: Duration = Duration(1.0)
+    # IP fragments from the device (engine/reassembly.py): how long a datagram may take to complete, and
+    # the memory bounds (fragment data held, datagrams in progress; 0 datagrams = fragments are dropped).
+    reassembly_timeout: Duration = attrs.field(default=Duration(3.0), validator=_positive_duration)
+    reassembly_max_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.ge(65535))
+    reassembly_max_datagrams: int = attrs.field(default=1024, validator=attrs.validators.ge(0))
 
     @property
     def device_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -19,6 +19,7 @@ from engine.batching import WriteBatch
 from engine.deadlines import DeadlineQueue
 from engine.decision import Decision
 from engine.flow import Flow
+from engine.fragment import Fragmenter, finish_checksum
 from engine.net_policy import SocketPolicy
 from engine.packet import (
     PROTO_TCP,
@@ -100,6 +101,8 @@ class Engine:
             allow_link_local=options.allow_link_local,
         )
         self._reject_bucket = TokenBucket(options.reject_rate)
+        #: Cuts packets larger than the device's MTU into IP fragments (engine/fragment.py).
+        self.fragmenter = Fragmenter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
         self._reader_fd: int | None = None
@@ -121,18 +124,55 @@ class Engine:
         return self._clock()
 
     def write(self, packet: bytes | bytearray | memoryview, flow: Flow | None = None) -> None:
-        """Send one complete IP packet (valid checksums) to the device."""
+        """Send one complete IP packet (valid checksums) to the device; one larger than the device's MTU
+        leaves as IP fragments."""
+        size = len(packet)
+        if size > self.mtu:
+            self._write_fragments(packet, flow)
+            return
         stats = self.stats
         stats.packets_in += 1
-        stats.bytes_in += len(packet)
+        stats.bytes_in += size
         if flow is not None:
             flow.packets_in += 1
-            flow.bytes_in += len(packet)
+            flow.bytes_in += size
         if self.device is not None:
             self.device.write(packet)
 
+    def _write_fragments(self, packet: bytes | bytearray | memoryview, flow: Flow | None) -> None:
+        """The one place over-MTU packets are cut (the engine is their source host towards the device).
+        Device counters count fragments; the flow counts the datagram once, as it does a reassembled one."""
+        counters = self.stats.counters
+        try:
+            fragments = self.fragmenter.split(packet, self.mtu)
+        except ValueError as error:
+            counters["fragmentation.refused"] += 1
+            log.debug("cannot fragment a %d-byte packet for MTU %d: %s", len(packet), self.mtu, error)
+            return
+        counters["fragmentation.datagrams"] += 1
+        counters["fragmentation.fragments"] += len(fragments)
+        stats = self.stats
+        stats.packets_in += len(fragments)
+        stats.bytes_in += sum(len(fragment) for fragment in fragments)
+        if flow is not None:
+            flow.packets_in += 1
+            flow.bytes_in += len(packet)
+        device = self.device
+        if device is not None:
+            for fragment in fragments:
+                device.write(fragment)
+
     def write_gso(self, packet: bytes | bytearray | memoryview, vnet: VnetHeader, flow: Flow | None = None) -> None:
-        """Send one GSO super-packet (partial checksum); only valid when :attr:`offload` is true."""
+        """Send one GSO super-packet (partial checksum); only valid when :attr:`offload` is true. A single
+        packet (no GSO type) larger than the MTU gets its checksum finished here and leaves as fragments."""
+        if not vnet.gso_type and len(packet) > self.mtu:
+            try:
+                whole = finish_checksum(packet, vnet)
+            except ValueError:
+                self.stats.counters["fragmentation.refused"] += 1
+                return
+            self._write_fragments(whole, flow)
+            return
         segments = max(1, (len(packet) - vnet.hdr_len + vnet.gso_size - 1) // vnet.gso_size) if vnet.gso_size else 1
         stats = self.stats
         stats.packets_in += segments
@@ -374,9 +414,10 @@ class Engine:
             self.tick(self.now())
 
     def tick(self, now: float) -> None:
-        """Expire idle flows and let plugins do their periodic work."""
+        """Expire idle flows and stale fragments, and let plugins do their periodic work."""
         for flow in self.flows.expired(now):
             self.end_flow(flow, now, "idle")
+        self.pipeline.reassembly.expire(now)
         if now >= self._next_address_refresh:
             self._refresh_host_addresses(now)
         try:
@@ -395,7 +436,8 @@ class Engine:
     # -- reload ----------------------------------------------------------------------------------
 
     LIVE_ENGINE_KEYS = ("mode", "reject_rate", "on_plugin_error", "max_flows", "flow_idle_timeout",
-                        "blocked_flow_ttl", "anti_spoof", "tick_interval", "plugins")
+                        "blocked_flow_ttl", "anti_spoof", "tick_interval", "plugins", "reassembly_timeout",
+                        "reassembly_max_bytes", "reassembly_max_datagrams")
     """[engine] keys a reload applies live; any other change needs a restart (and is reported)."""
 
     async def reload(self, profile: Profile) -> dict[str, Any]:
@@ -442,6 +484,9 @@ class Engine:
         self.flows.idle_timeout = options.flow_idle_timeout
         self.flows.blocked_ttl = options.blocked_flow_ttl
         self.pipeline.guard.enabled = options.anti_spoof
+        self.pipeline.reassembly.configure(
+            options.reassembly_timeout, options.reassembly_max_bytes, options.reassembly_max_datagrams
+        )
         for plugin in retired:
             await self._call_plugin(plugin, "dnsgate_stop")
         for name in rebuilt + added:

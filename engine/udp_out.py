@@ -7,6 +7,10 @@ kernel's rule is the one ``UDP_SEGMENT`` senders follow: every segment has the s
 which may be shorter. Datagrams that become ready together usually come from one burst (QUIC, RTP, iperf
 from an upstream; DNS replies under load, which share a size when their names do), so runs are long in
 practice. udp_forward (upstream datagrams) and dns_filter (replies) both write through here.
+
+A datagram larger than the device's MTU never joins a run (GSO would cut the run into datagrams of that
+size, each still too big for the link): it is built with its checksum complete and written alone, and
+``Engine.write`` sends it as IP fragments (engine/fragment.py).
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ def send_segmented(sock: socket.socket, payload: Buffer, gso_size: int) -> None:
     sock.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, _U16.pack(gso_size))])
 
 
-def plan_runs(sizes: Sequence[int], max_payload: int, max_segments: int = MAX_GSO_SEGMENTS) -> list[tuple[int, int]]:
+def plan_runs(
+    sizes: Sequence[int], max_payload: int, max_segments: int = MAX_GSO_SEGMENTS, max_size: int = 0xFFFF
+) -> list[tuple[int, int]]:
     """Split datagram ``sizes`` (in arrival order) into runs ``(start, end)`` that may be one GSO write.
 
-    A run is consecutive datagrams of one size ``s > 0`` optionally ended by one shorter datagram, at most
-    ``max_segments`` long and at most ``max_payload`` bytes in total (the IP length field's limit). Order is
-    kept: a datagram never overtakes another. Runs of length 1 are written as plain packets by the caller.
+    A run is consecutive datagrams of one size ``0 < s <= max_size`` optionally ended by one shorter
+    datagram, at most ``max_segments`` long and at most ``max_payload`` bytes in total (the IP length
+    field's limit). Order is kept: a datagram never overtakes another. Runs of length 1 are written as plain
+    packets by the caller (a datagram over ``max_size``, what one packet on the link carries, always is).
     """
     runs: list[tuple[int, int]] = []
     count = len(sizes)
@@ -56,7 +63,7 @@ def plan_runs(sizes: Sequence[int], max_payload: int, max_segments: int = MAX_GS
         size = sizes[start]
         end = start + 1
         total = size
-        if size > 0:
+        if 0 < size <= max_size:
             while end < count and end - start < max_segments:
                 nxt = sizes[end]
                 if nxt > size or nxt == 0 or total + nxt > max_payload:
@@ -76,25 +83,33 @@ def write_datagrams(
     """Write ``payloads`` as UDP datagrams ``src:sport -> dst:dport``, in order; returns the GSO writes made.
 
     Without offloads every datagram is a complete packet (checksums computed here). With offloads the
-    kernel completes checksums (a single datagram goes with ``NEEDS_CSUM``) and segments each run.
+    kernel completes checksums (a single datagram goes with ``NEEDS_CSUM``) and segments each run. Either
+    way a datagram over the MTU leaves complete, as fragments.
     """
+    write = engine.write
     if not engine.offload:
-        write = engine.write
         for payload in payloads:
             write(build_udp(src, dst, sport, dport, payload), flow)
         return 0
     ip_len = 20 if len(src) == 4 else 40
+    fits = engine.mtu - ip_len - 8  # the largest payload one packet on the link carries
     write_gso = engine.write_gso
-    if len(payloads) == 1:
-        write_gso(build_udp(src, dst, sport, dport, payloads[0], partial_csum=True),
-                  VnetHeader.csum_only(ip_len, UDP_CSUM_OFFSET), flow)
-        return 0
     single = VnetHeader.csum_only(ip_len, UDP_CSUM_OFFSET)
+    if len(payloads) == 1:
+        payload = payloads[0]
+        if len(payload) > fits:
+            write(build_udp(src, dst, sport, dport, payload), flow)
+        else:
+            write_gso(build_udp(src, dst, sport, dport, payload, partial_csum=True), single, flow)
+        return 0
     sizes = [len(payload) for payload in payloads]
     gso_writes = 0
-    for start, end in plan_runs(sizes, 65535 - ip_len - 8 if ip_len == 20 else 65535 - 8):
+    for start, end in plan_runs(sizes, 65535 - ip_len - 8 if ip_len == 20 else 65535 - 8, max_size=fits):
         if end - start == 1:
-            write_gso(build_udp(src, dst, sport, dport, payloads[start], partial_csum=True), single, flow)
+            if sizes[start] > fits:
+                write(build_udp(src, dst, sport, dport, payloads[start]), flow)
+            else:
+                write_gso(build_udp(src, dst, sport, dport, payloads[start], partial_csum=True), single, flow)
         else:
             body = b"".join(payloads[start:end])
             write_gso(build_udp(src, dst, sport, dport, body, partial_csum=True),

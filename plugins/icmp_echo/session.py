@@ -45,9 +45,10 @@ class EchoSession:
         if packet.icmp_type not in _ECHO_REQUEST_TYPES or packet.icmp_code != 0:
             plugin.count("not_echo_request")
             return
-        if len(packet.buf) > plugin.engine.mtu:
+        if len(packet.buf) > plugin.engine.mtu and not plugin.engine.pipeline.current_reassembled:
             # Larger than the link the engine serves (a profile MTU below the device's): answer like a
-            # router whose next hop is smaller, so the client's path-MTU discovery converges.
+            # router whose next hop is smaller, so the client's path-MTU discovery converges. A request
+            # reassembled from fragments arrived in pieces that fitted: the client already fragments.
             plugin.packet_too_big(packet, now)
             return
         payload = packet.payload

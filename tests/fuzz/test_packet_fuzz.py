@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import packet as P
+from engine.fragment import Fragmenter
 from engine.packet import PacketError, parse
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -37,6 +38,8 @@ SEEDS = [
     P.build_icmp_echo(V4_A, V4_B, 7, 1, b"ping", reply=False),
     P.build_icmp_echo(V6_A, V6_B, 7, 1, b"ping", reply=False),
     _v6_with_extensions(P.build_udp(V6_A, V6_B, 1, 2, b"frag")),
+    *Fragmenter(first_id=3).split(P.build_udp(V4_A, V4_B, 1, 2, bytes(150)), 100)[:2],
+    *Fragmenter(first_id=3).split(P.build_udp(V6_A, V6_B, 1, 2, bytes(150)), 120)[:2],
 ]
 
 
@@ -72,6 +75,22 @@ def exercise(data: bytes | bytearray | memoryview) -> None:
         pkt.tcp_options()
     except PacketError:
         pass
+    if pkt.is_fragment:  # what reassembly reads of it: its fields, or PacketError
+        try:
+            fields = P.fragment_fields(pkt)
+        except PacketError:
+            pass
+        else:
+            assert 0 < fields.data_offset <= len(pkt.buf) and fields.header_len <= fields.data_offset
+    mtu = 128  # small, so many packets here are cut; still room for a first fragment's whole L4 header
+    try:  # the fragmenter cuts what parsed, or refuses with ValueError
+        pieces = Fragmenter(first_id=1).split(pkt.buf, mtu)
+    except ValueError:
+        pass
+    else:
+        assert all(len(piece) <= mtu for piece in pieces) or pieces == [bytes(pkt.buf)]
+        for piece in pieces:
+            parse(piece)
     # Reject builders on whatever parsed: a packet or a documented ValueError, nothing else.
     for build in (P.build_tcp_rst, P.build_icmp_unreachable, lambda p: P.build_icmp_too_big(p, 1280)):
         try:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from engine.decision import Verdict
-from engine.packet import ACK, PROTO_ICMP, PROTO_TCP, RST, SYN, parse
+from engine.packet import ACK, PROTO_ICMP, PROTO_TCP, PROTO_UDP, RST, SYN, checksum, parse
 from engine.plugin_manager import PluginLoadError
-from engine.testing import PluginHarness, ping, syn, tcp, udp
+from engine.testing import PluginHarness, addr, ping, syn, tcp, udp
 
 RECORDER = "tests.unit.sample_plugins:Recorder"
 EXPLODING = "tests.unit.sample_plugins:Exploding"
@@ -240,3 +240,78 @@ def test_udp_fast_lane_contains_a_failing_handler() -> None:
         harness.plugin.handlers[0].explode = True
         harness.feed(udp("10.0.0.2", 5001, "192.0.2.7", 9999, b"two"))
         assert harness.engine.stats.counters["handler_errors"] == 1 and flow.closed
+
+
+# -- fragments from the device (engine/reassembly.py) ------------------------------------------------------
+
+
+def _fragments(packet: bytes, mtu: int = 1500, ident: int = 0x5151) -> list[bytes]:
+    """``packet`` cut as the device's kernel would (the engine's own fragmenter; reassembly itself is
+    checked against hand-made and scapy-made fragments in test_reassembly)."""
+    from engine.fragment import Fragmenter
+
+    return Fragmenter(first_id=ident).split(packet, mtu)
+
+
+@pytest.mark.parametrize(("client", "server"), [("10.0.0.2", "192.0.2.7"), ("fd00:db8::2", "2001:db8::7")],
+                         ids=["ipv4", "ipv6"])
+def test_fragments_open_one_flow_with_the_reassembled_datagrams_ports(client: str, server: str) -> None:
+    with PluginHarness(DATAGRAMS) as harness:
+        pieces = _fragments(udp(client, 5004, server, 9999, b"d" * 8000))
+        assert len(pieces) == 6
+        for piece in reversed(pieces):  # the last fragment first: nothing before the datagram is whole
+            harness.feed(piece)
+        counters = harness.engine.stats.counters
+        assert counters["reassembly.reassembled"] == 1 and counters["fragments_dropped"] == 0
+        assert harness.plugin.calls == ["classify", "filter", "track", "forward"]
+        [handler] = harness.plugin.handlers
+        assert handler.first == 5004  # the forwarder saw the real source port
+        flow = harness.engine.flows.get((PROTO_UDP, addr(client), 5004, addr(server), 9999))
+        assert flow is not None and flow.packets_out == 1 and flow.bytes_out == len(udp(client, 5004, server, 9999, b"d" * 8000))
+        # Later: a whole datagram takes the fast lane, a fragmented one reaches the same handler whole.
+        harness.feed(udp(client, 5004, server, 9999, b"small"))
+        for piece in _fragments(udp(client, 5004, server, 9999, b"e" * 3000), ident=0x5152):
+            harness.feed(piece)
+        assert handler.datagrams == [b"small"] and handler.packets == [3000]
+        assert harness.engine.stats.packets_out == 6 + 1 + 3
+
+
+def test_reassembled_echo_requests_and_tcp_segments_take_the_normal_path() -> None:
+    with PluginHarness(RECORDER) as harness:
+        for piece in _fragments(ping("10.0.0.2", "192.0.2.7", ident=77, payload=b"p" * 4000)):
+            harness.feed(piece)
+        assert harness.engine.flows.get((PROTO_ICMP, addr("10.0.0.2"), 77, addr("192.0.2.7"), 0)) is not None
+        syn_flow = harness.feed(syn("10.0.0.2", 40000, "192.0.2.7", 80)).flow
+        assert syn_flow is not None
+        for piece in _fragments(tcp("10.0.0.2", 40000, "192.0.2.7", 80, flags=ACK, seq=1001, ack=1,
+                                    payload=b"t" * 3000), 1280, ident=0x5152):
+            harness.feed(piece)
+        assert harness.plugin.handlers[1].packets == [1001]  # one segment, the reassembled one
+        assert harness.engine.stats.counters["reassembly.reassembled"] == 2
+
+
+def test_overlapping_or_stale_fragments_open_nothing_and_are_counted() -> None:
+    with PluginHarness(RECORDER, engine={"reassembly_timeout": "2s"}) as harness:
+        first, second, *rest = _fragments(udp("10.0.0.2", 5005, "192.0.2.7", 9, b"o" * 4000))
+        overlapping = bytearray(second)
+        overlapping[6:8] = (0x2000 | (1472 >> 3)).to_bytes(2, "big")  # 8 bytes into the first fragment
+        overlapping[10:12] = b"\0\0"
+        overlapping[10:12] = checksum(bytes(overlapping[:20])).to_bytes(2, "big")
+        for piece in (first, bytes(overlapping), second, *rest):
+            harness.feed(piece)
+        counters = harness.engine.stats.counters
+        assert counters["reassembly.overlapping"] == 1 and counters["reassembly.discarded_fragments"] == 1 + len(rest)
+        assert harness.plugin.calls == [] and len(harness.engine.flows) == 0
+        # An incomplete datagram is given up by the tick once its timeout passed.
+        harness.feed(_fragments(udp("10.0.0.2", 5006, "192.0.2.7", 9, b"s" * 4000), ident=0x5152)[0])
+        assert len(harness.engine.pipeline.reassembly) == 2  # the refused one waits out its timeout too
+        harness.advance(3)
+        assert counters["reassembly.timed_out"] == 1  # only the incomplete one: the refused was counted
+        assert len(harness.engine.pipeline.reassembly) == 0
+
+
+def test_reassembly_off_drops_fragments_as_before() -> None:
+    with PluginHarness(RECORDER, engine={"reassembly_max_datagrams": 0}) as harness:
+        for piece in _fragments(udp("10.0.0.2", 5007, "192.0.2.7", 9, b"x" * 4000)):
+            harness.feed(piece)
+        assert harness.engine.stats.counters["fragments_dropped"] == 3 and harness.plugin.calls == []
