@@ -238,6 +238,9 @@ class EngineConfig:
     reassembly_timeout: Duration = attrs.field(default=Duration(3.0), validator=_positive_duration)
     reassembly_max_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.ge(65535))
     reassembly_max_datagrams: int = attrs.field(default=1024, validator=attrs.validators.ge(0))
+    #: Serve Prometheus metrics on this ADDRESS:PORT ("127.0.0.1:9153"; empty = off; docs/metrics.md).
+    #: ``--metrics`` on the command line overrides it.
+    metrics: str = ""
 
     @property
     def device_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -293,6 +296,13 @@ def profile_from_dict(
     if unknown:
         raise ProfileError(file, unknown[0], f"unknown top-level key (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     engine = build_config(EngineConfig, data.get("engine", {}), file=file, prefix="engine.")
+    if engine.metrics:
+        from engine.metrics.address import parse_listen_address
+
+        try:
+            parse_listen_address(engine.metrics)
+        except ValueError as error:
+            raise ProfileError(file, "engine.metrics", str(error)) from None
     tables = data.get("plugins", {})
     if not isinstance(tables, dict):
         raise ProfileError(file, "plugins", "expected a table of [plugins.<name>] tables")
