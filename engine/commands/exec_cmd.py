@@ -33,6 +33,7 @@ from engine.commands.serving import (
     add_common_arguments,
     load_profile_or_explain,
     make_block_observer,
+    metrics_address,
     run_engine,
     setup_logging_or_explain,
 )
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             await run_engine(profile, device, control_path=args.control, on_started=on_started,
-                             on_stopping=on_stopping, announce=False, stop=stop)
+                             on_stopping=on_stopping, announce=False, stop=stop,
+                             metrics=metrics_address(args, profile))
 
         stop = asyncio.Event()
         try:

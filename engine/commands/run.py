@@ -28,6 +28,7 @@ from engine.commands.serving import (
     add_common_arguments,
     load_profile_or_explain,
     make_block_observer,
+    metrics_address,
     run_engine,
     setup_logging_or_explain,
     unmarked_destinations,
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return event_loop.run(run_engine(
             profile, device, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
-            on_stopping=on_stopping, extra_handlers=extra_handlers,
+            on_stopping=on_stopping, extra_handlers=extra_handlers, metrics=metrics_address(args, profile),
         ))
     except (ProfileError, ControlError, OSError, RouteError, event_loop.EventLoopError) as error:
         print(f"dnsgate: {error}", file=sys.stderr)

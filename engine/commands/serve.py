@@ -16,7 +16,9 @@ from typing import Any
 from engine import event_loop
 from engine.commands.serving import (
     add_logging_arguments,
+    add_metrics_argument,
     load_profile_or_explain,
+    metrics_address,
     run_engine,
     setup_logging_or_explain,
     unmarked_destinations,
@@ -39,6 +41,7 @@ def add_parser(subparsers: Any) -> None:
                         help="the fd carries virtio-net headers (detected when omitted)")
     parser.add_argument("--control", metavar="PATH", help="serve the control socket at PATH (mode 0600)")
     parser.add_argument("--ready-file", metavar="PATH", help="touch PATH once the engine reads packets")
+    add_metrics_argument(parser)
     add_logging_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         return event_loop.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file,
-                                         on_started=warn_about_unmarked_destinations))
+                                         on_started=warn_about_unmarked_destinations,
+                                         metrics=metrics_address(args, profile)))
     except ProfileError as error:
         print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ from engine.io.base import PacketDevice
 from engine.io.pcap import PcapRecorder
 from engine.linux.routes import Bypass
 from engine.logs import BlockObserver, setup_logging
+from engine.metrics.address import parse_listen_address
+from engine.metrics.server import MetricsError, MetricsServer
 from engine.profile import Profile, ProfileError, load_profile
 from engine.runtime import Engine
 
@@ -60,15 +62,37 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Logging, control socket and pcap options of ``run`` and ``exec`` (the commands that own their TUN).
+    """Logging, control socket, pcap and metrics options of ``run`` and ``exec`` (the commands that own
+    their TUN).
 
-    ``serve`` takes only the logging part: its control socket has no default path (the caller owns the
-    TUN's name) and it records no pcap.
+    ``serve`` takes only the logging and metrics parts: its control socket has no default path (the caller
+    owns the TUN's name) and it records no pcap.
     """
     add_logging_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument("--pcap-blocked", metavar="FILE", help="record the packets of blocked flows to FILE (pcap)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket path (default /run/dnsgate/<tun>.sock, mode 0600)")
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    """``--metrics ADDRESS:PORT`` (serve, run, exec): checked while parsing, so a typo fails at once."""
+    parser.add_argument("--metrics", metavar="ADDRESS:PORT", type=_metrics_address,
+                        help="serve Prometheus metrics on ADDRESS:PORT, e.g. 127.0.0.1:9153 "
+                             "(overrides [engine] metrics; docs/metrics.md)")
+
+
+def _metrics_address(text: str) -> str:
+    try:
+        parse_listen_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def metrics_address(args: argparse.Namespace, profile: Profile) -> str:
+    """Where to serve metrics: ``--metrics``, else the profile's ``[engine] metrics``; empty = nowhere."""
+    return str(getattr(args, "metrics", None) or profile.engine.metrics or "")
 
 
 def setup_logging_or_explain(args: argparse.Namespace, console: Any = None) -> bool:
@@ -146,13 +170,16 @@ async def run_engine(
     extra_handlers: Callable[[Engine], Mapping[str, control.Handler]] | None = None,
     announce: bool = True,
     stop: asyncio.Event | None = None,
+    metrics: str = "",
 ) -> int:
     """Run an engine on ``device`` until SIGTERM/SIGINT or until ``stop`` is set; returns the exit status.
 
     ``extra_handlers`` builds control commands beyond :func:`engine.control.engine_handlers` (``run``'s
     ``mode``) once the engine exists, so they hold the engine itself rather than a slot filled later.
-    ``announce`` prints the ready line (``exec`` keeps its command's terminal clean). The device is
-    closed on the way out, whatever happened.
+    ``announce`` prints the ready line (``exec`` keeps its command's terminal clean). ``metrics``
+    (ADDRESS:PORT) serves Prometheus metrics from a thread of their own until the engine stops; an
+    address that cannot be bound ends the start with status 1. The device is closed on the way out,
+    whatever happened.
     """
     loop = asyncio.get_running_loop()
     engine = Engine(profile, device, loop=loop)
@@ -161,6 +188,7 @@ async def run_engine(
         loop.add_signal_handler(signum, stop.set)
     engine.on_fatal(lambda _reason: stop.set())
     server = None
+    metrics_server: MetricsServer | None = None
     await engine.start()
     tune_gc_for_serving()
     try:
@@ -170,6 +198,14 @@ async def run_engine(
                 handlers.update(extra_handlers(engine))
             server = control.ControlServer(control_path, handlers)
             await server.start()
+        if metrics:
+            metrics_server = MetricsServer(engine, *parse_listen_address(metrics))
+            try:
+                metrics_server.start()
+            except MetricsError as error:
+                metrics_server = None
+                print(f"dnsgate: {error}", file=sys.stderr)
+                return 1
         if on_started is not None:
             await _call(on_started, engine)
         if ready_file:
@@ -184,6 +220,8 @@ async def run_engine(
                 await _call(on_stopping, engine)
             except Exception:
                 log.exception("cleanup failed")
+        if metrics_server is not None:
+            await metrics_server.close()
         if server is not None:
             await server.close()
         await engine.stop()
