@@ -32,7 +32,7 @@ FOLD_INTERVAL = 1.0
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
-class MetricsError(OSError):
+class MetricsError(Exception):
     """The metrics endpoint cannot be served (address in use, not an address of this host, ...)."""
 
 
@@ -73,8 +73,7 @@ class MetricsServer:
         try:
             self._httpd, self._thread = start_http_server(self.port, self.host, registry=registry)
         except OSError as error:
-            raise MetricsError(error.errno, f"cannot serve metrics on {self.host}:{self.port}: "
-                                            f"{error.strerror or error}") from None
+            raise MetricsError(f"cannot serve metrics on {self.host}:{self.port}: {error.strerror or error}") from None
         self._mark(self._httpd.socket)
         self._fold_timer = self._loop.call_later(FOLD_INTERVAL, self._fold)
         host, port = self.address
