@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from engine.decision import Decision
     from engine.events import DnsAnswer
     from engine.flow import Flow, FlowHandler
+    from engine.name_rules import NameMatcher
     from engine.packet import Packet
     from engine.runtime import Engine
 
@@ -131,3 +132,20 @@ def dnsgate_unmarked_destinations() -> list[tuple[str, str, int]]:
 def dnsgate_dns_answer(answer: DnsAnswer, now: float) -> None:
     """An upstream DNS answer arrived. Called synchronously by the DNS plugin **before** it writes the
     reply to the device, so an application never races the allow-list (docs/architecture.md §8, DNS first)."""
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+
+@hookspec
+def dnsgate_allowed_names() -> NameMatcher | None:
+    """Names this plugin's own rules need to resolve, as a matcher (``match(name) -> rule or None``,
+    ``len()``), or None: ip_tracker returns its destination rules (``github.com:22/tcp`` needs
+    ``github.com`` to resolve). In allowlist mode (dns_filter ``default = "deny"``) such names resolve
+    as if they were on the allowlist, so a user writes each name once.
+
+    The matcher is kept and consulted live (rules added to it later count at once); it is asked again
+    whenever the set of registered plugins changes (a reload). Asked only for names the allowlist itself
+    does not cover, never per packet. Plugins can also be asked before they are registered (``dnsgate
+    check`` refuses an allowlist mode in which no name could resolve).
+    """

@@ -14,6 +14,9 @@ max_ips_per_name = 64
 state_file = ""            # JSON persisted on stop and every save_interval, restored on start
 save_interval = "5m"
 action = "reject"          # "reject" (TCP RST / ICMP unreachable) or "drop"
+destinations = ["github.com:22/tcp", "pypi.org:443", "*.pythonhosted.org:443/tcp", "time.example:123/udp"]
+                           # empty (default): any port of a resolved address; else a new flow needs a rule of
+                           # one of the names that resolved to its address (NAME = every port and protocol)
 ```
 """
 
@@ -23,12 +26,17 @@ from typing import Any, Literal
 
 import attrs
 
+from engine.name_rules import parse_destinations
 from engine.profile import Duration, check_cidrs
 
 
 def _check_ttl(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value != "record" and not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{attribute.name}: expected a duration like \"5m\" or \"record\", got {value!r}")
+
+
+def _check_destinations(_instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    parse_destinations(value, where=attribute.name)  # a bad rule is refused at load, with its index
 
 
 @attrs.frozen
@@ -47,6 +55,8 @@ class Config:
     state_file: str = ""
     save_interval: Duration = Duration(300.0)
     action: Literal["reject", "drop"] = attrs.field(default="reject", validator=attrs.validators.in_(("reject", "drop")))
+    #: Destination rules in engine/name_rules.py's grammar; empty = no port policy (any port).
+    destinations: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_destinations)
 
     def __attrs_post_init__(self) -> None:
         if self.min_ttl > self.max_ttl:

@@ -9,6 +9,14 @@ short-circuit every later filter, and a profile that places quic_block after ip_
 to block QUIC to a resolved address. For an address that is not tracked it returns a REJECT — the engine
 answers a TCP SYN with RST and UDP/ICMP with ICMP unreachable, so an application fails fast instead of
 waiting for a timeout. Flows labelled ``dns`` are never judged here (dns_filter owns them).
+
+Destination rules (``destinations = ["github.com:22/tcp", "pypi.org:443"]``, engine/name_rules.py) narrow
+that: a new flow to a resolved address also needs a rule of one of the names that resolved to it (for
+this client) allowing its port and protocol; the reject names the names, the port and the rules they do
+have. The check runs once per new flow, after the lease lookup, and only when rules exist: without them
+the filter is exactly the lease lookup. The rule that allowed a flow goes into its stash
+(``MATCHED_RULE``) for reports. The rules' names are offered to dns_filter (``dnsgate_allowed_names``) so
+that in allowlist mode a name written as a destination resolves without being listed twice.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from engine.decision import Decision
 from engine.flow import StashKey
 from engine.hookspecs import hookimpl
+from engine.name_rules import MATCHED_RULE, DestinationRules
 from engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 from . import persistence
@@ -41,6 +50,8 @@ _COUNTED = StashKey[bool]("ip_tracker.counted")
 #: The pipeline logs every block as "BLOCKED <reason> <flow> <detail> [plugin verdict]", which makes
 #: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (was example.com, expired 12 s ago)".
 _REASON = "hardcoded IP"
+#: "BLOCKED port not allowed 10.0.0.2:40000 -> 198.51.100.7:22 (pypi.org resolved to 198.51.100.7, but ...)"
+_PORT_REASON = "port not allowed"
 
 
 class _Networks:
@@ -85,6 +96,8 @@ class IpTracker:
             grace=config.grace,
         )
         self._exempt = _Networks(config.exempt)
+        #: None without destination rules: the filter is then only the lease lookup.
+        self.destinations: DestinationRules | None = DestinationRules(config.destinations) if config.destinations else None
         self._engine: Engine | None = None
         self._next_cleanup = 0.0
         self._next_save = 0.0
@@ -167,8 +180,10 @@ class IpTracker:
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
         if "dns" in flow.labels or flow.proto not in _JUDGED_PROTOCOLS:
             return None
-        if flow.dst in self._exempt or self.table.allowed(flow.dst, flow.src, now):
+        if flow.dst in self._exempt:
             return None
+        if self.table.allowed(flow.dst, flow.src, now):
+            return None if self.destinations is None else self._judge_destination(flow)
         self.blocked += 1
         detail = self._history(flow.dst, flow.src, now)
         if self._engine is not None:
@@ -176,6 +191,29 @@ class IpTracker:
         if self.config.action == "drop":
             return Decision.drop(self.name, _REASON, detail=detail)
         return Decision.reject(self.name, _REASON, detail=detail)
+
+    def _judge_destination(self, flow: Flow) -> Decision | None:
+        """A leased address: does one of its names (for this client) have a rule for this port?"""
+        assert self.destinations is not None
+        entry = self.table.get(flow.dst, flow.src)
+        names = tuple(reversed(entry.names)) if entry is not None else ()  # most recently resolved first
+        port = flow.dport if flow.proto in (PROTO_TCP, PROTO_UDP) else 0
+        allowed = self.destinations.allowing(names, flow.proto, port)
+        if allowed is not None:
+            flow.stash[MATCHED_RULE] = allowed.rule
+            return None
+        self.blocked += 1
+        if self._engine is not None:
+            self._engine.stats.incr("ip_tracker.port_blocked")
+        detail = "(" + self.destinations.explain_refusal(names, str(flow.dst_ip), flow.proto, port) + ")"
+        if self.config.action == "drop":
+            return Decision.drop(self.name, _PORT_REASON, detail=detail)
+        return Decision.reject(self.name, _PORT_REASON, detail=detail)
+
+    @hookimpl
+    def dnsgate_allowed_names(self) -> DestinationRules | None:
+        """The destination rules' names may resolve in dns_filter's allowlist mode (see the hookspec)."""
+        return self.destinations
 
     def _history(self, address: bytes, client: bytes, now: float) -> str:
         """``(was example.com, expired 12 s ago)`` when the address had a lease, else ``""``."""
@@ -220,6 +258,7 @@ class IpTracker:
             "blocked": self.blocked,
             "expired": self.table.expired,
             "evicted": self.table.evicted,
+            "destinations": [rule.text for rule in self.destinations] if self.destinations is not None else [],
             "entries": [
                 {
                     "address": str(ipaddress.ip_address(e.address)),
