@@ -17,7 +17,7 @@ import importlib
 import inspect
 import logging
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
 import pluggy
@@ -37,6 +37,15 @@ BUILTIN_PLUGINS = ("dns_filter", "ip_tracker", "quic_block", "tcp_forward", "udp
 
 class PluginLoadError(ProfileError):
     """A plugin named by a profile cannot be found, built or registered."""
+
+
+class PluginCheckError(ValueError):
+    """Raised by a plugin's ``check_profile``: ``key`` is the option at fault, relative to its table."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
 
 
 @attrs.frozen
@@ -190,7 +199,28 @@ def build_plugins(profile: Profile) -> dict[str, Any]:
     if tables:
         extra = sorted(tables)[0]
         raise PluginLoadError(profile.path, f"plugins.{extra}", "configures a plugin that engine.plugins does not list")
+    check_together(built, file=profile.path)
     return built
+
+
+def check_together(plugins: Mapping[str, Any], *, file: str = "<profile>") -> None:
+    """Let every plugin with a ``check_profile(plugins)`` method refuse a profile whose plugins do not
+    work together (dns_filter: allowlist mode in which no plugin's rule lets any name resolve).
+
+    Why a method on the built plugins and not a hook: it runs before anything is registered (``dnsgate
+    check`` never registers), and the refusal must be a profile error (file, key, reason) that stops the
+    start, not a contained plugin failure.
+    """
+    for name, plugin in plugins.items():
+        check = getattr(plugin, "check_profile", None)
+        if not callable(check):
+            continue
+        try:
+            check(plugins)
+        except PluginCheckError as error:
+            raise PluginLoadError(file, f"plugins.{name}.{error.key}", error.reason) from None
+        except ValueError as error:
+            raise PluginLoadError(file, f"plugins.{name}", str(error)) from None
 
 
 def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], profile: Profile, stats: Stats) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from engine.plugin_manager import build_plugin, resolve_plugin_class
+from engine.plugin_manager import build_plugin, check_together, resolve_plugin_class
 from engine.profile import ProfileError, config_to_dict, load_profile
 
 
@@ -22,15 +22,17 @@ def resolve(name: str) -> dict[str, Any]:
     """Load the profile and build every plugin's config, as ``run`` would; raises ProfileError."""
     profile = load_profile(name)
     plugins: dict[str, Any] = {}
+    built: dict[str, Any] = {}
     tables = dict(profile.plugin_tables)
     for reference in profile.engine.plugins:
         info = resolve_plugin_class(reference, file=profile.path)
         table = tables.pop(info.name, tables.pop(reference, {}))
-        plugin = build_plugin(info, table, file=profile.path)
+        plugin = built[info.name] = build_plugin(info, table, file=profile.path)
         plugins[info.name] = {"source": info.source, "config": config_to_dict(plugin.config)}
     if tables:
         extra = sorted(tables)[0]
         raise ProfileError(profile.path, f"plugins.{extra}", "configures a plugin that engine.plugins does not list")
+    check_together(built, file=profile.path)  # what no single plugin's config can see (e.g. an empty allowlist)
     return {"profile": profile.name, "file": profile.path, "engine": config_to_dict(profile.engine), "plugins": plugins}
 
 

@@ -7,9 +7,11 @@ timeout = "5s"             # per query, then SERVFAIL to the client
 attempt_timeout = "2s"     # per upstream attempt before failing over (only with several upstreams)
 block_response = "nxdomain"  # or "null": 0.0.0.0 / :: answers
 block_ttl = 60             # TTL of "null" answers
-blocklist = ["ads.example"]            # inline rules (suffix: the name and its subdomains)
+blocklist = ["ads.example"]            # "name" = it and its subdomains, "*.name" = subdomains, "=name" = exact
 allowlist = ["good.ads.example"]       # an allowlist entry overrides a block
 blocklist_files = ["/etc/dnsgate/hosts-block.txt"]  # hosts-file, domain-list or ||adblock^ lines
+default = "allow"          # "deny": allowlist mode, only allowlisted names (and destination rules' names) resolve
+deny_response = "nxdomain" # allowlist mode's answer to every other name: "nxdomain" or "refused"
 allowlist_files = []
 max_pending = 10000        # queries in flight; beyond: SERVFAIL at once
 udp_sockets = 4            # upstream UDP sockets per udp:// upstream (random source ports)
@@ -56,3 +58,8 @@ class Config:
     udp_sockets: int = attrs.field(default=4, validator=[attrs.validators.ge(1), attrs.validators.le(64)])
     flow_idle: Duration = attrs.field(default=Duration(10.0), validator=_positive)
     resolv_conf: str = "/etc/resolv.conf"
+    #: "deny" = allowlist mode: only names an allow rule covers resolve (plugins/dns_filter/README.md).
+    default: Literal["allow", "deny"] = attrs.field(default="allow", validator=attrs.validators.in_(("allow", "deny")))
+    deny_response: Literal["nxdomain", "refused"] = attrs.field(
+        default="nxdomain", validator=attrs.validators.in_(("nxdomain", "refused"))
+    )

@@ -14,7 +14,9 @@ Why it is shaped this way (docs/architecture.md §6, data-path rules; §8, DNS f
 * **Fail loudly to the client, not silently.** No upstream answer within ``timeout`` -> SERVFAIL, so
   resolvers retry or fail over instead of hanging.
 * Local policy: block/allow rules answer NXDOMAIN or null addresses without asking upstream; a CNAME chain
-  that leads to a blocked name (CNAME cloaking) is blocked after the upstream answer.
+  that leads to a blocked name (CNAME cloaking) is blocked after the upstream answer. In allowlist mode
+  (``default = "deny"``) a name no allow rule covers is answered NXDOMAIN/REFUSED without asking
+  upstream — so it never leaves the machine either (no DNS tunnel) — and logged once (denied.py).
 
 Flows labelled ``dns`` are ACCEPTed by ``dnsgate_filter`` so ip_tracker (which ignores that label anyway)
 and anything after it do not judge them; ``dnsgate_forward`` takes them.
@@ -24,18 +26,20 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
 from engine.events import DnsAnswer
 from engine.hookspecs import hookimpl
 from engine.packet import PROTO_TCP, PROTO_UDP
-from engine.plugin_manager import PositionalHook
+from engine.plugin_manager import PluginCheckError, PositionalHook
 
 from .answers import parse_answer
-from .blocklist import DomainPolicy
+from .blocklist import DENIALS, NOT_A_QUERY, DomainPolicy
 from .clients import TCP_RECV_BUFFER, DnsClient, TcpDnsServer, UdpDnsHandler
 from .config import Config as DnsFilterConfig
+from .denied import DeniedNames
 from .pending import PendingKey, PendingQuery
 from .resolver import Resolver
 from .upstream_url import UpstreamError, UpstreamUrl, check_not_through_tun, host_upstreams, parse_upstream
@@ -43,6 +47,7 @@ from .wire import (
     FLAG_QR,
     OPCODE_MASK,
     RCODE_NXDOMAIN,
+    RCODE_REFUSED,
     RCODE_SERVFAIL,
     WireError,
     error_reply,
@@ -52,6 +57,7 @@ from .wire import (
 
 if TYPE_CHECKING:
     from engine.flow import Flow, FlowHandler, FlowKey
+    from engine.name_rules import NameMatcher
     from engine.packet import Packet
     from engine.runtime import Engine
 
@@ -69,7 +75,7 @@ class DnsCounters:
     """Plain integer counters: bumped on the query path, read by :meth:`DnsFilter.snapshot`."""
 
     __slots__ = (
-        "queries", "answers", "servfail", "blocked", "blocked_cname", "malformed", "duplicates",
+        "queries", "answers", "servfail", "blocked", "blocked_cname", "denied", "malformed", "duplicates",
         "overload", "bad_replies", "unanswered", "event_errors", "tcp_connections",
     )
 
@@ -79,6 +85,7 @@ class DnsCounters:
         self.servfail = 0  # SERVFAIL we generated (no upstream answer, bad reply, overload)
         self.blocked = 0
         self.blocked_cname = 0
+        self.denied = 0  # refused by allowlist mode (not on the allowlist, or not a standard query)
         self.malformed = 0
         self.duplicates = 0
         self.overload = 0
@@ -100,8 +107,12 @@ class DnsFilter:
     def __init__(self, config: DnsFilterConfig) -> None:
         self.config = config
         self.policy = DomainPolicy.from_sources(
-            config.blocklist, config.allowlist, config.blocklist_files, config.allowlist_files
+            config.blocklist, config.allowlist, config.blocklist_files, config.allowlist_files,
+            deny_by_default=config.default == "deny", contributed=self._contributed_names,
         )
+        self.denied = DeniedNames(config.deny_response)
+        self._contributors: list[Any] | None = None
+        self._contributed: list[NameMatcher] = []
         # Upstream errors (bad URL, a resolv.conf stub that would loop) are ValueErrors raised here, so the
         # engine refuses the profile with "file: plugins.dns_filter: reason" instead of starting half-blind.
         self.urls: list[UpstreamUrl] = [parse_upstream(text) for text in config.upstreams]
@@ -278,11 +289,11 @@ class DnsFilter:
             return
         counters.queries += 1
         question = parsed.question
-        if parsed.flags & OPCODE_MASK == 0 and self.policy.active:
-            rule = self.policy.blocking_rule(question.qname)
+        policy = self.policy
+        if policy.active:
+            rule = policy.blocking_rule(question.qname) if parsed.flags & OPCODE_MASK == 0 else policy.other_opcodes
             if rule is not None:
-                counters.blocked += 1
-                client.responder(parsed.udp_limit)(self._block_reply(query, question))
+                client.responder(parsed.udp_limit)(self._refusal(flow, query, question, rule))
                 return
         # Keyed by the client transport (one per client socket or TCP connection; alive while its queries
         # are pending, since their responders hold it) and the DNS id: one int, hashed for free.
@@ -307,6 +318,48 @@ class DnsFilter:
             self._udp_flows.move_to_end(flow.key)  # the idle sweep looks at the least recently used first
         except KeyError:
             pass  # a TCP connection: not in the UDP sweep
+
+    def _refusal(self, flow: Flow, query: bytes, question: Question, rule: str) -> bytes:
+        """The local answer to a query the policy refuses: allowlist mode's (counted, logged once per
+        name) or the blocklist's."""
+        if rule in DENIALS:
+            self.counters.denied += 1
+            self.denied.record(question.qname, question.qtype, flow.src, rule)
+            refused = rule == NOT_A_QUERY or self.config.deny_response == "refused"
+            return error_reply(query, question, RCODE_REFUSED if refused else RCODE_NXDOMAIN)
+        self.counters.blocked += 1
+        return self._block_reply(query, question)
+
+    def _contributed_names(self) -> list[NameMatcher]:
+        """Other plugins' names that count as allowlisted (``dnsgate_allowed_names``: ip_tracker's
+        destination rules). Asked again only when the registered implementations change (a reload
+        registers new ones), so this costs one list compare on the allowlist-mode path it serves."""
+        if self._engine is None:
+            return self._contributed
+        caller = self._engine.hook.dnsgate_allowed_names
+        implementations = caller.get_hookimpls()
+        if implementations != self._contributors:
+            self._contributors = implementations
+            self._contributed = [matcher for matcher in caller() if matcher is not None]
+        return self._contributed
+
+    def check_profile(self, plugins: Mapping[str, Any]) -> None:
+        """Refuse allowlist mode in which no name can resolve (``engine.plugin_manager.check_together``):
+        a profile that silently answers NXDOMAIN to everything is a classic sandbox failure."""
+        if self.config.default != "deny" or len(self.policy.allowed):
+            return
+        for plugin in plugins.values():
+            ask = getattr(plugin, "dnsgate_allowed_names", None)
+            matcher = ask() if callable(ask) else None
+            if matcher is not None and len(matcher):
+                return
+        files = f" (allowlist_files {', '.join(self.config.allowlist_files)} hold no names)" if self.config.allowlist_files else ""
+        raise PluginCheckError(
+            "allowlist",
+            f"default = \"deny\" with an empty allowlist{files} refuses every name: list the names that may "
+            f"resolve (\"example.com\", \"*.example.com\", \"=example.com\"), or destination rules in "
+            f"[plugins.ip_tracker] destinations",
+        )
 
     def _block_reply(self, query: bytes, question: Question) -> bytes:
         if self.config.block_response == "null":
@@ -333,7 +386,7 @@ class DnsFilter:
             counters.servfail += 1
             pending.respond(error_reply(pending.query, question, RCODE_SERVFAIL))
             return
-        if parsed.cnames and self.policy.active:
+        if parsed.cnames and self.policy.checks_chains:
             hit = self.policy.blocked_in_chain(question.qname, parsed.cnames)
             if hit is not None:
                 counters.blocked += 1
@@ -369,6 +422,8 @@ class DnsFilter:
             "upstreams": resolver.upstream_stats() if resolver else [],
             "block_rules": len(self.policy.blocked),
             "allow_rules": len(self.policy.allowed),
+            "default": self.config.default,
+            "denied_names": self.denied.snapshot(),
         }
 
 

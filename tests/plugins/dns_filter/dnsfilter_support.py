@@ -163,6 +163,7 @@ class DnsBench:
         extra_upstreams: tuple[str, ...] = (),
         scheme: str = "udp",
         offload: bool = False,
+        others: tuple[tuple[Any, dict[str, Any]], ...] = (),
     ) -> None:
         tcp = tcp or scheme == "tcp"
         udp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -175,7 +176,7 @@ class DnsBench:
             tcp_sock.bind(("127.0.0.1", port))
         config = {"upstreams": [*extra_upstreams, f"{scheme}://127.0.0.1:{port}"], **config}
         self.harness = PluginHarness(
-            "dns_filter", config, others=[(Recorder, {})], engine={"fwmark": 0}, offload=offload
+            "dns_filter", config, others=[(Recorder, {}), *others], engine={"fwmark": 0}, offload=offload
         )
         self.loop = self.harness.loop
         self.upstream = start_upstream(self.loop, udp_sock, tcp_sock)
