@@ -9,6 +9,12 @@ DNS: ``/etc/netns/<ns>/resolv.conf`` names the TUN gateway; ``ip netns exec`` bi
 /etc/resolv.conf in a private mount namespace for the command (the same mechanism as ``ip netns exec``,
 because that is what runs the command).
 
+``--allow RULE`` (engine/sandbox_policy.py) turns the profile into an allowlist policy: only the names of
+the rules resolve, only on their ports. ``--report FILE`` (engine/report.py) writes what the command's
+network did — allowed and blocked flows with names, ports, the deciding plugin and rule, denied DNS
+names — and whenever anything was refused a short summary goes to stderr, with the ``--allow`` rules that
+would let it through: a CI step or an agent harness can tell its user why the network failed.
+
 Nothing is left behind: the namespace, its /etc/netns directory and the state file are removed when the
 command ends, when we get SIGTERM/SIGINT, and, after a SIGKILL, by the next ``dnsgate exec`` (state files
 ``/run/dnsgate/exec-<ns>.json`` whose process is gone).
@@ -41,8 +47,11 @@ from engine.control import BLOCK_OBSERVER_NAME
 from engine.io.tun import TunDevice
 from engine.linux import netns as nl
 from engine.linux.routes import DEFAULT_STATE_DIR, pid_alive, require_net_admin
-from engine.profile import Profile
+from engine.plugin_manager import build_plugins
+from engine.profile import Profile, ProfileError
+from engine.report import FlowReport, report_for, summary, tracker_names, write_report
 from engine.runtime import Engine
+from engine.sandbox_policy import SandboxPolicyError, parse_allow_rules, with_allow_rules
 
 log = logging.getLogger("dnsgate.exec")
 
@@ -58,6 +67,12 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--profile", default="firewall", help="firewall, dns-only or a profile path (default: firewall)")
     add_common_arguments(parser)
+    parser.add_argument("--allow", metavar="RULE", action="append", default=[],
+                        help="allow only these destinations (repeatable): NAME (and subdomains), *.NAME "
+                             "(subdomains), =NAME (exactly), each optionally :PORT[/tcp|udp]; a port alone is tcp; "
+                             "every other name gets NXDOMAIN")
+    parser.add_argument("--report", metavar="FILE",
+                        help="write a JSON report of allowed and blocked flows and denied names when the command ends")
     parser.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR), help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     parser.set_defaults(func=run)
@@ -121,6 +136,35 @@ def build_namespace(name: str, profile: Profile) -> TunDevice:
     return device
 
 
+def sandbox_profile_or_explain(profile: Profile, allow: list[str]) -> Profile | None:
+    """The profile with the ``--allow`` rules applied, its plugins built once to refuse a bad policy before
+    any namespace exists (an empty allowlist, a bad rule); None after printing why not."""
+    try:
+        if allow:
+            profile = with_allow_rules(profile, parse_allow_rules(allow))
+        build_plugins(profile)
+    except SandboxPolicyError as error:
+        print(f"dnsgate exec: {error}", file=sys.stderr)
+        return None
+    except ProfileError as error:
+        print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
+        return None
+    return profile
+
+
+def explain(document: dict[str, Any], report_path: str | None) -> None:
+    """Write the report (when asked) and, when anything was refused, the summary to stderr."""
+    if report_path:
+        try:
+            write_report(report_path, document)
+        except OSError as error:
+            print(f"dnsgate exec: cannot write the report {report_path}: {error.strerror or error}", file=sys.stderr)
+            report_path = None
+    text = summary(document, report_path)
+    if text:
+        print(text, file=sys.stderr, flush=True)
+
+
 def exit_status(returncode: int) -> int:
     """The command's status as a shell reports it (128 + signal for a killed command)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -141,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile_or_explain(args.profile)
     if profile is None:
         return 2
+    profile = sandbox_profile_or_explain(profile, args.allow)
+    if profile is None:
+        return 2
     if not setup_logging_or_explain(args):
         return 2
     state_dir = Path(args.state_dir)
@@ -150,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"pid": os.getpid(), "netns": name}))
     observer = make_block_observer(args.pcap_blocked)
+    report = FlowReport()
     child: dict[str, Any] = {}
     try:
         try:
@@ -165,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
 
         async def on_started(engine: Engine) -> None:
             engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
+            report.names_for = tracker_names(engine)
+            engine.pm.register(report, name=FlowReport.name)
+            child["engine"] = engine
             process = await asyncio.create_subprocess_exec(*nl.exec_argv(name, command))
             child["process"] = process
             engine.spawn(watch(process), name="dnsgate-exec-child")
@@ -186,18 +237,21 @@ def run(args: argparse.Namespace) -> int:
                              metrics=metrics_address(args, profile))
 
         stop = asyncio.Event()
+        code: int | None = None
         try:
             event_loop.run(main())
         except FileNotFoundError as error:
             print(f"dnsgate exec: {error}", file=sys.stderr)
-            return 127
+            code = 127
         except event_loop.EventLoopError as error:
             print(f"dnsgate exec: {error}", file=sys.stderr)
             return 2
-        status = child.get("status")
-        if status is None:
-            return 1
-        return exit_status(int(status))
+        if code is None:
+            status = child.get("status")
+            code = 1 if status is None else exit_status(int(status))
+        if "engine" in child:
+            explain(report_for(child["engine"], report, command, code), args.report)
+        return code
     finally:
         observer.close()
         remove_exec_namespace(name)
