@@ -18,7 +18,7 @@ def test_the_firewall_profile_becomes_an_allowlist_policy() -> None:
     assert dns["default"] == "deny" and dns["allowlist"] == [] and dns["allowlist_files"] == []
     assert profile.plugin_tables["ip_tracker"]["destinations"] == ["pypi.org", "*.pythonhosted.org:443/tcp",
                                                                    "git.test:22/tcp"]
-    assert base.plugin_tables["dns_filter"].get("default") is None  # the loaded profile is not changed
+    assert base.plugin_tables["dns_filter"]["default"] == "allow"  # the loaded profile is not changed
     plugins = build_plugins(profile)  # a valid profile: allowlist mode, and the rules' names resolve
     names = plugins["ip_tracker"].dnsgate_allowed_names()
     assert names.match("files.pythonhosted.org") == "*.pythonhosted.org" and names.match("pythonhosted.org") is None
