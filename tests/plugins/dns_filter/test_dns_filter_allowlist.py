@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import dns.message
 import dns.opcode
 import dns.rcode
@@ -164,3 +165,15 @@ def test_list_files_use_the_grammar_and_a_bad_line_is_named(tmp_path: Path) -> N
         DomainPolicy.from_sources(allow_files=[str(hosts)])
     with pytest.raises(ValueError, match=r"\[1\]: 'one two' is neither a pattern nor a hosts-file line"):
         parse_rules(["fine.test", "one two"])
+
+
+def test_a_reload_that_changes_the_destination_rules_changes_what_resolves(dns_bench: Bench) -> None:
+    bench = dns_bench({"default": "deny"}, others=(("ip_tracker", {"destinations": ["alias.test:443"]}),))
+    assert ask(bench, "example.test.", 41600).rcode() == dns.rcode.NXDOMAIN
+    harness = bench.harness
+    tables = {name: dict(table) for name, table in harness.profile.plugin_tables.items()}
+    tables["ip_tracker"]["destinations"] = ["example.test:443"]
+    result = harness.loop.run_until_complete(harness.engine.reload(attrs.evolve(harness.profile, plugin_tables=tables)))
+    assert "ip_tracker" in result["rebuilt"] and "dns_filter" in result["kept"]
+    assert ask(bench, "example.test.", 41601).rcode() == dns.rcode.NOERROR  # the kept dns_filter sees the new rules
+    assert ask(bench, "alias.test.", 41602).rcode() == dns.rcode.NXDOMAIN
