@@ -151,9 +151,6 @@ class NameRules:
         yield from self._tree.values()
         yield from self._below.values()
 
-    def __contains__(self, pattern: object) -> bool:
-        return isinstance(pattern, str) and pattern in set(self)
-
     def match(self, name: str) -> str | None:
         """The text of the most specific pattern covering ``name`` (normalized), or None."""
         rule = self._exact.get(name) or self._tree.get(name)
@@ -309,17 +306,6 @@ class DestinationRules:
         existing = sorted({rule.text for name in shown for rule in self.rules_for(name)})
         have = f"its rules: {', '.join(existing)}" if existing else "no rule names it"
         return f"{who} resolved to {address}, but no rule allows {wanted}; {have}"
-
-
-def parse_patterns(entries: Iterable[str], where: str = "") -> list[NamePattern]:
-    """Parse many patterns; an error names ``where`` and the entry's index."""
-    parsed = []
-    for index, entry in enumerate(entries):
-        try:
-            parsed.append(parse_pattern(entry))
-        except ValueError as error:
-            raise ValueError(f"{where}[{index}]: {error}" if where else str(error)) from None
-    return parsed
 
 
 def parse_destinations(entries: Iterable[str], where: str = "") -> list[Destination]:
