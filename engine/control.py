@@ -281,11 +281,15 @@ def _names_for(engine: Engine, address_text: str) -> str | None:
 
 
 def full_snapshot(engine: Engine) -> dict[str, Any]:
-    """``engine.snapshot()`` plus the block feed and the domain names of the top connections."""
+    """``engine.snapshot()`` plus the block feed and the domain names of the top connections; DNS client
+    flows leave ``top_flows`` for ``dns_flows`` (engine/top_flows.py says why)."""
+    from engine.top_flows import split_top_flows
+
     snapshot = dict(engine.snapshot())
     observer = engine.pm.get_plugin(BLOCK_OBSERVER_NAME)
     if observer is not None:
         snapshot["blocks"] = observer.snapshot()
+    snapshot["top_flows"], snapshot["dns_flows"] = split_top_flows(engine.flows.flows.values(), engine.now())
     for flow in snapshot.get("top_flows", []):
         if isinstance(flow, dict) and "name" not in flow and flow.get("dst"):
             flow["name"] = _names_for(engine, str(flow["dst"]))

@@ -17,7 +17,8 @@ key is optional, a missing one shows as ``-``::
             counters: {name: int}}    # e.g. malformed, rst_sent, icmp_unreachable_sent
     flows: {total: int, open: {"tcp": int, "udp": int, "icmp": int}}
     top_flows: [{flow: "10.0.0.2:5000 -> 1.2.3.4:443/tcp", proto, dst, dport, bytes_in, bytes_out, age,
-                 name: "example.com" (added by run from the tracker), decision}]
+                 name: "example.com" (added by run from the tracker), decision}]   # DNS client flows excluded
+    dns_flows: {open: int, by_proto: {"udp": int, "tcp": int}, top: [same entries as top_flows]}
     plugins: {
       dns_filter:  {queries: int (cumulative), servfail: int, blocked: int, pending: int,
                     latency: {p50_ms: float | None, p99_ms: float | None}},
@@ -27,8 +28,10 @@ key is optional, a missing one shows as ``-``::
              recent: [{at: wall-clock float, text: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (...)"}]}
     routes: {mode, table, fwmark, state_file}
 
-A 100-column terminal must stay readable: panels are laid out two per row and long text is cropped with an
-ellipsis rather than wrapped.
+The screen fits the terminal: an 80x24 terminal shows every panel (the block feed and the connection table
+get the rows left over, at least two each; a narrow table names connections by destination only, since the
+source is the device), and a wide one (200 columns) shows full connection text and longer sparklines. Long
+text is cropped with an ellipsis rather than wrapped.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 40
 FEED_LINES = 8
 TOP_FLOWS = 8
+#: Connection rows a tall terminal may show (the snapshot carries the 20 busiest).
+MAX_TOP_FLOWS = 20
+#: Below this many columns the connection table shows the destination only (``203.0.113.10:443/tcp``).
+NARROW = 100
+#: From this many columns on the summary panels sit three per row and the block feed beside the blocks.
+WIDE = 160
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:
@@ -81,6 +90,23 @@ def human_count(value: float | None) -> str:
     return f"{value:.0f}" if value == int(value) or value >= 100 else f"{value:.1f}"
 
 
+def human_latency(milliseconds: float | None) -> str:
+    """``0.042`` -> ``"42 µs"``, ``1.25`` -> ``"1.2 ms"``, ``1500`` -> ``"1.50 s"``.
+
+    A latency of exactly 0 is below the clock's resolution (uvloop's loop clock ticks in whole
+    milliseconds), not an instant answer, so it reads ``"<1 ms"``.
+    """
+    if milliseconds is None:
+        return "-"
+    if milliseconds <= 0:
+        return "<1 ms"
+    if milliseconds < 1:
+        return f"{milliseconds * 1000:.0f} µs"
+    if milliseconds < 1000:
+        return f"{milliseconds:.1f} ms"
+    return f"{milliseconds / 1000:.2f} s"
+
+
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -108,6 +134,16 @@ def _get(mapping: Any, *path: str) -> Any:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _grid(ratios: Sequence[int], *rows: Sequence[RenderableType]) -> Table:
+    """Panels side by side, each column taking its ``ratio`` of the width."""
+    grid = Table.grid(expand=True, padding=(0, 1))
+    for ratio in ratios:
+        grid.add_column(ratio=ratio)
+    for row in rows:
+        grid.add_row(*row)
+    return grid
 
 
 class Dashboard:
@@ -153,14 +189,38 @@ class Dashboard:
 
     # -- rendering ---------------------------------------------------------------------------------
 
-    def render(self) -> RenderableType:
-        snap = self.snapshot
-        top = Table.grid(expand=True, padding=(0, 1))
-        top.add_column(ratio=1)
-        top.add_column(ratio=1)
-        top.add_row(self._traffic_panel(), self._engine_panel())
-        top.add_row(self._blocks_panel(), self._dns_panel())
-        return Group(self._header(snap), top, self._feed_panel(), self._top_flows_panel())
+    def render(self, width: int | None = None, height: int | None = None) -> RenderableType:
+        """The whole screen for a ``width`` x ``height`` terminal (unknown: the default sizes).
+
+        The summary panels come first, two per row (three, and the block feed beside the blocks, from
+        :data:`WIDE` columns on); the block feed and the connection table share the rows that are left,
+        so nothing falls off the bottom of a small terminal.
+        """
+        wide = width is not None and width >= WIDE
+        columns = 3 if wide else 2
+        spark = 16 if width is None else max(8, min(HISTORY, width // columns - 36))
+        traffic, traffic_rows = self._traffic_panel(spark)
+        engine, engine_rows = self._engine_panel()
+        dns, dns_rows = self._dns_panel(spark, detail=width is None or width // columns >= 60)
+        blocks, block_rows = self._blocks_panel(max_rows=max(dns_rows, 4))
+        feed_lines, flow_rows = FEED_LINES, TOP_FLOWS
+        if height is not None:
+            if wide:
+                used = 1 + 2 + max(traffic_rows, engine_rows, dns_rows)
+                spare = height - used - 2 - 3  # blocks/feed row borders, table borders and header
+                feed_lines = max(block_rows, min(FEED_LINES, spare // 2))
+            else:
+                used = 1 + (2 + max(traffic_rows, engine_rows)) + (2 + max(block_rows, dns_rows))
+                spare = height - used - 2 - 3  # feed borders, table borders and header
+                feed_lines = max(2, min(FEED_LINES, spare // 2))
+            flow_rows = max(2, min(MAX_TOP_FLOWS, spare - feed_lines))
+        feed = self._feed_panel(feed_lines)
+        flows = self._top_flows_panel(flow_rows, narrow=width is not None and width < NARROW)
+        if wide:
+            summary = _grid((1, 1, 1), [traffic, engine, dns])
+            return Group(self._header(self.snapshot), summary, _grid((1, 2), [blocks, feed]), flows)
+        summary = _grid((1, 1), [traffic, engine], [blocks, dns])
+        return Group(self._header(self.snapshot), summary, feed, flows)
 
     def _header(self, snap: Mapping[str, Any]) -> Text:
         mode = str(snap.get("mode") or "-")
@@ -178,7 +238,7 @@ class Dashboard:
         text.overflow = "ellipsis"
         return text
 
-    def _traffic_panel(self) -> Panel:
+    def _traffic_panel(self, spark: int) -> tuple[Panel, int]:
         table = Table.grid(padding=(0, 1))
         table.add_column("dir", no_wrap=True)
         table.add_column("pkt/s", justify="right", no_wrap=True)
@@ -189,16 +249,17 @@ class Dashboard:
                 Text(label, style="bold"),
                 f"{human_count(self.rates.get(packets))} pkt/s",
                 human_bytes(self.rates.get(octets), "B/s"),
-                Text(sparkline(self.history[octets], 16), style="cyan"),
+                Text(sparkline(self.history[octets], spark), style="cyan"),
             )
         totals = Text(
             f"total out {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_out')))}"
             f" / in {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_in')))}",
             style="dim", no_wrap=True, overflow="ellipsis",
         )
-        return Panel(Group(table, totals), title="traffic (out = device -> world)", title_align="left")
+        panel = Panel(Group(table, totals), title="traffic (out = device -> world)", title_align="left")
+        return panel, table.row_count + 1
 
-    def _engine_panel(self) -> Panel:
+    def _engine_panel(self) -> tuple[Panel, int]:
         snap = self.snapshot
         table = Table.grid(padding=(0, 1))
         table.add_column(no_wrap=True, min_width=9)
@@ -222,28 +283,46 @@ class Dashboard:
         unreach = counters.get("icmp_unreachable_sent", 0) if isinstance(counters, Mapping) else 0
         table.add_row("rejects", f"{rst} RST, {unreach} ICMP unreachable")
         table.add_row("malformed", str(malformed))
-        return Panel(table, title="engine", title_align="left")
+        return Panel(table, title="engine", title_align="left"), table.row_count
 
-    def _dns_panel(self) -> Panel:
+    def _dns_panel(self, spark: int, detail: bool = True) -> tuple[Panel, int]:
         dns = _get(self.snapshot, "plugins", "dns_filter") or {}
         table = Table.grid(padding=(0, 1))
         table.add_column(no_wrap=True, min_width=9)
         table.add_column(no_wrap=True, overflow="ellipsis")
         qps = self.rates.get("dns_queries")
-        table.add_row("queries/s", f"{human_count(qps)}  {sparkline(self.history['dns_queries'], 16)}")
+        table.add_row("queries/s", f"{human_count(qps)}  {sparkline(self.history['dns_queries'], spark)}")
         p50 = _number(_get(dns, "latency", "p50_ms"))
         p99 = _number(_get(dns, "latency", "p99_ms"))
-        latency = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms" if p50 is not None and p99 is not None else "-"
+        latency = f"p50 {human_latency(p50)}, p99 {human_latency(p99)}" if p50 is not None and p99 is not None else "-"
         table.add_row("upstream", latency)
         table.add_row("total", f"{human_count(_number(_get(dns, 'queries')))} queries, "
-                               f"{human_count(_number(_get(dns, 'servfail')))} SERVFAIL, "
                                f"{human_count(_number(_get(dns, 'blocked')))} blocked")
         pending = _number(_get(dns, "pending"))
-        if pending is not None:
-            table.add_row("pending", human_count(pending))
-        return Panel(table, title="dns", title_align="left")
+        errors = f"{human_count(_number(_get(dns, 'servfail')))} SERVFAIL"
+        table.add_row("errors", errors if pending is None else f"{errors}, {human_count(pending)} pending")
+        clients = _get(self.snapshot, "dns_flows")
+        if isinstance(clients, Mapping):
+            table.add_row("clients", self._dns_clients(clients, detail))
+        return Panel(table, title="dns", title_align="left"), table.row_count
 
-    def _blocks_panel(self) -> Panel:
+    @staticmethod
+    def _dns_clients(clients: Mapping[str, Any], detail: bool) -> str:
+        """``3 flows (udp 2, tcp 1), busiest 10.0.0.2:41234``: DNS client flows, kept out of the
+        connection table so they do not crowd it (the busiest one only when there is room: ``detail``)."""
+        by_proto = clients.get("by_proto") or {}
+        parts = ", ".join(f"{proto} {count}" for proto, count in sorted(by_proto.items(), key=lambda item: -item[1])) \
+            if isinstance(by_proto, Mapping) else ""
+        text = f"{human_count(_number(clients.get('open')) or 0)} flows" + (f" ({parts})" if parts else "")
+        busiest = clients.get("top") or []
+        if detail and busiest and isinstance(busiest[0], Mapping):
+            first = busiest[0]
+            text += f", busiest {str(_get(first, 'flow') or '?').split(' -> ')[0]}"
+        return text
+
+    def _blocks_panel(self, max_rows: int) -> tuple[Panel, int]:
+        """Reasons first, then one line of plugins: at most ``max_rows`` rows, so the panel is never taller
+        than the DNS panel beside it."""
         blocks = _get(self.snapshot, "blocks") or {}
         table = Table.grid(padding=(0, 1), expand=True)
         table.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
@@ -252,19 +331,20 @@ class Dashboard:
         by_plugin = _get(blocks, "by_plugin") or {}
         if not by_reason and not by_plugin:
             table.add_row(Text("no blocks", style="dim"), "")
-        for reason, count in sorted(by_reason.items(), key=lambda item: -item[1])[:4]:
+        reasons = sorted(by_reason.items(), key=lambda item: -item[1])
+        for reason, count in reasons[: max_rows - (1 if by_plugin else 0)]:
             table.add_row(str(reason), str(count))
         if by_plugin:
-            table.add_row(Text("by plugin", style="dim"), "")
-            for plugin, count in sorted(by_plugin.items(), key=lambda item: -item[1])[:3]:
-                table.add_row(f"  {plugin}", str(count))
+            plugins = ", ".join(f"{plugin} {count}" for plugin, count in sorted(by_plugin.items(), key=lambda item: -item[1]))
+            table.add_row(Text(f"by plugin: {plugins}", style="dim", no_wrap=True, overflow="ellipsis"), "")
         total = _get(blocks, "total")
-        return Panel(table, title=f"blocks ({total if total is not None else 0})", title_align="left")
+        panel = Panel(table, title=f"blocks ({total if total is not None else 0})", title_align="left")
+        return panel, table.row_count
 
-    def _feed_panel(self) -> Panel:
+    def _feed_panel(self, lines_shown: int = FEED_LINES) -> Panel:
         recent = _get(self.snapshot, "blocks", "recent") or []
         lines = []
-        for entry in list(recent)[-FEED_LINES:]:
+        for entry in list(recent)[-lines_shown:]:
             at = _number(_get(entry, "at"))
             stamp = time.strftime("%H:%M:%S", time.localtime(at)) if at else "--:--:--"
             line = Text(no_wrap=True, overflow="ellipsis")
@@ -275,34 +355,38 @@ class Dashboard:
             lines.append(Text("no blocked connections yet", style="dim"))
         return Panel(Group(*lines), title="recent blocks", title_align="left")
 
-    def _top_flows_panel(self) -> Panel:
+    def _top_flows_panel(self, rows: int = TOP_FLOWS, narrow: bool = False) -> Panel:
         table = Table(expand=True, box=None, padding=(0, 1), header_style="bold")
-        table.add_column("connection", no_wrap=True, overflow="ellipsis", ratio=3)
-        table.add_column("name", no_wrap=True, overflow="ellipsis", ratio=2)
-        table.add_column("out", justify="right", no_wrap=True)
-        table.add_column("in", justify="right", no_wrap=True)
-        table.add_column("age", justify="right", no_wrap=True)
+        # The name takes what the numbers leave, so at any width they sit next to the connection they count.
+        table.add_column("destination" if narrow else "connection", no_wrap=True, overflow="ellipsis",
+                         max_width=48)
+        table.add_column("out", justify="right", no_wrap=True, min_width=8)
+        table.add_column("in", justify="right", no_wrap=True, min_width=8)
+        table.add_column("age", justify="right", no_wrap=True, min_width=5)
+        table.add_column("name", no_wrap=True, overflow="ellipsis", ratio=1)
         flows = _get(self.snapshot, "top_flows") or []
-        for flow in list(flows)[:TOP_FLOWS]:
+        for flow in list(flows)[:rows]:
+            text = str(_get(flow, "flow") or "?")
             table.add_row(
-                str(_get(flow, "flow") or "?"),
-                str(_get(flow, "name") or "-"),
+                text.split(" -> ", 1)[-1] if narrow else text,
                 human_bytes(_number(_get(flow, "bytes_out"))),
                 human_bytes(_number(_get(flow, "bytes_in"))),
                 human_duration(_number(_get(flow, "age"))),
+                str(_get(flow, "name") or "-"),
             )
         if not flows:
             table.add_row(Text("no open connections", style="dim"), "", "", "", "")
         return Panel(table, title="top connections by bytes", title_align="left")
 
 
-def render_text(snapshots: Sequence[Mapping[str, Any]], width: int = 100) -> str:
-    """Render the dashboard after feeding ``snapshots`` and return it as plain text (demo summary, tests)."""
+def render_text(snapshots: Sequence[Mapping[str, Any]], width: int = 100, height: int | None = None) -> str:
+    """Render the dashboard after feeding ``snapshots`` and return it as plain text (demo summary, tests);
+    ``height`` fits it to a terminal of that many rows, as the live screen does."""
     dashboard = Dashboard()
     for snapshot in snapshots:
         dashboard.update(snapshot)
     console = Console(record=True, width=width, force_terminal=False, color_system=None, file=io.StringIO())
-    console.print(dashboard.render())
+    console.print(dashboard.render(width, height))
     return console.export_text()
 
 
@@ -317,13 +401,15 @@ def run_live(
     """Fetch a snapshot every ``interval`` seconds and redraw until ``should_stop()`` or Ctrl-C.
 
     Blocking by design: ``top`` runs it in the main thread, ``run --dashboard`` in a worker thread whose
-    ``fetch`` hands over a snapshot taken by the engine's loop.
+    ``fetch`` hands over a snapshot taken by the engine's loop. Each frame is fitted to the terminal's size
+    at that moment, so resizing the window re-lays the screen out.
     """
     from rich.live import Live
 
     dashboard = Dashboard()
     dashboard.update(fetch())
-    with Live(dashboard.render(), console=console, auto_refresh=False, screen=screen,
+    console = console or Console()
+    with Live(dashboard.render(*console.size), console=console, auto_refresh=False, screen=screen,
               redirect_stderr=False, redirect_stdout=False) as live:
         try:
             while not should_stop():
@@ -333,6 +419,6 @@ def run_live(
                 if should_stop():
                     break
                 dashboard.update(fetch())
-                live.update(dashboard.render(), refresh=True)
+                live.update(dashboard.render(*console.size), refresh=True)
         except KeyboardInterrupt:
             pass

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
             dashboard.update(client.request("stats"))
             time.sleep(args.interval)
             dashboard.update(client.request("stats"))
-            Console().print(dashboard.render())
+            console = Console()
+            console.print(dashboard.render(*console.size))
             return 0
         run_live(lambda: client.request("stats"), interval=args.interval, console=Console(), screen=True)
     except ControlError as error:

@@ -171,7 +171,8 @@ def test_firewall_mode_switch_with_open_connection(topology: Topology) -> None:
     if shutil.which("tmux"):
         session = nl.unique_name("dgtop")
         subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "45",
-                        f"cd {REPO_ROOT} && {PY} -m engine.cli top --control {sock_path}"], check=True)
+                        f"cd {REPO_ROOT} && unset COLUMNS LINES && {PY} -m engine.cli top --control {sock_path}"],
+                       check=True)  # without COLUMNS/LINES (80x24 from a terminal-less tmux server): the real size
         try:
             screen = ""
             deadline = time.monotonic() + 10

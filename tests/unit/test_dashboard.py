@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from engine.dashboard import Dashboard, human_bytes, human_duration, render_text, sparkline
+from engine.dashboard import Dashboard, human_bytes, human_duration, human_latency, render_text, sparkline
 
 
 def make_snapshot(now: float, packets: int, octets: int, queries: int, **extra: Any) -> dict[str, Any]:
@@ -72,7 +72,8 @@ def test_renders_every_section_at_100_columns() -> None:
     assert "tcp 2" in text and "udp 1" in text
     assert "42 IPs" in text and "5 expiring soon" in text
     assert "p50 1.2 ms" in text or "p50 1.3 ms" in text
-    assert "p99 48.0 ms" in text and "3 SERVFAIL, 1 blocked" in text and "2 TCP, 1 UDP sessions" in text and "queries/s 15 " in text
+    assert "p99 48.0 ms" in text and "25 queries, 1 blocked" in text and "3 SERVFAIL, 0 pending" in text
+    assert "2 TCP, 1 UDP sessions" in text and "queries/s 15 " in text
     assert "hardcoded IP" in text and "quic_block" in text
     assert "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443" in text
     assert "www.example.com" in text and "52.0 MB" in text
@@ -111,3 +112,67 @@ def test_formatting_helpers() -> None:
     assert human_bytes(1_500_000, "B/s") == "1.5 MB/s"
     assert human_duration(3725) == "1h02m"
     assert human_duration(None) == "-"
+
+
+def busy_snapshot(now: float, count: int) -> dict[str, Any]:
+    """A snapshot with more blocks, feed lines and connections than a small terminal can show."""
+    blocks = {
+        "total": 30,
+        "by_reason": {"hardcoded IP": 20, "QUIC": 6, "TUN subnet not forwarded": 3, "gateway port not served": 1},
+        "by_plugin": {"ip_tracker": 20, "quic_block": 6, "engine": 4},
+        "recent": [{"at": 1_700_000_000.0 + i, "text": f"BLOCKED hardcoded IP 10.0.0.2:{54320 + i} -> 1.2.3.{i}:443 "
+                    "(was example.com, expired 12 s ago)"} for i in range(12)],
+    }
+    flows = [{"flow": f"10.0.0.2:{40000 + i} -> 203.0.113.{100 + i}:443/tcp", "bytes_out": 1000 * (20 - i),
+              "bytes_in": 52_000 * (20 - i), "age": 75.0, "name": f"www{i}.example.com"} for i in range(20)]
+    dns_flows = {"open": 7, "by_proto": {"udp": 6, "tcp": 1},
+                 "top": [{"flow": "10.0.0.2:53211 -> 10.0.0.1:53/udp", "bytes_in": 900, "bytes_out": 300}]}
+    snapshot = make_snapshot(now, count * 1000, count * 100_000, count * 10, blocks=blocks, top_flows=flows,
+                             dns_flows=dns_flows)
+    snapshot["plugins"]["dns_filter"]["latency"] = {"p50_ms": 0.183, "p99_ms": 2.4, "samples": 50}
+    return snapshot
+
+
+def test_latency_below_a_millisecond_reads_in_microseconds() -> None:
+    assert human_latency(0.183) == "183 µs"
+    assert human_latency(0.0415) == "42 µs"
+    assert human_latency(0.0) == "<1 ms"  # below the loop clock's resolution (uvloop: whole ms)
+    assert human_latency(1.25) == "1.2 ms" and human_latency(48.0) == "48.0 ms"
+    assert human_latency(2500.0) == "2.50 s" and human_latency(None) == "-"
+    text = render_text([busy_snapshot(200.0, 1), busy_snapshot(201.0, 2)])
+    assert "p50 183 µs, p99 2.4 ms" in text and "0.2 ms" not in text
+
+
+def test_80x24_shows_every_panel_without_overflow() -> None:
+    text = render_text([busy_snapshot(200.0, 1), busy_snapshot(201.0, 2)], width=80, height=24)
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= 24 and max(len(line) for line in lines) <= 80
+    for title in ("traffic", "engine", "blocks (30)", "dns", "recent blocks", "top connections"):
+        assert title in text, title
+    # the connection table names destinations whole (the source is the device) and shows at least two
+    assert "destination" in text and "203.0.113.100:443/tcp" in text and "203.0.113.101:443/tcp" in text
+    assert sum("BLOCKED" in line for line in lines) >= 2
+    assert "7 flows (udp 6, tcp 1)" in text  # DNS client flows in the DNS panel
+    assert "10.0.0.1:53" not in text  # ...not in the connection table
+
+
+def test_200_columns_use_the_width() -> None:
+    text = render_text([busy_snapshot(200.0, 1), busy_snapshot(201.0, 2)], width=200, height=50)
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= 50 and max(len(line) for line in lines) <= 200
+    titles = lines[1]
+    assert "traffic" in titles and "engine" in titles and "dns" in titles  # three summary panels per row
+    assert any("blocks (30)" in line and "recent blocks" in line for line in lines)  # feed beside the blocks
+    assert "10.0.0.2:40000 -> 203.0.113.100:443/tcp" in text  # full connection text
+    assert "by plugin: ip_tracker 20, quic_block 6, engine 4" in text
+    assert "busiest 10.0.0.2:53211" in text
+    assert sum("443/tcp" in line for line in lines) > 8  # a tall terminal shows more than the default 8 rows
+    row = next(line for line in lines if "203.0.113.100:443/tcp" in line)
+    assert row.index("20.0 KB") - row.index("/tcp") < 20  # the numbers sit next to their connection
+
+
+def test_every_size_between_fits() -> None:
+    snaps = [busy_snapshot(200.0, 1), busy_snapshot(201.0, 2)]
+    for width, height in ((80, 24), (80, 30), (100, 30), (120, 40), (159, 40), (160, 40), (240, 60)):
+        lines = render_text(snaps, width=width, height=height).rstrip("\n").splitlines()
+        assert len(lines) <= height and max(len(line) for line in lines) <= width, (width, height, len(lines))
