@@ -27,7 +27,8 @@ from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config as TcpForwardConfig
 from .dial import enable_keepalive, open_upstream_socket
-from .relay import DIAL_CANCELLED, DIAL_OK, DIAL_TIMEOUT, Relay
+from .relay import Relay
+from .relay_core import DIAL_CANCELLED, DIAL_OK, DIAL_TIMEOUT
 
 if TYPE_CHECKING:
     from engine.flow import Flow
@@ -105,8 +106,7 @@ class TcpForward:
         try:
             sock = open_upstream_socket(engine.socket_options, family, config.nodelay)
         except OSError as error:  # out of file descriptors, ...: refused once the handler is in place
-            relay.dialing = True
-            engine.loop.call_soon(self._dial_impossible, relay, error)
+            relay.dial_unavailable(error)
             return conn
         relay.dial(sock, (socket.inet_ntop(family, flow.dst), flow.dport), now + config.connect_timeout)
         return conn
@@ -133,11 +133,6 @@ class TcpForward:
         self._keepalive_due.clear()
 
     # -- dialing -----------------------------------------------------------------------------
-
-    def _dial_impossible(self, relay: Relay, error: OSError) -> None:
-        if relay.dialing:
-            relay.dialing = False
-            self._dialed(relay, "failed", error)
 
     def _dialed(self, relay: Relay, outcome: str, error: OSError | None) -> None:
         """The relay's dial ended: SYN-ACK the client on success, RST it otherwise."""

@@ -16,6 +16,7 @@ import pytest
 from engine.packet import ACK, FIN, PSH, RST, SYN, Packet, encode_tcp_options
 from engine.testing import PluginHarness, addr, tcp
 from plugins.tcp_forward import TcpForward
+from plugins.tcp_forward.relay_core import Down, Up
 
 CLIENT_V4 = "10.0.0.2"
 CLIENT_V6 = "fd00:db8::2"
@@ -298,7 +299,7 @@ def test_slow_client_pauses_reading_upstream(harness: PluginHarness, upstream: U
     client.handshake()
     upstream.writers[0].write(b"z" * (8 << 20))
     relay = next(iter(harness.plugin.active))
-    assert harness.run_until(lambda: relay._reading_paused)
+    assert harness.run_until(lambda: relay.core.down is Down.BLOCKED)  # reading the upstream paused
     harness.take_written()  # the client ignores everything: no ACKs
     assert relay.bytes_down < 8 << 20
 
@@ -359,7 +360,7 @@ def test_slow_upstream_closes_the_clients_window(harness: PluginHarness) -> None
             client.poll()
         assert client.window < 16384, f"the window never closed ({sent} bytes sent in {rounds} rounds)"
         relay = next(iter(harness.plugin.active))
-        assert relay._unconsumed > 0
+        assert relay.core.up is Up.THROTTLED and relay.core.withheld > 0
         gate.set()  # the server starts reading: the window must reopen and every byte arrive
         assert client.wait(lambda: len(received) == sent and client.window > 0, timeout=10)
         assert received == expected
