@@ -7,6 +7,8 @@ starts a task with ``engine.spawn`` and answers later (docs/architecture.md §5,
 data-path rules).
 
 Lifecycle hooks ``dnsgate_start``/``dnsgate_stop`` may return an awaitable; the runtime awaits it.
+The engine calls every hook through one runner, ``engine.hooks`` (engine/plugin_manager.py
+``HookRunner``): positional calls in the order the specs below declare their arguments.
 Event hooks let plugins talk without importing each other (dns_filter -> ip_tracker).
 """
 
@@ -35,7 +37,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def dnsgate_configure(engine: Engine) -> None:
-    """Called once after every plugin of the profile is registered, before any packet.
+    """Called once per plugin instance, when it joins an engine: for the profile's plugins at engine
+    construction, after all of them are registered and before any packet; for a plugin that
+    ``ctl reload`` rebuilds or adds, on the running engine, right before its ``dnsgate_start`` (the
+    other plugins keep running and are not configured again).
 
     Keep the ``engine`` reference: it is how a plugin writes packets, spawns tasks and emits events.
     """
@@ -43,8 +48,11 @@ def dnsgate_configure(engine: Engine) -> None:
 
 @hookspec
 def dnsgate_start(engine: Engine) -> Awaitable[None] | None:
-    """Called when the engine starts (after configure, before the device is read). May be async:
-    open upstream sockets, restore persisted state."""
+    """Called when the engine starts, after configure and before the engine watches its device's fd
+    (the TUN is read only once every plugin started). May be async: open upstream sockets, restore
+    persisted state. On reload, a rebuilt or added plugin gets it on the running engine. (An embedder
+    feeding a memory device, like ``dnsgate replay``'s dry run, hands packets in itself: it decides
+    whether to start first.)"""
 
 
 @hookspec

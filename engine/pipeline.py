@@ -12,8 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, Verdict
-from engine.flow import Flow, FlowTable, replaceable_by
-from engine.plugin_manager import PositionalHook
+from engine.flow import Flow, replaceable_by
 from engine.reassembly import Reassembler
 from engine.tun_subnet import GatewayEcho, GatewayEchoHandler, TunSubnetGuard
 from engine.packet import (
@@ -87,7 +86,10 @@ class Pipeline:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         config = engine.config.engine
-        self.flows = FlowTable(config.max_flows, config.flow_idle_timeout, config.blocked_flow_ttl)
+        self.flows = engine.flows
+        #: Opening, closing and ending flows (engine/flow_lifecycle.py); the engine's refusals (engine/replies.py).
+        self.lifecycle = engine.lifecycle
+        self.replies = engine.replies
         self.guard = SourceGuard(config.device_networks, config.anti_spoof)
         self.tun_subnet = TunSubnetGuard(config.tun_addresses, config.forward_tun_subnet)
         self.stats = engine.stats
@@ -96,9 +98,8 @@ class Pipeline:
             self.stats.counters, config.reassembly_timeout, config.reassembly_max_bytes,
             config.reassembly_max_datagrams,
         )
-        self.hook = engine.hook
-        # The per-new-flow hooks, called without pluggy's generic machinery (same order and arguments).
-        self._direct: dict[str, PositionalHook] = {}
+        #: Every hook call goes through the engine's one runner (engine/plugin_manager.py HookRunner).
+        self.hooks = engine.hooks
         self.current_vnet: VnetHeader | None = None
         """The vnet header of the packet being handled (GSO size of a UDP super-packet), else None."""
         self.current_reassembled = False
@@ -209,20 +210,20 @@ class Pipeline:
             # A cached block: repeat the verdict (rejects stay rate limited).
             self.stats.counters["blocked_packets"] += 1
             if flow.decision is not None and flow.decision.verdict is Verdict.REJECT:
-                self.engine.reject(packet, now, flow.decision)
+                self.replies.reject(packet, now, flow.decision)
             return
         if packet.proto == PROTO_TCP and packet.tcp_flags & (SYN | ACK) == SYN and replaceable_by(handler, packet):
             # RFC 6191: a new SYN may reuse a 4-tuple whose connection sits in TIME_WAIT.
-            self.engine.end_flow(flow, now, "replaced by a new SYN")
+            self.lifecycle.end(flow, now, "replaced by a new SYN")
             self._new_flow(packet, now)
             return
         if flow.inspect:
-            verdict = self._safe_hook("dnsgate_inspect", packet, flow, now)
+            verdict = self.hooks.call("dnsgate_inspect", packet, flow, now)
             if isinstance(verdict, Decision) and not verdict.allowed:
                 flow.decision = verdict
-                self.engine.close_flow(flow, now, f"inspect: {verdict.describe()}")
+                self.lifecycle.close(flow, now, f"inspect: {verdict.describe()}")
                 if verdict.verdict is Verdict.REJECT:
-                    self.engine.reject(packet, now, verdict)
+                    self.replies.reject(packet, now, verdict)
                 return
         try:
             handler.on_packet(packet, now)
@@ -236,23 +237,17 @@ class Pipeline:
             # Not an opening segment and no flow: answer like a stack that has no such connection.
             counters["tcp_no_flow"] += 1
             if not packet.tcp_flags & RST:
-                self.engine.send_rst(packet, now)
+                self.replies.rst(packet, now)
             return
         if proto == PROTO_ICMP and packet.icmp_type != ICMP_ECHO_REQUEST_V4 or (
             proto == PROTO_ICMPV6 and packet.icmp_type != ICMP_ECHO_REQUEST_V6
         ):
             counters["icmp_ignored"] += 1
             return
-        flow, evicted = self.flows.create(
-            (proto, packet.src, packet.sport, packet.dst, packet.dport), packet.version, now
-        )
-        for old in evicted:
-            counters["flows_evicted"] += 1
-            self.engine.end_flow(old, now, "evicted: flow table full")
-        counters["flows_new"] += 1
+        flow = self.lifecycle.open((proto, packet.src, packet.sport, packet.dst, packet.dport), packet.version, now)
         flow.packets_out = 1
         flow.bytes_out = len(packet.buf)
-        self._safe_hook("dnsgate_classify", packet, flow, now)
+        self.hooks.call("dnsgate_classify", packet, flow, now)
         # The gateway is the engine and the TUN subnet is not the host's LAN (engine/tun_subnet.py): judged
         # here, before any filter could accept it and a forwarder dial it on the host's network.
         own = self.tun_subnet.judge(flow)
@@ -266,17 +261,17 @@ class Pipeline:
         if own is not None:
             decision = own
         else:
-            decision = self._safe_hook("dnsgate_filter", packet, flow, now)
+            decision = self.hooks.call("dnsgate_filter", packet, flow, now)
         if not isinstance(decision, Decision):
             decision = ACCEPT_BY_DEFAULT
         flow.decision = decision
-        self._safe_hook("dnsgate_track", packet, flow, decision, now)
+        self.hooks.call("dnsgate_track", packet, flow, decision, now)
         handler = None
         if decision.allowed:
             if self.dry_run:
                 handler = DryRunHandler()
             else:
-                handler = self._safe_hook("dnsgate_forward", packet, flow, now)
+                handler = self.hooks.call("dnsgate_forward", packet, flow, now)
             if handler is None:
                 # Accepted, but nothing can carry it (e.g. no tcp_forward in the profile): refuse it
                 # cleanly instead of leaving the client to time out.
@@ -286,34 +281,19 @@ class Pipeline:
             flow.inspect = decision.inspect
             if flow.proto == PROTO_UDP and not flow.inspect:
                 flow.datagram = getattr(handler, "on_datagram", None)
-            counters["flows_accepted"] += 1
-            self._safe_hook("dnsgate_flow_opened", flow, now)
+            self.lifecycle.opened(flow, now)
             return
         counters[f"blocked.{decision.plugin}"] += 1
         self._log_block(flow, decision)
-        self._safe_hook("dnsgate_blocked", packet, flow, decision, now)
+        self.hooks.call("dnsgate_blocked", packet, flow, decision, now)
         if decision.verdict is Verdict.REJECT:
-            self.engine.reject(packet, now, decision)
-
-    def _safe_hook(self, name: str, *args: Any) -> Any:
-        """Call a hook with its arguments in the hookspec's order; plugin errors are already contained per
-        plugin, this guards pluggy itself (e.g. a wrapper that raises)."""
-        direct = self._direct.get(name)
-        if direct is None:
-            caller = getattr(self.hook, name)
-            direct = self._direct[name] = PositionalHook(caller, *caller.spec.argnames)
-        try:
-            return direct(*args)
-        except Exception:
-            self.stats.counters[f"hook_errors.{name}"] += 1
-            log.exception("hook %s failed", name)
-            return None
+            self.replies.reject(packet, now, decision)
 
     def _handler_failed(self, flow: Flow, now: float) -> None:
         plugin = flow.decision.plugin if flow.decision else "?"
         self.stats.counters["handler_errors"] += 1
         log.exception("flow handler for %s failed (forwarder chosen after %s); flow closed", flow.describe(), plugin)
-        self.engine.end_flow(flow, now, "handler error")
+        self.lifecycle.end(flow, now, "handler error")
 
     def _log_block(self, flow: Flow, decision: Decision) -> None:
         if not log.isEnabledFor(logging.INFO):

@@ -17,6 +17,7 @@ import importlib
 import inspect
 import logging
 from importlib import metadata
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
@@ -327,3 +328,66 @@ class PositionalHook:
                 function = function.__wrapped__  # type: ignore[attr-defined]
             plan.append((function, None if order == everything else order, failed))
         return plan
+
+
+class HookRunner:
+    """The one way the engine calls hooks: every call site goes through one of its three methods.
+
+    * :meth:`call` — a synchronous hook with its arguments positional, in the hookspec's order, through a
+      cached :class:`PositionalHook` (the per-new-flow hooks, flow events, ticks, DNS answers). A
+      failure of pluggy itself (a wrapper that raises) is counted as ``hook_errors.<hook>`` and logged;
+      the call then answers None. Plugin exceptions never get here: :class:`GuardedPlugin` contains them.
+    * :meth:`positional` — the :class:`PositionalHook` itself, for a plugin that calls an event hook on
+      its own hot path (dns_filter's ``dnsgate_dns_answer`` before every reply) without the lookup.
+    * :meth:`lifecycle` — ``dnsgate_configure``/``start``/``stop``: each implementation in profile order
+      (or reverse), an awaitable result awaited, a failure (also inside the awaitable, which the guard
+      cannot see) counted against its plugin; optionally only for some plugins (a reload configures and
+      starts the plugins it rebuilt, and stops the ones it retired, which are no longer registered).
+
+    pluggy stays the registry and the source of call order.
+    """
+
+    __slots__ = ("pm", "stats", "_callers")
+
+    def __init__(self, pm: pluggy.PluginManager, stats: Stats) -> None:
+        self.pm = pm
+        self.stats = stats
+        self._callers: dict[str, PositionalHook] = {}
+
+    def positional(self, name: str, *argnames: str) -> PositionalHook:
+        """A direct caller of hook ``name`` taking ``argnames`` (default: the hookspec's order)."""
+        caller = getattr(self.pm.hook, name)
+        return PositionalHook(caller, *(argnames or tuple(caller.spec.argnames)))
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Call hook ``name`` with ``args`` in the hookspec's argument order; never raises."""
+        direct = self._callers.get(name)
+        if direct is None:
+            direct = self._callers[name] = self.positional(name)
+        try:
+            return direct(*args)
+        except Exception:
+            self.stats.counters[f"hook_errors.{name}"] += 1
+            log.exception("hook %s failed", name)
+            return None
+
+    async def lifecycle(
+        self, name: str, engine: Any, *, reverse: bool = False, plugins: Iterable[Any] | None = None
+    ) -> None:
+        """Run a lifecycle hook; with ``plugins``, on those plugin objects only (registered or not)."""
+        if plugins is not None:
+            targets = [(getattr(plugin, "name", type(plugin).__name__), getattr(plugin, name, None)) for plugin in plugins]
+        else:
+            impls = getattr(self.pm.hook, name).get_hookimpls()  # pluggy order: last registered first
+            ordered = impls if reverse else list(reversed(impls))
+            targets = [(impl.plugin_name, impl.function) for impl in ordered]
+        for plugin_name, function in targets:
+            if function is None:
+                continue
+            try:
+                result = function(engine=engine)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.stats.plugin_error(plugin_name)
+                log.exception("plugin %s failed in %s", plugin_name, name)

@@ -21,20 +21,16 @@ from engine.decision import Decision
 from engine.flow import Flow
 from engine.fragment import Fragmenter, finish_checksum
 from engine.net_policy import SocketPolicy
-from engine.packet import (
-    PROTO_TCP,
-    RST,
-    Packet,
-    VnetHeader,
-    build_icmp_unreachable,
-    build_tcp_rst,
-    is_icmp_error,
-)
+from engine.flow import FlowTable
+from engine.flow_lifecycle import FlowLifecycle
+from engine.packet import Packet, VnetHeader
 from engine.pipeline import Pipeline
 from engine.poller import Poller
-from engine.plugin_manager import build_plugins, load_plugins, register_plugins, same_plugin
+from engine.plugin_manager import HookRunner, build_plugins, load_plugins, register_plugins, same_plugin
 from engine.profile import Profile
-from engine.stats import Stats, TokenBucket
+from engine.replies import ICMP_CODES as ICMP_CODES  # re-exported: where it lived before engine/replies.py
+from engine.replies import Replies
+from engine.stats import Stats
 
 if TYPE_CHECKING:
     from engine.io.base import PacketDevice
@@ -46,15 +42,6 @@ BASE_DESCRIPTORS = 1024
 
 HOST_ADDRESS_REFRESH = 30.0
 """Seconds between re-reads of the host's own addresses (interfaces come and go: DHCP, VPNs)."""
-
-ICMP_CODES = {
-    # reason: (ICMPv4 type-3 code, ICMPv6 type-1 code)
-    "admin-prohibited": (13, 1),
-    "port-unreachable": (3, 4),
-    "host-unreachable": (1, 3),
-    "net-unreachable": (0, 0),
-}
-
 
 class Engine:
     """One engine instance: profile, plugins, flow table, device.
@@ -85,14 +72,19 @@ class Engine:
         #: Per-connection deadlines (TCP timers) behind one loop timer.
         self.deadlines = DeadlineQueue(self.loop, self._clock)
         self.pm, self.plugins = load_plugins(profile, self.stats)
+        #: pluggy's hook relay, for plugins that call an event hook the plain way; the engine itself calls
+        #: every hook through :attr:`hooks`.
         self.hook = self.pm.hook
+        self.hooks = HookRunner(self.pm, self.stats)
         self.device: PacketDevice | None = None
         self.offload = False
         self.mtu = profile.engine.mtu
         self.mode = profile.engine.mode
-        self.pipeline = Pipeline(self)
-        self.flows = self.pipeline.flows
         options = profile.engine
+        self.flows = FlowTable(options.max_flows, options.flow_idle_timeout, options.blocked_flow_ttl)
+        self.lifecycle = FlowLifecycle(self.flows, self.hooks, self.stats)
+        self.replies = Replies(self.write, self.stats, options.reject_rate)
+        self.pipeline = Pipeline(self)
         self.socket_options = socket_policy or SocketPolicy(
             outbound_interface=options.outbound_interface,
             fwmark=options.fwmark,
@@ -100,12 +92,12 @@ class Engine:
             allow_host_addresses=options.allow_host_addresses,
             allow_link_local=options.allow_link_local,
         )
-        self._reject_bucket = TokenBucket(options.reject_rate)
         #: Cuts packets larger than the device's MTU into IP fragments (engine/fragment.py).
         self.fragmenter = Fragmenter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
         self._reader_fd: int | None = None
+        self._reading = False
         #: Why the engine stopped serving on its own (see :meth:`on_fatal`), else None.
         self.fatal: str | None = None
         self._fatal_listeners: list[Callable[[str], None]] = []
@@ -113,7 +105,7 @@ class Engine:
         self.running = False
         self._next_address_refresh = 0.0
         self._reserved_descriptors = 0
-        self.hook.dnsgate_configure(engine=self)
+        self.hooks.call("dnsgate_configure", self)
         if device is not None:
             self.attach(device)
 
@@ -215,62 +207,20 @@ class Engine:
             log.error("task %s failed: %r", task.get_name(), error, exc_info=error)
 
     def close_flow(self, flow: Flow, now: float, reason: str) -> None:
-        """A handler ends its own flow (it has already cleaned up its resources)."""
-        if flow.closed:
-            return
-        flow.closed = True
-        if self.flows.flows.get(flow.key) is flow:
-            del self.flows.flows[flow.key]
-        self.stats.counters["flows_closed"] += 1
-        try:
-            self.hook.dnsgate_flow_closed(flow=flow, now=now, reason=reason)
-        except Exception:
-            log.exception("dnsgate_flow_closed failed")
-        # A handler usually points back at its flow: dropping the flow's side of that cycle lets reference
-        # counting free both at once, instead of leaving every finished connection to the cyclic GC (which,
-        # under connection churn, let dead connections pile up in the oldest generation: tens of MB and a
-        # long pause when it finally ran).
-        flow.handler = None
-        flow.datagram = None
+        """A handler ends its own flow (it has already cleaned up its resources): engine/flow_lifecycle.py."""
+        self.lifecycle.close(flow, now, reason)
 
     def end_flow(self, flow: Flow, now: float, reason: str) -> None:
-        """The engine ends a flow (expiry, eviction, shutdown, ``ctl close``): close its handler too."""
-        handler = flow.handler
-        if handler is not None and not flow.closed:
-            try:
-                handler.close(now)
-            except Exception:
-                self.stats.incr("handler_errors")
-                log.exception("closing %s failed", flow.describe())
-        self.close_flow(flow, now, reason)
+        """The engine ends a flow (expiry, eviction, shutdown, ``ctl close``): its handler is closed too."""
+        self.lifecycle.end(flow, now, reason)
 
     def reject(self, packet: Packet, now: float, decision: Decision | None = None) -> None:
         """Answer a blocked packet like a firewall: TCP RST, else ICMP unreachable (rate limited)."""
-        if packet.proto == PROTO_TCP:
-            self.send_rst(packet, now)
-            return
-        if is_icmp_error(packet):
-            return
-        if not self._reject_bucket.take(now):
-            self.stats.counters["rejects_degraded_to_drop"] += 1
-            return
-        reason = decision.icmp if decision is not None else "admin-prohibited"
-        v4_code, v6_code = ICMP_CODES[reason]
-        try:
-            reply = build_icmp_unreachable(packet, v4_code if packet.version == 4 else v6_code)
-        except ValueError:
-            return
-        self.stats.counters["icmp_unreachable_sent"] += 1
-        self.write(reply)
+        self.replies.reject(packet, now, decision)
 
     def send_rst(self, packet: Packet, now: float) -> None:
-        if packet.tcp_flags & RST or packet.payload_offset == packet.l4_offset:
-            return  # a RST is never answered (RFC 9293 3.10.7.1); a non-first fragment has no header
-        if not self._reject_bucket.take(now):
-            self.stats.counters["rejects_degraded_to_drop"] += 1
-            return
-        self.stats.counters["rst_sent"] += 1
-        self.write(build_tcp_rst(packet))
+        """A RST for a segment no connection takes (rate limited with the other refusals)."""
+        self.replies.rst(packet, now)
 
     # -- device ----------------------------------------------------------------------------------
 
@@ -298,11 +248,21 @@ class Engine:
             attach(self.handle_packet)
         else:
             self._reader_fd = fd
-            self.loop.add_reader(fd, self._on_readable)
+            if self.running:
+                self._start_reading()
+
+    def _start_reading(self) -> None:
+        """Watch the device's fd: from :meth:`start` on, after every plugin's ``dnsgate_start`` (the
+        hookspec's promise); a memory device is fed by its owner and needs no watch."""
+        if self._reader_fd is not None and not self._reading:
+            self.loop.add_reader(self._reader_fd, self._on_readable)
+            self._reading = True
 
     def detach(self) -> None:
         if self._reader_fd is not None:
-            self.loop.remove_reader(self._reader_fd)
+            if self._reading:
+                self.loop.remove_reader(self._reader_fd)
+                self._reading = False
             self._reader_fd = None
 
     def on_fatal(self, listener: Callable[[str], None]) -> None:
@@ -368,8 +328,9 @@ class Engine:
         self.started_at = self.now()
         # The TUN gateway may have been added after the policy was built: re-read before forwarding.
         self._refresh_host_addresses(self.started_at)
-        await self._call_lifecycle("dnsgate_start")
+        await self.hooks.lifecycle("dnsgate_start", self)
         self.running = True
+        self._start_reading()
         self._tick_task = self.loop.create_task(self._ticker(), name="dnsgate-tick")
 
     async def stop(self) -> None:
@@ -380,28 +341,14 @@ class Engine:
         self.detach()
         if self._tick_task is not None:
             self._tick_task.cancel()
-        now = self.now()
-        for flow in list(self.flows):
-            self.end_flow(flow, now, "engine stopping")
-        await self._call_lifecycle("dnsgate_stop", reverse=True)
+        self.lifecycle.end_all(self.now(), "engine stopping")
+        await self.hooks.lifecycle("dnsgate_stop", self, reverse=True)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.poller.close()
         self.deadlines.close()
-
-    async def _call_lifecycle(self, name: str, reverse: bool = False) -> None:
-        impls = getattr(self.hook, name).get_hookimpls()
-        order = impls if reverse else list(reversed(impls))
-        for impl in order:
-            try:
-                result = impl.function(engine=self)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                self.stats.plugin_error(impl.plugin_name)
-                log.exception("plugin %s failed in %s", impl.plugin_name, name)
 
     def _refresh_host_addresses(self, now: float) -> None:
         self._next_address_refresh = now + HOST_ADDRESS_REFRESH
@@ -415,15 +362,11 @@ class Engine:
 
     def tick(self, now: float) -> None:
         """Expire idle flows and stale fragments, and let plugins do their periodic work."""
-        for flow in self.flows.expired(now):
-            self.end_flow(flow, now, "idle")
+        self.lifecycle.expire(now)
         self.pipeline.reassembly.expire(now)
         if now >= self._next_address_refresh:
             self._refresh_host_addresses(now)
-        try:
-            self.hook.dnsgate_tick(engine=self, now=now)
-        except Exception:
-            log.exception("dnsgate_tick failed")
+        self.hooks.call("dnsgate_tick", self, now)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
@@ -479,7 +422,7 @@ class Engine:
         self.plugins = final
         self.config = self.profile = profile
         options = profile.engine
-        self._reject_bucket = TokenBucket(options.reject_rate)
+        self.replies.set_rate(options.reject_rate)
         self.flows.max_flows = options.max_flows
         self.flows.idle_timeout = options.flow_idle_timeout
         self.flows.blocked_ttl = options.blocked_flow_ttl
@@ -487,28 +430,16 @@ class Engine:
         self.pipeline.reassembly.configure(
             options.reassembly_timeout, options.reassembly_max_bytes, options.reassembly_max_datagrams
         )
-        for plugin in retired:
-            await self._call_plugin(plugin, "dnsgate_stop")
+        await self.hooks.lifecycle("dnsgate_stop", self, plugins=retired)
         for name in rebuilt + added:
-            await self._call_plugin(final[name], "dnsgate_configure")
-            await self._call_plugin(final[name], "dnsgate_start")
+            # dnsgate_configure on a live engine: the hookspec says a rebuilt or added plugin gets it here.
+            await self.hooks.lifecycle("dnsgate_configure", self, plugins=[final[name]])
+            await self.hooks.lifecycle("dnsgate_start", self, plugins=[final[name]])
         self.stats.incr("reloads")
         log.info("profile %s reloaded: kept %s, rebuilt %s, added %s, removed %s", profile.path,
                  kept, rebuilt, added, removed)
         return {"profile": profile.path, "kept": kept, "rebuilt": rebuilt, "added": added, "removed": removed,
                 "restart_required": restart}
-
-    async def _call_plugin(self, plugin: Any, hook: str) -> None:
-        method = getattr(plugin, hook, None)
-        if method is None:
-            return
-        try:
-            result = method(engine=self)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            self.stats.plugin_error(getattr(plugin, "name", type(plugin).__name__))
-            log.exception("plugin %s failed in %s", getattr(plugin, "name", plugin), hook)
 
     # -- views -----------------------------------------------------------------------------------
 

@@ -198,7 +198,7 @@ class PluginHarness:
             qname=qname, qtype=qtype, rcode=rcode, cnames=tuple(cnames),
             addresses=tuple((addr(a), ttl) for a in addresses), client=addr(client), upstream="harness",
         )
-        self.engine.hook.dnsgate_dns_answer(answer=answer, now=self.clock())
+        self.engine.hooks.call("dnsgate_dns_answer", answer, self.clock())
         return answer
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ def replay(profile_name: str, capture: str, write: str | None = None) -> list[di
                     # the device's subnet, like the TUN gateway 10.0.0.1).
                     answer = dns_answer_from(bytes(packet.payload), packet.dst, str(packet.src_ip))
                     if answer is not None:
-                        engine.hook.dnsgate_dns_answer(answer=answer, now=timestamp)
+                        engine.hooks.call("dnsgate_dns_answer", answer, timestamp)
                 elif guard.allows(packet.src):
                     device.inject(data)
                 if recorder is not None:

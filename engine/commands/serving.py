@@ -129,7 +129,7 @@ def unmarked_destinations(engine: Engine) -> list[Bypass]:
 
     ``run`` routes these around the TUN; ``serve``, which owns no routes, warns about them.
     """
-    return [tuple(item) for answer in engine.hook.dnsgate_unmarked_destinations() for item in answer or ()]
+    return [tuple(item) for answer in engine.hooks.call("dnsgate_unmarked_destinations") or () for item in answer or ()]
 
 
 # -- serving -----------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class DnsFilter:
         self._engine = engine
         # The answer event is on every query's path: call its implementations directly (pluggy's
         # generic call costs a few µs, a visible share of a ~50 µs query; see PositionalHook).
-        self._emit_answer = PositionalHook(engine.hook.dnsgate_dns_answer, "answer", "now")
+        self._emit_answer = engine.hooks.positional("dnsgate_dns_answer", "answer", "now")
         networks = list(engine.config.engine.device_networks)
         try:
             for url in self.urls:
