@@ -25,12 +25,16 @@ HARD_CODED_V4 = "198.51.100.11"
 
 
 def screen_of_top(topology: Topology, width: int, height: int) -> str:
-    """Run ``dnsgate top`` in a detached tmux session of that size; the screen once it shows connections."""
+    """Run ``dnsgate top`` in a detached tmux session of that size; the screen once it shows connections.
+
+    Each call has a tmux server of its own, its socket in the test's workdir: a new session started while the
+    previous call's server is still exiting would fail, and no other tmux user on the machine is touched."""
     session = nl.unique_name("dgtop")
+    tmux = ["tmux", "-S", str(topology.workdir / f"{session}.tmux")]
     control = topology.workdir / "control.sock"
     # COLUMNS/LINES from a tmux server started without a terminal say 80x24 whatever the window's size; rich
     # would believe them, so the command drops them and reads the pane's real size.
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(width), "-y", str(height),
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", str(width), "-y", str(height),
                     f"cd {REPO_ROOT} && unset COLUMNS LINES && {sys.executable} -m engine.cli top --control {control}"],
                    check=True)
     try:
@@ -38,13 +42,13 @@ def screen_of_top(topology: Topology, width: int, height: int) -> str:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+            screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True,
                                     text=True).stdout
             if "top connections" in screen and "pkt/s" in screen and f"{WEB_V4}:7" in screen:
                 return screen
         raise AssertionError(f"top did not draw its screen at {width}x{height}:\n{screen}")
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/install)")
