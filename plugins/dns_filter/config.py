@@ -3,6 +3,7 @@
 ```toml
 [plugins.dns_filter]
 upstreams = ["udp://198.51.100.53:53", "tls://192.0.2.1:853"]  # tried in order, failover on error/timeout
+# tls/https/quic take ?ca=/abs/ca.pem (trust only that CA), ?bootstrap=IP, ?verify=false (upstream_url.py)
 timeout = "5s"             # per query, then SERVFAIL to the client
 attempt_timeout = "2s"     # per upstream attempt before failing over (only with several upstreams)
 block_response = "nxdomain"  # or "null": 0.0.0.0 / :: answers
@@ -27,11 +28,25 @@ from typing import Any, Literal
 import attrs
 
 from engine.profile import Duration
+from plugins.dns_filter.upstream_url import UpstreamError, parse_upstream
 
 
 def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _check_upstreams(_instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    """Parse every upstream (its ``ca=`` file included) when the profile is loaded, naming the entry:
+    ``dnsgate check`` then says ``plugins.dns_filter: upstreams[1]: ...`` instead of the engine starting
+    with an upstream that can only fail."""
+    for index, text in enumerate(value):
+        if not isinstance(text, str):
+            raise ValueError(f"{attribute.name}[{index}]: expected a string, got {type(text).__name__}")
+        try:
+            parse_upstream(text)
+        except UpstreamError as error:
+            raise ValueError(f"{attribute.name}[{index}]: {error}") from None
 
 
 @attrs.frozen
@@ -43,7 +58,7 @@ class Config:
     refuses to start with a message saying what to configure.
     """
 
-    upstreams: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    upstreams: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_upstreams)
     timeout: Duration = attrs.field(default=Duration(5.0), validator=_positive)
     attempt_timeout: Duration = attrs.field(default=Duration(2.0), validator=_positive)
     block_response: Literal["nxdomain", "null"] = attrs.field(

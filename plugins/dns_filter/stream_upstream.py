@@ -23,6 +23,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Callable
 
 from plugins.dns_filter.pending import PendingQuery
+from plugins.dns_filter.tls_trust import client_context, describe_tls_failure
 from plugins.dns_filter.upstream_url import UpstreamUrl
 from plugins.dns_filter.wire import reply_matches
 
@@ -186,15 +187,12 @@ class StreamUpstream:
         self._waiting.clear()
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        """One context per upstream: loading the CA store costs milliseconds, not worth paying per query."""
+        """One context per upstream: loading the CA store costs milliseconds, not worth paying per query.
+        It trusts the upstream's ``ca`` file alone when one is given, else the system store."""
         if self.url.scheme != "tls":
             return None
         if self._context is None:
-            context = ssl.create_default_context()
-            if not self.url.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._context = context
+            self._context = client_context(self.url)
         return self._context
 
     async def _open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -222,7 +220,7 @@ class StreamUpstream:
         except Exception as error:  # every connect error means "try the next upstream"
             self._connecting = None
             waiting, self._waiting = self._waiting, []
-            reason = f"connect failed: {type(error).__name__}: {error}".rstrip(": ")
+            reason = describe_tls_failure(self.url, error) or f"connect failed: {type(error).__name__}: {error}".rstrip(": ")
             for pending in waiting:
                 self.on_failure(pending, pending.attempt, reason)
             return

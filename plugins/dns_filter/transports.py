@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from engine.batching import WriteBatch
@@ -26,6 +27,7 @@ from engine.net_policy import SO_BINDTODEVICE, SO_MARK
 from engine.poller import Poller
 from engine.udp_out import GSO_REFUSED, plan_runs, send_segmented
 from plugins.dns_filter.pending import PendingQuery
+from plugins.dns_filter.tls_trust import TlsRefused, client_context, describe_quic_close, describe_tls_failure, quic_verify
 from plugins.dns_filter.upstream_url import UpstreamUrl
 from plugins.dns_filter.wire import reply_matches
 
@@ -436,7 +438,8 @@ class _TaskUpstream:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # every transport error means "try the next upstream"
-            self.on_failure(pending, attempt, f"{type(error).__name__}: {error}".rstrip(": "))
+            reason = describe_tls_failure(self.url, error) or f"{type(error).__name__}: {error}".rstrip(": ")
+            self.on_failure(pending, attempt, reason)
             return
         if reply[:2] != pending.query[:2] or not reply_matches(reply, pending.match):
             self.on_failure(pending, attempt, "the reply does not answer the query")
@@ -465,9 +468,19 @@ class DnspythonUpstream(_TaskUpstream):
     the engine's fwmark / bound interface (in firewall mode an unmarked socket would be routed into the
     TUN) and its HTTP/2 connection is reused across queries. A hostname upstream with ``bootstrap`` and
     DoQ use dnspython's own sockets, which are not stamped.
+
+    Both verify the certificate against the URL's host (for DoQ too: aioquic checks no name at all when
+    given none) and trust the upstream's ``ca`` file alone when it has one (tls_trust.py).
     """
 
     _client: Any = None
+    _tls: ssl.SSLContext | None = None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The DoH client context, built once: dnspython would otherwise load the CA file per query."""
+        if self._tls is None:
+            self._tls = client_context(self.url)
+        return self._tls
 
     def _https_client(self) -> Any:
         if self._client is None:
@@ -480,7 +493,7 @@ class DnspythonUpstream(_TaskUpstream):
                     options.append((socket.SOL_SOCKET, SO_MARK, policy.fwmark))
                 if policy.outbound_interface:
                     options.append((socket.SOL_SOCKET, SO_BINDTODEVICE, policy.outbound_interface.encode()))
-            transport = httpx2.AsyncHTTPTransport(http2=True, verify=self.url.verify, socket_options=options)
+            transport = httpx2.AsyncHTTPTransport(http2=True, verify=self._tls_context(), socket_options=options)
             self._client = httpx2.AsyncClient(transport=transport, timeout=self.timeout)
         return self._client
 
@@ -505,18 +518,30 @@ class DnspythonUpstream(_TaskUpstream):
                 message,
                 f"https://{host}:{url.port}{url.path}",
                 timeout=self.timeout,
-                verify=url.verify,
+                verify=self._tls_context(),
                 bootstrap_address=url.bootstrap or None,
                 client=None if url.bootstrap else self._https_client(),
             )
         else:
-            response = await dns.asyncquery.quic(
-                message,
-                url.address,
-                timeout=self.timeout,
-                port=url.port,
-                verify=url.verify,
-                server_hostname=url.host if url.bootstrap else None,
-            )
+            response = await self._quic(message)
         # DoQ sends id 0 on the wire (RFC 9250 §4.2.1): give the client back its own id.
         return query[:2] + response.to_wire(max_size=65535)[2:]
+
+    async def _quic(self, message: Any) -> Any:
+        """One DoQ exchange on a connection of our own making (what ``dns.asyncquery.quic`` does inside),
+        so that when TLS refuses the certificate we can read why: dnspython only raises UnexpectedEOF."""
+        import dns.asyncquery
+        import dns.quic
+
+        url = self.url
+        async with dns.quic.AsyncioQuicManager(verify_mode=quic_verify(url), server_name=url.host) as manager:
+            connection = manager.connect(url.address, url.port)
+            try:
+                return await dns.asyncquery.quic(
+                    message, url.address, timeout=self.timeout, port=url.port, connection=connection
+                )
+            except Exception as error:
+                reason = describe_quic_close(url, connection)
+                if reason is None:
+                    raise
+                raise TlsRefused(reason) from error

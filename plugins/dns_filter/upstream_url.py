@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from plugins.dns_filter.tls_trust import CaFileError, check_ca_file
+
 DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443, "quic": 853}
 SYSTEMD_RESOLVED_UPSTREAMS = "/run/systemd/resolve/resolv.conf"
+#: The query parameters an upstream URL may carry. Anything else is refused: a misspelled ``cafile=``
+#: silently ignored would leave the upstream on the system store and fail only at run time.
+PARAMETERS = ("bootstrap", "ca", "verify")
+_TLS_SCHEMES = ("tls", "https", "quic")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class UpstreamError(ValueError):
@@ -26,7 +33,9 @@ class UpstreamError(ValueError):
 @attrs.frozen
 class UpstreamUrl:
     """One parsed upstream. ``host`` is an IP literal for udp/tcp; DoT/DoH/DoQ may use a hostname
-    (TLS verification needs it) with ``bootstrap`` giving the address to dial."""
+    (TLS verification needs it) with ``bootstrap`` giving the address to dial. ``host`` is also the name
+    the certificate is checked against (an IP literal is matched against the certificate's IP SANs);
+    ``ca`` is the only trust anchor when set (plugins/dns_filter/tls_trust.py)."""
 
     scheme: str
     host: str
@@ -34,6 +43,7 @@ class UpstreamUrl:
     path: str = "/dns-query"
     bootstrap: str = ""
     verify: bool = True
+    ca: str = ""
 
     @property
     def address(self) -> str:
@@ -57,8 +67,9 @@ def _is_ip(text: str) -> bool:
 def parse_upstream(text: str) -> UpstreamUrl:
     """Parse one upstream; a bare ``1.2.3.4`` or ``1.2.3.4:53`` means plain UDP.
 
-    Query parameters: ``bootstrap=IP`` (address for a hostname upstream), ``verify=false`` (skip TLS
-    certificate checks, for lab setups only).
+    Query parameters (``?a=1&b=2``, values percent-decoded; ``+`` stays a plus): ``bootstrap=IP``
+    (address for a hostname upstream), ``ca=/abs/path.pem`` (trust only this CA; tls/https/quic, checked
+    here), ``verify=false`` (skip TLS certificate checks, for lab setups only; contradicts ``ca``).
     """
     raw = text.strip()
     if _is_ip(raw):
@@ -76,9 +87,14 @@ def parse_upstream(text: str) -> UpstreamUrl:
     host = parts.hostname or ""
     if not host:
         raise UpstreamError(f"upstream {text!r}: no host")
-    params = parse_qs(parts.query)
-    bootstrap = params.get("bootstrap", [""])[0]
-    verify = params.get("verify", ["true"])[0].lower() not in ("false", "0", "no")
+    params = _parameters(text, parts.query)
+    bootstrap = params.get("bootstrap", "")
+    verify = _BOOLEANS.get(params.get("verify", "true").lower())
+    if verify is None:
+        raise UpstreamError(f"upstream {text!r}: verify must be true or false (got {params['verify']!r})")
+    ca = params.get("ca")
+    if ca is not None:
+        _check_ca(text, scheme, ca, verify)
     if bootstrap and not _is_ip(bootstrap):
         raise UpstreamError(f"upstream {text!r}: bootstrap must be an IP address")
     if not _is_ip(host) and not bootstrap:
@@ -89,7 +105,40 @@ def parse_upstream(text: str) -> UpstreamUrl:
             "this engine"
         )
     path = parts.path or "/dns-query"
-    return UpstreamUrl(scheme, host, port, path, bootstrap, verify)
+    return UpstreamUrl(scheme, host, port, path, bootstrap, verify, ca or "")
+
+
+def _parameters(text: str, query: str) -> dict[str, str]:
+    """The URL's query parameters, each known and given once (``parse_qs`` would turn ``+`` in a path
+    into a space and keep repeats)."""
+    params: dict[str, str] = {}
+    for item in query.split("&"):
+        if not item:
+            continue
+        key, _sep, value = item.partition("=")
+        key = unquote(key)
+        if key not in PARAMETERS:
+            raise UpstreamError(f"upstream {text!r}: unknown parameter {key!r} (known: {', '.join(PARAMETERS)})")
+        if key in params:
+            raise UpstreamError(f"upstream {text!r}: parameter {key!r} given twice")
+        params[key] = unquote(value)
+    return params
+
+
+def _check_ca(text: str, scheme: str, ca: str, verify: bool) -> None:
+    """``ca=`` only where there is TLS, never beside ``verify=false``, and only a file that loads."""
+    if scheme not in _TLS_SCHEMES:
+        raise UpstreamError(f"upstream {text!r}: ca= applies to tls://, https:// and quic:// upstreams only")
+    if not verify:
+        # Refused rather than resolved either way: whichever one we ignored, the profile would not do
+        # what one of its two words says.
+        raise UpstreamError(f"upstream {text!r}: ca= and verify=false contradict each other (drop one)")
+    if not ca:
+        raise UpstreamError(f"upstream {text!r}: ca= needs the path of a PEM file")
+    try:
+        check_ca_file(ca)
+    except CaFileError as error:
+        raise UpstreamError(f"upstream {text!r}: ca {ca}: {error}") from None
 
 
 def read_nameservers(path: str | Path) -> list[str]:
