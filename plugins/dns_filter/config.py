@@ -10,9 +10,9 @@ block_response = "nxdomain"  # or "null": 0.0.0.0 / :: answers
 block_ttl = 60             # TTL of "null" answers
 blocklist = ["ads.example"]            # "name" = it and its subdomains, "*.name" = subdomains, "=name" = exact
 allowlist = ["good.ads.example"]       # an allowlist entry overrides a block
-blocklist_files = ["/etc/dnsgate/hosts-block.txt"]  # hosts-file, domain-list or ||adblock^ lines
 default = "allow"          # "deny": allowlist mode, only allowlisted names (and destination rules' names) resolve
 deny_response = "nxdomain" # allowlist mode's answer to every other name: "nxdomain" or "refused"
+blocklist_files = ["/etc/dnsgate/hosts-block.txt"]  # hosts-file, domain-list or ||adblock^ lines
 allowlist_files = []
 max_pending = 10000        # queries in flight; beyond: SERVFAIL at once
 udp_sockets = 4            # upstream UDP sockets per udp:// upstream (random source ports)
@@ -65,6 +65,11 @@ class Config:
         default="nxdomain", validator=attrs.validators.in_(("nxdomain", "null"))
     )
     block_ttl: int = attrs.field(default=60, validator=attrs.validators.ge(0))
+    #: "deny" = allowlist mode: only names an allow rule covers resolve (plugins/dns_filter/README.md).
+    default: Literal["allow", "deny"] = attrs.field(default="allow", validator=attrs.validators.in_(("allow", "deny")))
+    deny_response: Literal["nxdomain", "refused"] = attrs.field(
+        default="nxdomain", validator=attrs.validators.in_(("nxdomain", "refused"))
+    )
     blocklist: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     allowlist: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     blocklist_files: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -73,8 +78,3 @@ class Config:
     udp_sockets: int = attrs.field(default=4, validator=[attrs.validators.ge(1), attrs.validators.le(64)])
     flow_idle: Duration = attrs.field(default=Duration(10.0), validator=_positive)
     resolv_conf: str = "/etc/resolv.conf"
-    #: "deny" = allowlist mode: only names an allow rule covers resolve (plugins/dns_filter/README.md).
-    default: Literal["allow", "deny"] = attrs.field(default="allow", validator=attrs.validators.in_(("allow", "deny")))
-    deny_response: Literal["nxdomain", "refused"] = attrs.field(
-        default="nxdomain", validator=attrs.validators.in_(("nxdomain", "refused"))
-    )
