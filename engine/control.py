@@ -280,6 +280,21 @@ def _names_for(engine: Engine, address_text: str) -> str | None:
     return ", ".join(names[-2:]) if names else None
 
 
+#: Control protocol version: 2 names the two directions ``up`` (device -> world) and ``down`` (world ->
+#: device) everywhere; version 1 said ``out``/``in``. The v1 names are still sent beside the v2 ones
+#: (:func:`with_v1_names`) so a v1 client keeps working; docs/control.md.
+PROTOCOL_VERSION = 2
+_V1_NAMES = {"packets_up": "packets_out", "bytes_up": "bytes_out", "packets_down": "packets_in", "bytes_down": "bytes_in"}
+
+
+def with_v1_names(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with the version-1 direction names added as aliases of the version-2 ones."""
+    for new, old in _V1_NAMES.items():
+        if new in entry:
+            entry[old] = entry[new]
+    return entry
+
+
 def full_snapshot(engine: Engine) -> dict[str, Any]:
     """``engine.snapshot()`` plus the block feed and the domain names of the top connections; DNS client
     flows leave ``top_flows`` for ``dns_flows`` (engine/top_flows.py says why)."""
@@ -290,6 +305,12 @@ def full_snapshot(engine: Engine) -> dict[str, Any]:
     if observer is not None:
         snapshot["blocks"] = observer.snapshot()
     snapshot["top_flows"], snapshot["dns_flows"] = split_top_flows(engine.flows.flows.values(), engine.now())
+    snapshot["control_version"] = PROTOCOL_VERSION
+    if isinstance(snapshot.get("stats"), dict):
+        snapshot["stats"] = with_v1_names(dict(snapshot["stats"]))
+    for listed in snapshot["top_flows"]:
+        if isinstance(listed, dict):
+            with_v1_names(listed)
     for flow in snapshot.get("top_flows", []):
         if isinstance(flow, dict) and "name" not in flow and flow.get("dst"):
             flow["name"] = _names_for(engine, str(flow["dst"]))
@@ -322,10 +343,10 @@ def engine_handlers(engine: Engine) -> dict[str, Handler]:
     def flows(request: Mapping[str, Any]) -> list[dict[str, Any]]:
         limit = int(request.get("limit", 1000))
         now = engine.now()
-        listing = sorted(engine.flows, key=lambda flow: flow.bytes_in + flow.bytes_out, reverse=True)[:limit]
+        listing = sorted(engine.flows, key=lambda flow: flow.bytes_down + flow.bytes_up, reverse=True)[:limit]
         result = []
         for flow in listing:
-            entry = flow.as_dict(now)
+            entry = with_v1_names(flow.as_dict(now))
             entry["name"] = _names_for(engine, entry["dst"])
             result.append(entry)
         return result

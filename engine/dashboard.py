@@ -12,11 +12,11 @@ key is optional, a missing one shows as ``-``::
     profile: str                      mode: "firewall" | "dns-only"
     uptime: float (s)                 now: float (engine monotonic clock, used for rates)
     mtu: int                          offload: bool
-    stats: {packets_out, bytes_out,   # device -> world
-            packets_in, bytes_in,     # world -> device
+    stats: {packets_up, bytes_up,   # device -> world
+            packets_down, bytes_down,     # world -> device
             counters: {name: int}}    # e.g. malformed, rst_sent, icmp_unreachable_sent
     flows: {total: int, open: {"tcp": int, "udp": int, "icmp": int}}
-    top_flows: [{flow: "10.0.0.2:5000 -> 1.2.3.4:443/tcp", proto, dst, dport, bytes_in, bytes_out, age,
+    top_flows: [{flow: "10.0.0.2:5000 -> 1.2.3.4:443/tcp", proto, dst, dport, bytes_down, bytes_up, age,
                  name: "example.com" (added by run from the tracker), decision}]   # DNS client flows excluded
     dns_flows: {open: int, by_proto: {"udp": int, "tcp": int}, top: [same entries as top_flows]}
     plugins: {
@@ -160,10 +160,10 @@ class Dashboard:
     # -- data --------------------------------------------------------------------------------------
 
     RATE_SOURCES: dict[str, tuple[str, ...]] = {
-        "packets_out": ("stats", "packets_out"),
-        "bytes_out": ("stats", "bytes_out"),
-        "packets_in": ("stats", "packets_in"),
-        "bytes_in": ("stats", "bytes_in"),
+        "packets_up": ("stats", "packets_up"),
+        "bytes_up": ("stats", "bytes_up"),
+        "packets_down": ("stats", "packets_down"),
+        "bytes_down": ("stats", "bytes_down"),
         "dns_queries": ("plugins", "dns_filter", "queries"),
     }
 
@@ -244,7 +244,7 @@ class Dashboard:
         table.add_column("pkt/s", justify="right", no_wrap=True)
         table.add_column("bytes/s", justify="right", no_wrap=True)
         table.add_column("spark", no_wrap=True, overflow="crop")
-        for label, packets, octets in (("out", "packets_out", "bytes_out"), ("in ", "packets_in", "bytes_in")):
+        for label, packets, octets in (("up  ", "packets_up", "bytes_up"), ("down", "packets_down", "bytes_down")):
             table.add_row(
                 Text(label, style="bold"),
                 f"{human_count(self.rates.get(packets))} pkt/s",
@@ -252,11 +252,11 @@ class Dashboard:
                 Text(sparkline(self.history[octets], spark), style="cyan"),
             )
         totals = Text(
-            f"total out {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_out')))}"
-            f" / in {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_in')))}",
+            f"total up {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_up')))}"
+            f" / down {human_bytes(_number(_get(self.snapshot, 'stats', 'bytes_down')))}",
             style="dim", no_wrap=True, overflow="ellipsis",
         )
-        panel = Panel(Group(table, totals), title="traffic (out = device -> world)", title_align="left")
+        panel = Panel(Group(table, totals), title="traffic (up = device -> world)", title_align="left")
         return panel, table.row_count + 1
 
     def _engine_panel(self) -> tuple[Panel, int]:
@@ -360,8 +360,8 @@ class Dashboard:
         # The name takes what the numbers leave, so at any width they sit next to the connection they count.
         table.add_column("destination" if narrow else "connection", no_wrap=True, overflow="ellipsis",
                          max_width=48)
-        table.add_column("out", justify="right", no_wrap=True, min_width=8)
-        table.add_column("in", justify="right", no_wrap=True, min_width=8)
+        table.add_column("up", justify="right", no_wrap=True, min_width=8)
+        table.add_column("down", justify="right", no_wrap=True, min_width=8)
         table.add_column("age", justify="right", no_wrap=True, min_width=5)
         table.add_column("name", no_wrap=True, overflow="ellipsis", ratio=1)
         flows = _get(self.snapshot, "top_flows") or []
@@ -369,8 +369,8 @@ class Dashboard:
             text = str(_get(flow, "flow") or "?")
             table.add_row(
                 text.split(" -> ", 1)[-1] if narrow else text,
-                human_bytes(_number(_get(flow, "bytes_out"))),
-                human_bytes(_number(_get(flow, "bytes_in"))),
+                human_bytes(_number(_get(flow, "bytes_up"))),
+                human_bytes(_number(_get(flow, "bytes_down"))),
                 human_duration(_number(_get(flow, "age"))),
                 str(_get(flow, "name") or "-"),
             )

@@ -100,7 +100,7 @@ class Flow:
 
     __slots__ = (
         "key", "version", "proto", "src", "sport", "dst", "dport", "created", "last_seen", "labels",
-        "decision", "handler", "inspect", "packets_out", "bytes_out", "packets_in", "bytes_in", "stash",
+        "decision", "handler", "inspect", "packets_up", "bytes_up", "packets_down", "bytes_down", "stash",
         "closed", "id", "datagram",
     )
 
@@ -114,10 +114,10 @@ class Flow:
         self.decision: Decision | None = None
         self.handler: FlowHandler | None = None
         self.inspect = False
-        self.packets_out = 0
-        self.bytes_out = 0
-        self.packets_in = 0
-        self.bytes_in = 0
+        self.packets_up = 0
+        self.bytes_up = 0
+        self.packets_down = 0
+        self.bytes_down = 0
         self.stash = Stash()
         self.closed = False
         self.id = flow_id
@@ -163,10 +163,10 @@ class Flow:
             "decision": self.decision.describe() if self.decision else None,
             "age": round(now - self.created, 3),
             "idle": round(now - self.last_seen, 3),
-            "packets_out": self.packets_out,
-            "bytes_out": self.bytes_out,
-            "packets_in": self.packets_in,
-            "bytes_in": self.bytes_in,
+            "packets_up": self.packets_up,
+            "bytes_up": self.bytes_up,
+            "packets_down": self.packets_down,
+            "bytes_down": self.bytes_down,
         }
 
 

@@ -112,8 +112,8 @@ class Pipeline:
     def handle(self, data: Any, vnet: VnetHeader | None, now: float) -> None:
         """Handle one packet read from the device. Never raises: bad input is counted and dropped."""
         stats = self.stats
-        stats.packets_out += 1
-        stats.bytes_out += len(data)
+        stats.packets_up += 1
+        stats.bytes_up += len(data)
         # UDP fast lane: a plain datagram (IPv4 without options and not a fragment, or IPv6 with UDP as the
         # next header) of a flow whose handler takes payloads (``on_datagram``: dns_filter's client flows)
         # needs no Packet object. On an offload TUN the kernel hands over local datagrams with a vnet header
@@ -135,8 +135,8 @@ class Pipeline:
                 flow = self.flows.flows.get((PROTO_UDP, src, sport, dst, dport))
                 if flow is not None and flow.datagram is not None and src in self.guard.good:
                     flow.last_seen = now
-                    flow.packets_out += 1
-                    flow.bytes_out += total
+                    flow.packets_up += 1
+                    flow.bytes_up += total
                     stats.fast_lane += 1
                     self.current_vnet = None
                     try:
@@ -168,8 +168,8 @@ class Pipeline:
             handler = flow.handler
             if handler is not None and not flow.inspect and packet.tcp_flags & (SYN | ACK) != SYN:
                 flow.last_seen = now
-                flow.packets_out += 1
-                flow.bytes_out += len(packet.buf)
+                flow.packets_up += 1
+                flow.bytes_up += len(packet.buf)
                 try:
                     handler.on_packet(packet, now)
                 except Exception:
@@ -203,8 +203,8 @@ class Pipeline:
 
     def _established_slow(self, packet: Packet, flow: Flow, now: float) -> None:
         flow.last_seen = now
-        flow.packets_out += 1
-        flow.bytes_out += len(packet.buf)
+        flow.packets_up += 1
+        flow.bytes_up += len(packet.buf)
         handler = flow.handler
         if handler is None:
             # A cached block: repeat the verdict (rejects stay rate limited).
@@ -245,8 +245,8 @@ class Pipeline:
             counters["icmp_ignored"] += 1
             return
         flow = self.lifecycle.open((proto, packet.src, packet.sport, packet.dst, packet.dport), packet.version, now)
-        flow.packets_out = 1
-        flow.bytes_out = len(packet.buf)
+        flow.packets_up = 1
+        flow.bytes_up = len(packet.buf)
         self.hooks.call("dnsgate_classify", packet, flow, now)
         # The gateway is the engine and the TUN subnet is not the host's LAN (engine/tun_subnet.py): judged
         # here, before any filter could accept it and a forwarder dial it on the host's network.

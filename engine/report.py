@@ -40,7 +40,7 @@ class _Entry:
     """One aggregated line: flows that share names, port, protocol and the deciding plugin and rule."""
 
     __slots__ = ("names", "port", "protocol", "plugin", "rule", "reason", "detail", "addresses", "flows",
-                 "bytes_out", "bytes_in")
+                 "bytes_up", "bytes_down")
 
     def __init__(self, names: tuple[str, ...], port: int | None, protocol: str, plugin: str, rule: str | None,
                  reason: str, detail: str) -> None:
@@ -53,8 +53,8 @@ class _Entry:
         self.detail = detail
         self.addresses: dict[str, None] = {}
         self.flows = 0
-        self.bytes_out = 0
-        self.bytes_in = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
 
     def as_dict(self, blocked: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -64,7 +64,7 @@ class _Entry:
         if blocked:
             entry.update(reason=self.reason, detail=self.detail, suggestion=self.suggestion())
         else:
-            entry.update(reason=self.reason, bytes_out=self.bytes_out, bytes_in=self.bytes_in)
+            entry.update(reason=self.reason, bytes_up=self.bytes_up, bytes_down=self.bytes_down)
         return entry
 
     def suggestion(self) -> str | None:
@@ -129,8 +129,8 @@ class FlowReport:
     def dnsgate_flow_closed(self, flow: Flow, now: float, reason: str) -> None:
         if _ENTRY in flow.stash:
             entry = flow.stash[_ENTRY]
-            entry.bytes_out += flow.bytes_out
-            entry.bytes_in += flow.bytes_in
+            entry.bytes_up += flow.bytes_up
+            entry.bytes_down += flow.bytes_down
 
     @hookimpl
     def dnsgate_blocked(self, packet: Any, flow: Flow, decision: Any, now: float) -> None:

@@ -123,11 +123,11 @@ class Engine:
             self._write_fragments(packet, flow)
             return
         stats = self.stats
-        stats.packets_in += 1
-        stats.bytes_in += size
+        stats.packets_down += 1
+        stats.bytes_down += size
         if flow is not None:
-            flow.packets_in += 1
-            flow.bytes_in += size
+            flow.packets_down += 1
+            flow.bytes_down += size
         if self.device is not None:
             self.device.write(packet)
 
@@ -144,11 +144,11 @@ class Engine:
         counters["fragmentation.datagrams"] += 1
         counters["fragmentation.fragments"] += len(fragments)
         stats = self.stats
-        stats.packets_in += len(fragments)
-        stats.bytes_in += sum(len(fragment) for fragment in fragments)
+        stats.packets_down += len(fragments)
+        stats.bytes_down += sum(len(fragment) for fragment in fragments)
         if flow is not None:
-            flow.packets_in += 1
-            flow.bytes_in += len(packet)
+            flow.packets_down += 1
+            flow.bytes_down += len(packet)
         device = self.device
         if device is not None:
             for fragment in fragments:
@@ -167,11 +167,11 @@ class Engine:
             return
         segments = max(1, (len(packet) - vnet.hdr_len + vnet.gso_size - 1) // vnet.gso_size) if vnet.gso_size else 1
         stats = self.stats
-        stats.packets_in += segments
-        stats.bytes_in += len(packet)
+        stats.packets_down += segments
+        stats.bytes_down += len(packet)
         if flow is not None:
-            flow.packets_in += segments
-            flow.bytes_in += len(packet)
+            flow.packets_down += segments
+            flow.bytes_down += len(packet)
         if self.device is not None:
             self.device.write_gso(packet, vnet)
 
@@ -454,7 +454,7 @@ class Engine:
         for flow in flows:
             if flow.handler is not None:
                 by_proto[flow.proto_name] = by_proto.get(flow.proto_name, 0) + 1
-        top = sorted(flows, key=lambda flow: flow.bytes_in + flow.bytes_out, reverse=True)[:20]
+        top = sorted(flows, key=lambda flow: flow.bytes_down + flow.bytes_up, reverse=True)[:20]
         plugins: dict[str, Any] = {}
         for name, plugin in self.plugins.items():
             snap = getattr(plugin, "snapshot", None)

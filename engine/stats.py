@@ -14,10 +14,10 @@ class Stats:
 
     def __init__(self) -> None:
         self.counters: defaultdict[str, int] = defaultdict(int)
-        self.packets_out = 0  # device -> world
-        self.bytes_out = 0
-        self.packets_in = 0  # world -> device
-        self.bytes_in = 0
+        self.packets_up = 0  # device -> world
+        self.bytes_up = 0
+        self.packets_down = 0  # world -> device
+        self.bytes_down = 0
         #: Datagrams the pipeline's UDP fast lane handed to a handler without a Packet object. Counted so a
         #: lane that is never taken shows (it once went unnoticed: an offload TUN's header kept it shut).
         self.fast_lane = 0
@@ -41,10 +41,10 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "packets_out": self.packets_out,
-            "bytes_out": self.bytes_out,
-            "packets_in": self.packets_in,
-            "bytes_in": self.bytes_in,
+            "packets_up": self.packets_up,
+            "bytes_up": self.bytes_up,
+            "packets_down": self.packets_down,
+            "bytes_down": self.bytes_down,
             "fast_lane_datagrams": self.fast_lane,
             "counters": dict(sorted(self.counters.items())),
         }

@@ -20,7 +20,7 @@ TOP_DNS_FLOWS = 3
 
 
 def _bytes(flow: Flow) -> int:
-    return flow.bytes_in + flow.bytes_out
+    return flow.bytes_down + flow.bytes_up
 
 
 def split_top_flows(

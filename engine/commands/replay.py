@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         for row in rows:
-            print(json.dumps({k: row[k] for k in ("flow", "verdict", "plugin", "reason", "labels", "packets_out", "bytes_out")}))
+            print(json.dumps({k: row[k] for k in ("flow", "verdict", "plugin", "reason", "labels", "packets_up", "bytes_up")}))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -135,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         verdict = row["verdict"]
         table.add_row(row["flow"], f"[{colors.get(verdict, 'white')}]{verdict}[/]", row["plugin"], row["reason"],
-                      ",".join(row["labels"]), str(row["packets_out"]), str(row["bytes_out"]))
+                      ",".join(row["labels"]), str(row["packets_up"]), str(row["bytes_up"]))
     Console().print(table)
     return 0

@@ -122,11 +122,11 @@ def engine_families(reading: EngineReading) -> Iterator[Metric]:
 
 def traffic_families(reading: EngineReading) -> Iterator[Metric]:
     traffic, counters, device = reading.traffic, reading.counters, reading.device
-    packets = CounterMetricFamily(PREFIX + "packets", "IP packets through the TUN; direction out = device to "
-                                  "world (read from the TUN), in = world to device (written)", labels=["direction"])
+    packets = CounterMetricFamily(PREFIX + "packets", "IP packets through the TUN; direction up = device to "
+                                  "world (read from the TUN), down = world to device (written)", labels=["direction"])
     octets = CounterMetricFamily(PREFIX + "bytes", "bytes of IP packets through the TUN; direction as for "
                                  "dnsgate_packets_total", labels=["direction"])
-    for direction in ("out", "in"):
+    for direction in ("up", "down"):
         packets.add_metric([direction], traffic.get(f"packets_{direction}", 0))
         octets.add_metric([direction], traffic.get(f"bytes_{direction}", 0))
     yield packets

@@ -67,8 +67,8 @@ def read_engine(engine: Any, latency: FoldedHistogram) -> EngineReading:
     return EngineReading(
         profile=str(engine.config.name),
         mode=str(engine.mode),
-        traffic={"packets_out": stats.packets_out, "bytes_out": stats.bytes_out, "packets_in": stats.packets_in,
-                 "bytes_in": stats.bytes_in, "fast_lane_datagrams": stats.fast_lane},
+        traffic={"packets_up": stats.packets_up, "bytes_up": stats.bytes_up, "packets_down": stats.packets_down,
+                 "bytes_down": stats.bytes_down, "fast_lane_datagrams": stats.fast_lane},
         counters=dict(stats.counters),
         flow_table=len(engine.flows),
         flow_capacity=int(engine.flows.max_flows),

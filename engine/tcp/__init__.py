@@ -32,8 +32,8 @@ Segments in are :class:`engine.packet.Packet` objects (structurally: :class:`Seg
 ``buf``/``l4_offset``/``payload_offset`` so the common timestamp-only option block is decoded inline).
 
 Read-only state: ``state`` (:class:`TcpState`), ``send_space``, ``unconsumed`` (delivered, not consumed: it
-counts against the advertised window), ``unsent`` (queued, not yet acknowledged), ``mss``, ``bytes_in``
-(client -> app, delivered in order), ``bytes_out`` (app -> client, acknowledged), ``retransmits``,
+counts against the advertised window), ``unsent`` (queued, not yet acknowledged), ``mss``, ``bytes_up``
+(client -> app, delivered in order), ``bytes_down`` (app -> client, acknowledged), ``retransmits``,
 ``dropped`` (segments discarded: malformed options, out-of-window RSTs, reassembly overflow).
 ``accepts_new_syn(syn)`` is true in TIME_WAIT/CLOSED: the engine may replace the endpoint with a new one for a
 new SYN on the same 4-tuple (RFC 6191).

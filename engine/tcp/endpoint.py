@@ -189,7 +189,7 @@ class TcpEndpoint:
         "_rtx_deadline", "_retries", "_persist_deadline", "_persist_backoff", "_tw_deadline",
         "_last_recv", "_ka_probes", "_last_progress", "_challenge_window", "_challenge_count",
         # counters
-        "bytes_in", "bytes_out", "retransmits", "dropped",
+        "bytes_up", "bytes_down", "retransmits", "dropped",
     )
 
     # --- construction -------------------------------------------------------------------------------
@@ -232,8 +232,8 @@ class TcpEndpoint:
         self._ka_probes = 0
         self._challenge_window = now
         self._challenge_count = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
         self.retransmits = 0
         self.dropped = 0
         try:
@@ -722,7 +722,7 @@ class TcpEndpoint:
         if n > 0:
             del self._sbuf[:n]
             self._sbuf_seq = sbuf_seq + n
-            self.bytes_out += n
+            self.bytes_down += n
         self._snd_una = ack
         if self._snd_nxt < ack:
             self._snd_nxt = ack
@@ -792,7 +792,7 @@ class TcpEndpoint:
             if n:
                 self._rcv_nxt = rcv_nxt + n
                 self._unconsumed += n
-                self.bytes_in += n
+                self.bytes_up += n
                 self._last_progress = now
                 self._events.append(ev.DataReceived(data))
             if fin:
@@ -829,7 +829,7 @@ class TcpEndpoint:
         if n:
             self._rcv_nxt += n
             self._unconsumed += n
-            self.bytes_in += n
+            self.bytes_up += n
             self._last_progress = now
             self._events.append(ev.DataReceived(data))
 

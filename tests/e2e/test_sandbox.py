@@ -164,7 +164,7 @@ def test_curl_reaches_only_allowed_names_and_ports_and_the_report_says_why(topol
     assert allowed["names"] == ["allowed.test"] and allowed["addresses"] == [NAMES["allowed.test"]]
     assert (allowed["port"], allowed["protocol"], allowed["flows"]) == (80, "tcp", 1)
     assert (allowed["plugin"], allowed["rule"]) == ("ip_tracker", "allowed.test:80/tcp")
-    assert allowed["bytes_in"] > len(HTTP_INDEX)
+    assert allowed["bytes_down"] > len(HTTP_INDEX)
     assert report["policy"]["default"] == "deny" and report["policy"]["destinations"] == ["allowed.test:80/tcp"]
     assert report["exit_status"] == 0 and report["command"] == curl("http://allowed.test/")
 

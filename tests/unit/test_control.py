@@ -257,7 +257,7 @@ def test_engine_handlers_over_a_real_engine(real_engine: Any, tmp_path: Path) ->
     real_engine.hook.dnsgate_dns_answer(
         answer=DnsAnswer("www.example.com", 1, 0, (), ((web, 60),), device), now=real_engine.now())
     allowed, _ = real_engine.flows.create((6, device, 5000, web, 443), 4, real_engine.now())
-    allowed.bytes_in = 5000
+    allowed.bytes_down = 5000
     blocked, _ = real_engine.flows.create((6, device, 5001, other, 80), 4, real_engine.now())
     observer = BlockObserver()
     real_engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
@@ -294,3 +294,23 @@ def test_engine_handlers_over_a_real_engine(real_engine: Any, tmp_path: Path) ->
     changed.write_text('extends = "firewall"\n[plugins.ip_tracker]\nttl = "1m"\n')
     assert run_handler(handlers["reload"], {"profile": str(changed)}) == {"rebuilt": ["ip_tracker"]}
     assert seen[0].plugin_tables["ip_tracker"]["ttl"] == "1m"
+
+
+def test_directions_are_up_and_down_and_the_v1_names_still_answer(real_engine: Any) -> None:
+    """Control protocol version 2 says up/down; a version-1 client still finds out/in with the same values."""
+    from engine.control import engine_handlers
+
+    device, web = bytes([10, 0, 0, 2]), bytes([203, 0, 113, 10])
+    flow, _ = real_engine.flows.create((6, device, 5000, web, 443), 4, real_engine.now())
+    flow.bytes_up, flow.bytes_down, flow.packets_up, flow.packets_down = 100, 5000, 2, 4
+    real_engine.stats.bytes_up, real_engine.stats.bytes_down = 123, 456
+    handlers = engine_handlers(real_engine)
+    stats = run_handler(handlers["stats"], {})
+    assert stats["control_version"] == 2
+    assert (stats["stats"]["bytes_up"], stats["stats"]["bytes_down"]) == (123, 456)
+    assert (stats["stats"]["bytes_out"], stats["stats"]["bytes_in"]) == (123, 456)
+    [listed] = run_handler(handlers["flows"], {})
+    assert (listed["bytes_up"], listed["bytes_down"], listed["packets_up"], listed["packets_down"]) == (100, 5000, 2, 4)
+    assert (listed["bytes_out"], listed["bytes_in"], listed["packets_out"], listed["packets_in"]) == (100, 5000, 2, 4)
+    [top] = stats["top_flows"]
+    assert top["bytes_in"] == top["bytes_down"] == 5000

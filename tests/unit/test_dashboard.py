@@ -18,13 +18,13 @@ def make_snapshot(now: float, packets: int, octets: int, queries: int, **extra: 
         "now": now,
         "mtu": 1500,
         "offload": True,
-        "stats": {"packets_out": packets, "bytes_out": octets, "packets_in": packets * 2, "bytes_in": octets * 3,
+        "stats": {"packets_up": packets, "bytes_up": octets, "packets_down": packets * 2, "bytes_down": octets * 3,
                   "counters": {"rst_sent": 4, "icmp_unreachable_sent": 1, "malformed": 2}},
         "flows": {"total": 3, "open": {"tcp": 2, "udp": 1}},
         "top_flows": [
-            {"flow": "10.0.0.2:40000 -> 203.0.113.10:443/tcp", "bytes_out": 1_500_000, "bytes_in": 52_000_000,
+            {"flow": "10.0.0.2:40000 -> 203.0.113.10:443/tcp", "bytes_up": 1_500_000, "bytes_down": 52_000_000,
              "age": 75.0, "name": "www.example.com"},
-            {"flow": "10.0.0.2:40001 -> 198.51.100.7:80/tcp", "bytes_out": 800, "bytes_in": 12_000, "age": 3.0},
+            {"flow": "10.0.0.2:40001 -> 198.51.100.7:80/tcp", "bytes_up": 800, "bytes_down": 12_000, "age": 3.0},
         ],
         "plugins": {
             "dns_filter": {"queries": queries, "servfail": 3, "blocked": 1, "pending": 0,
@@ -47,20 +47,20 @@ def make_snapshot(now: float, packets: int, octets: int, queries: int, **extra: 
 def test_rates_come_from_two_snapshots() -> None:
     dashboard = Dashboard()
     dashboard.update(make_snapshot(200.0, 1000, 100_000, 10))
-    assert dashboard.rates["bytes_out"] is None  # one snapshot: no rate yet
+    assert dashboard.rates["bytes_up"] is None  # one snapshot: no rate yet
     dashboard.update(make_snapshot(202.0, 3000, 300_000, 30))
-    assert dashboard.rates["packets_out"] == 1000.0
-    assert dashboard.rates["bytes_out"] == 100_000.0
-    assert dashboard.rates["bytes_in"] == 300_000.0
+    assert dashboard.rates["packets_up"] == 1000.0
+    assert dashboard.rates["bytes_up"] == 100_000.0
+    assert dashboard.rates["bytes_down"] == 300_000.0
     assert dashboard.rates["dns_queries"] == 10.0
-    assert list(dashboard.history["bytes_out"]) == [100_000.0]
+    assert list(dashboard.history["bytes_up"]) == [100_000.0]
 
 
 def test_counter_reset_never_shows_negative_rate() -> None:
     dashboard = Dashboard()
     dashboard.update(make_snapshot(200.0, 5000, 500_000, 50))
     dashboard.update(make_snapshot(201.0, 10, 1000, 1))  # engine restarted under `top`
-    assert dashboard.rates["bytes_out"] == 0.0
+    assert dashboard.rates["bytes_up"] == 0.0
 
 
 def test_renders_every_section_at_100_columns() -> None:
@@ -123,10 +123,10 @@ def busy_snapshot(now: float, count: int) -> dict[str, Any]:
         "recent": [{"at": 1_700_000_000.0 + i, "text": f"BLOCKED hardcoded IP 10.0.0.2:{54320 + i} -> 1.2.3.{i}:443 "
                     "(was example.com, expired 12 s ago)"} for i in range(12)],
     }
-    flows = [{"flow": f"10.0.0.2:{40000 + i} -> 203.0.113.{100 + i}:443/tcp", "bytes_out": 1000 * (20 - i),
-              "bytes_in": 52_000 * (20 - i), "age": 75.0, "name": f"www{i}.example.com"} for i in range(20)]
+    flows = [{"flow": f"10.0.0.2:{40000 + i} -> 203.0.113.{100 + i}:443/tcp", "bytes_up": 1000 * (20 - i),
+              "bytes_down": 52_000 * (20 - i), "age": 75.0, "name": f"www{i}.example.com"} for i in range(20)]
     dns_flows = {"open": 7, "by_proto": {"udp": 6, "tcp": 1},
-                 "top": [{"flow": "10.0.0.2:53211 -> 10.0.0.1:53/udp", "bytes_in": 900, "bytes_out": 300}]}
+                 "top": [{"flow": "10.0.0.2:53211 -> 10.0.0.1:53/udp", "bytes_down": 900, "bytes_up": 300}]}
     snapshot = make_snapshot(now, count * 1000, count * 100_000, count * 10, blocks=blocks, top_flows=flows,
                              dns_flows=dns_flows)
     snapshot["plugins"]["dns_filter"]["latency"] = {"p50_ms": 0.183, "p99_ms": 2.4, "samples": 50}

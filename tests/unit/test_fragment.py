@@ -115,7 +115,7 @@ def test_engine_writes_over_the_mtu_as_fragments_and_counts_them(src: bytes, dst
         assert _reassembled(icmp)[ip_len:] == echo[ip_len:]  # IPv4: the header's ID and DF differ
         counters = engine.stats.counters
         assert (counters["fragmentation.datagrams"], counters["fragmentation.fragments"]) == (1, 6)
-        assert engine.stats.packets_in == 6
+        assert engine.stats.packets_down == 6
 
         harness.device.written.clear()
         harness.take_written()
@@ -144,5 +144,5 @@ def test_a_flow_counts_a_fragmented_datagram_once() -> None:
         assert flow is not None
         reply = build_udp(SERVER, CLIENT, 7, 5000, PAYLOAD)
         harness.engine.write(reply, flow)
-        assert (flow.packets_in, flow.bytes_in) == (1, len(reply))
+        assert (flow.packets_down, flow.bytes_down) == (1, len(reply))
         assert len(harness.device.written) == 6

@@ -123,7 +123,7 @@ def test_collector_output_matches_ctl_stats(bench: DnsBench) -> None:
     assert value(parsed, latency, f"{latency}_bucket", le="+Inf") == 3
     assert value(parsed, latency, f"{latency}_sum") == pytest.approx(sum(bench.plugin.resolver.latencies))
 
-    for direction in ("out", "in"):
+    for direction in ("up", "down"):
         assert value(parsed, "dnsgate_packets", "dnsgate_packets_total", direction=direction) == stats["stats"][f"packets_{direction}"]
         assert value(parsed, "dnsgate_bytes", "dnsgate_bytes_total", direction=direction) == stats["stats"][f"bytes_{direction}"]
     assert value(parsed, "dnsgate_malformed_packets", "dnsgate_malformed_packets_total") == counters["malformed"] == 1

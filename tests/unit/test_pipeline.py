@@ -26,7 +26,7 @@ def test_new_flow_runs_the_hooks_in_order_then_the_fast_path_calls_none() -> Non
         assert harness.plugin.calls == ["classify", "filter", "track", "forward"]
         handler = harness.plugin.handlers[0]
         assert handler.packets == [3, 6]  # the first packet was the forwarder's
-        assert first.flow.packets_out == 3 and first.flow.bytes_out > 0
+        assert first.flow.packets_up == 3 and first.flow.bytes_up > 0
 
 
 def test_reject_answers_tcp_with_rst_and_udp_with_the_asked_icmp() -> None:
@@ -189,7 +189,7 @@ def test_udp_fast_lane_hands_later_datagrams_to_on_datagram() -> None:
         harness.feed(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"three!"))
         handler = harness.plugin.handlers[0]
         assert handler.datagrams == [b"two", b"three!"] and handler.packets == []
-        assert flow.packets_out == 3 and flow.bytes_out == 3 * 28 + 3 + 3 + 6
+        assert flow.packets_up == 3 and flow.bytes_up == 3 * 28 + 3 + 3 + 6
         # Not for the fast lane: IPv4 options (the generic parse handles them), and after the flow closed.
         harness.feed(_ipv4_options(udp("10.0.0.2", 5000, "192.0.2.7", 9999, b"opts")))
         assert handler.packets == [4] and handler.datagrams == [b"two", b"three!"]
@@ -225,7 +225,7 @@ def test_udp_fast_lane_takes_ipv6_datagrams_too() -> None:
         harness.feed(udp("fd00:db8::2", 5003, "2001:db8::7", 9999, b"two"))
         handler = harness.plugin.handlers[0]
         assert handler.datagrams == [b"two"] and handler.packets == []
-        assert flow.packets_out == 2 and flow.bytes_out == 2 * 48 + 3 + 3
+        assert flow.packets_up == 2 and flow.bytes_up == 2 * 48 + 3 + 3
         bad = bytearray(udp("fd00:db8::2", 5003, "2001:db8::7", 9999, b"three"))
         bad[44:46] = struct.pack("!H", 64)  # UDP length past the end
         harness.feed(bytes(bad))
@@ -267,13 +267,13 @@ def test_fragments_open_one_flow_with_the_reassembled_datagrams_ports(client: st
         [handler] = harness.plugin.handlers
         assert handler.first == 5004  # the forwarder saw the real source port
         flow = harness.engine.flows.get((PROTO_UDP, addr(client), 5004, addr(server), 9999))
-        assert flow is not None and flow.packets_out == 1 and flow.bytes_out == len(udp(client, 5004, server, 9999, b"d" * 8000))
+        assert flow is not None and flow.packets_up == 1 and flow.bytes_up == len(udp(client, 5004, server, 9999, b"d" * 8000))
         # Later: a whole datagram takes the fast lane, a fragmented one reaches the same handler whole.
         harness.feed(udp(client, 5004, server, 9999, b"small"))
         for piece in _fragments(udp(client, 5004, server, 9999, b"e" * 3000), ident=0x5152):
             harness.feed(piece)
         assert handler.datagrams == [b"small"] and handler.packets == [3000]
-        assert harness.engine.stats.packets_out == 6 + 1 + 3
+        assert harness.engine.stats.packets_up == 6 + 1 + 3
 
 
 def test_reassembled_echo_requests_and_tcp_segments_take_the_normal_path() -> None:

@@ -37,7 +37,7 @@ def test_flows_are_aggregated_with_names_ports_plugin_and_rule(tmp_path: Path) -
     pypi = allowed[(("pypi.org",), 443, "tcp")]
     assert (pypi["flows"], pypi["plugin"], pypi["rule"], pypi["addresses"]) == (2, "ip_tracker", "pypi.org:443/tcp",
                                                                                 ["198.51.100.7"])
-    assert pypi["bytes_out"] > 0
+    assert pypi["bytes_up"] > 0
     blocked = {e["port"]: e for e in document["blocked"]}
     assert blocked[22]["reason"] == "port not allowed" and blocked[22]["suggestion"] == "pypi.org:22/tcp"
     assert blocked[22]["detail"].startswith("pypi.org resolved to 198.51.100.7, but no rule allows port 22/tcp")

@@ -169,7 +169,7 @@ def test_bytes_flow_both_ways_and_close_cleanly(offload: bool) -> None:
             counters = harness.device.counters
             assert counters.tx_errors == 0  # every GSO write was valid (the software segmenter checks)
             if offload:  # super-packets: fewer writes than the packets they became
-                assert 0 < counters.tx_gso_packets < harness.engine.stats.packets_in
+                assert 0 < counters.tx_gso_packets < harness.engine.stats.packets_down
             else:
                 assert counters.tx_gso_packets == 0
             upstream.writers[0].close()  # server closes: FIN to the client

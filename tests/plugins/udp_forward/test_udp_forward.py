@@ -86,7 +86,7 @@ def test_round_trip_both_ways(family: Family, server: socket.socket) -> None:
         assert (reply.src, reply.sport, reply.dst, reply.dport) == (addr(host), port, addr(client), 40000)
         assert bytes(reply.payload) == b"world" * 100
         assert_valid_udp(reply)
-        assert result.flow.packets_in == 1
+        assert result.flow.packets_down == 1
         assert len(harness.plugin.sessions) == 1
 
 

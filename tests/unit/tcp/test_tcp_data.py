@@ -19,7 +19,7 @@ def test_in_order_data_is_delivered_and_acked_once_per_batch() -> None:
     assert c.events() == [DataReceived(b"a" * 1000), DataReceived(b"b" * 1000)]
     (ack,) = c.take(0.1)  # one ACK for the batch, not one per segment
     assert ack.flags == ACK and ack.ack == (1001 + 2000) and not ack.payload
-    assert c.ep.bytes_in == 2000 and c.ep.unconsumed == 2000
+    assert c.ep.bytes_up == 2000 and c.ep.unconsumed == 2000
 
 
 def test_gro_super_segment_gets_one_ack() -> None:
@@ -138,7 +138,7 @@ def test_send_buffer_backpressure_and_space_event() -> None:
     c.send_ack(0.2)
     events = c.events()
     assert events == [SendSpaceAvailable(8192)]
-    assert c.ep.send_space == 8192 and c.ep.bytes_out == 8192
+    assert c.ep.send_space == 8192 and c.ep.bytes_down == 8192
 
 
 def test_data_to_a_client_that_keeps_its_window_small_flows_in_window_sized_pieces() -> None:

@@ -396,7 +396,7 @@ def run_transfer(seed: int, up: int, down: int, loss: float, dup: float, reorder
     assert closed_reason == CLOSE_NORMAL
     assert peer.bad_checksums == 0
     assert peer.done or peer.reset_seen
-    assert ep.bytes_in == up and ep.bytes_out == down
+    assert ep.bytes_up == up and ep.bytes_down == down
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
