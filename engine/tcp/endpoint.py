@@ -31,10 +31,11 @@ Internals worth knowing before editing:
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from typing import NamedTuple, Optional, Protocol, Union
 
+from engine.packet import ACK, FIN, PSH, RST, SYN  # the wire's flag bits: one definition
+from engine.random_pool import RandomPool
 from engine.tcp import events as ev
 from engine.tcp.config import TcpConfig
 from engine.tcp.options import max_sack_blocks, sack_option, syn_ack_options, ts_option
@@ -61,12 +62,6 @@ from engine.tcp.state import (
 
 __all__ = ["TcpEndpoint", "OutSegment", "SegmentIn", "TcpOptionsView"]
 
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
-
 _S = TcpState
 _DEFAULT_PEER_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
 _CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7: rate-limit challenge ACKs
@@ -77,39 +72,8 @@ _TS_PREFIX = 0x0101080A  # NOP NOP TS len=10: Linux's layout on every establishe
 _TS_BLOCK = struct.Struct("!III")
 
 
-class _RandomPool:
-    """32-bit values from the OS CSPRNG, fetched 4 KB at a time.
-
-    The ISS and the timestamp offset must stay unpredictable (RFC 6528, RFC 7323 §7.1), so they come from
-    ``os.urandom`` like ``secrets.randbits`` does, but one ``getrandom`` call now serves 1024 values
-    instead of one: two system calls less per connection.
-    """
-
-    __slots__ = ("_block", "_offset")
-
-    _SIZE = 4096
-
-    def __init__(self) -> None:
-        self._block = b""
-        self._offset = self._SIZE
-
-    def next32(self) -> int:
-        offset = self._offset
-        if offset >= self._SIZE:
-            self._block = os.urandom(self._SIZE)
-            offset = 0
-        self._offset = offset + 4
-        return int.from_bytes(self._block[offset:offset + 4], "big")
-
-
-    def discard(self) -> None:
-        """Forget the unused values (a forked child must not reuse its parent's)."""
-        self._offset = self._SIZE
-
-
-_RANDOM = _RandomPool()
-_random32 = _RANDOM.next32
-os.register_at_fork(after_in_child=_RANDOM.discard)
+#: ISS and timestamp offsets (RFC 6528, RFC 7323 §7.1): one getrandom call per 1024 values, reset after fork.
+_random32 = RandomPool().next32
 
 
 @functools.lru_cache(maxsize=16)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from engine.decision import Decision
 from engine.events import DnsAnswer
 from engine.hookspecs import hookimpl
+from engine.tcp.config import DeviceTcpConfig, TcpConfig
 from engine.packet import PROTO_TCP, PROTO_UDP
 from engine.plugin_manager import PluginCheckError, PositionalHook
 
@@ -67,8 +68,6 @@ log = logging.getLogger("dnsgate.dns_filter")
 
 DNS_LABEL = "dns"
 DNS_PORT = 53
-#: Largest GSO super-segment the TCP endpoint accepts (64 KB minus room for IPv6 + TCP headers).
-_MAX_TCP_GSO = 65535 - 120
 
 
 class DnsCounters:
@@ -125,8 +124,8 @@ class DnsFilter:
         self._engine: Engine | None = None
         self._udp_flows: OrderedDict[FlowKey, Flow] = OrderedDict()
         self._tcp_servers: set[TcpDnsServer] = set()
-        self._tcp_config: Any = None
-        self._tcp_config_key: tuple[int, bool] | None = None
+        # DNS messages are small: modest buffers keep many idle DNS connections cheap.
+        self._tcp_config = DeviceTcpConfig(recv_buffer=TCP_RECV_BUFFER, send_buffer=256 * 1024)
         self._timeout = float(config.timeout)
         self._max_pending = config.max_pending
         self._submit = self._not_started
@@ -259,20 +258,8 @@ class DnsFilter:
         conn.accept(now)
         return conn
 
-    def _endpoint_config(self, engine: Engine) -> Any:
-        from engine.tcp.config import TcpConfig
-
-        key = (engine.mtu, engine.offload)
-        if self._tcp_config is None or self._tcp_config_key != key:
-            # DNS messages are small: modest buffers keep many idle DNS connections cheap.
-            self._tcp_config = TcpConfig(
-                mtu=engine.mtu,
-                recv_buffer=TCP_RECV_BUFFER,
-                send_buffer=256 * 1024,
-                max_gso_bytes=_MAX_TCP_GSO if engine.offload else 0,
-            )
-            self._tcp_config_key = key
-        return self._tcp_config
+    def _endpoint_config(self, engine: Engine) -> TcpConfig:
+        return self._tcp_config.for_device(engine.mtu, engine.offload)
 
     # -- queries ---------------------------------------------------------------------------------
 

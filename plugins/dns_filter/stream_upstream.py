@@ -16,12 +16,12 @@ Reply bytes are forwarded unchanged apart from the id, and must repeat the query
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 import struct
 from typing import TYPE_CHECKING, Any, Callable
 
+from engine.random_pool import RandomPool
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.tls_trust import client_context, describe_tls_failure
 from plugins.dns_filter.upstream_url import UpstreamUrl
@@ -34,6 +34,8 @@ OnReply = Callable[[PendingQuery, int, bytes], None]
 OnFailure = Callable[[PendingQuery, int, str], None]
 
 _MAX_INFLIGHT = 60000
+#: Our ids on stream connections (engine/random_pool.py: OS randomness in blocks, reset after fork).
+_IDS = RandomPool()
 
 
 class _Connection:
@@ -45,16 +47,7 @@ class _Connection:
         self.writer = writer
         self.inflight: dict[int, PendingQuery] = {}
         self.closed = False
-        self._ids = b""
-        self._id_offset = 0
-
-    def _next_id(self) -> int:
-        if self._id_offset >= len(self._ids):
-            self._ids = os.urandom(4096)
-            self._id_offset = 0
-        offset = self._id_offset
-        self._id_offset = offset + 2
-        return (self._ids[offset] << 8) | self._ids[offset + 1]
+        self._next_id = _IDS.next16
 
     def send(self, pending: PendingQuery) -> str | None:
         """Queue one query on the stream; returns why it cannot be sent, or None."""

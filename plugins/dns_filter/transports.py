@@ -17,7 +17,6 @@ Every transport reports through two callbacks: ``on_reply(pending, attempt, repl
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from engine.batching import WriteBatch
 from engine.net_policy import SO_BINDTODEVICE, SO_MARK
 from engine.poller import Poller
+from engine.random_pool import RandomPool
 from engine.udp_out import GSO_REFUSED, plan_runs, send_segmented
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.tls_trust import TlsRefused, client_context, describe_quic_close, describe_tls_failure, quic_verify
@@ -59,24 +59,6 @@ class Upstream(Protocol):
     def forget(self, pending: PendingQuery) -> None: ...
 
     def close(self) -> None: ...
-
-
-class _RandomIds:
-    """Unpredictable 16-bit ids, read from the OS CSPRNG in blocks (one syscall per 4096 ids, not one each)."""
-
-    __slots__ = ("_block", "_offset")
-
-    def __init__(self) -> None:
-        self._block = b""
-        self._offset = 0
-
-    def next(self) -> int:
-        offset = self._offset
-        if offset >= len(self._block):
-            self._block = os.urandom(8192)
-            offset = 0
-        self._offset = offset + 2
-        return (self._block[offset] << 8) | self._block[offset + 1]
 
 
 class _UdpChannel:
@@ -293,7 +275,7 @@ class UdpUpstream:
         self._next = 0
         #: The socket this batch's queries go to (one socket per batch keeps runs long), or None.
         self._filling: _UdpChannel | None = None
-        self._ids = _RandomIds()
+        self._ids = RandomPool()  # upstream query ids (engine/random_pool.py)
         self.failures = 0
         self.answers = 0
         self.ignored = 0
@@ -338,16 +320,16 @@ class UdpUpstream:
         if len(inflight) >= _MAX_IDS_PER_CHANNEL:
             self.on_failure(pending, pending.attempt, "too many queries in flight")
             return
-        ids = self._ids  # inline _RandomIds.next for the first draw (a collision takes the method)
+        ids = self._ids  # inline RandomPool.next16 for the first draw (a collision takes the method)
         offset = ids._offset
-        if offset < len(ids._block):
+        if offset + 2 <= len(ids._block):
             block = ids._block
             ids._offset = offset + 2
             upstream_id = (block[offset] << 8) | block[offset + 1]
         else:
-            upstream_id = ids.next()
+            upstream_id = ids.next16()
         while upstream_id in inflight:
-            upstream_id = ids.next()
+            upstream_id = ids.next16()
         inflight[upstream_id] = pending
         pending.channel = channel
         pending.upstream_id = upstream_id

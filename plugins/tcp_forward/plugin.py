@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine.hookspecs import hookimpl
 from engine.packet import ACK, PROTO_TCP, SYN
 from engine.tcp.adapter import TcpConnection
-from engine.tcp.config import TcpConfig
+from engine.tcp.config import DeviceTcpConfig, TcpConfig
 from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config as TcpForwardConfig
@@ -40,9 +40,6 @@ log = logging.getLogger("dnsgate.tcp_forward")
 # Connections still open this long after their connect get upstream keepalive (dnsgate_tick).
 _KEEPALIVE_AFTER = 1.0
 
-# Largest GSO super-segment we ask the endpoint for: an IP packet is at most 64 KB including headers.
-_MAX_GSO_BYTES = 65535 - 60 - 60
-
 
 class TcpForward:
     """Accepts TCP SYNs of allowed flows, dials their destination and relays bytes both ways."""
@@ -57,8 +54,13 @@ class TcpForward:
         self._engine: Engine | None = None
         # Connected relays in connect order, waiting for their upstream keepalive (dnsgate_tick).
         self._keepalive_due: deque[tuple[float, Relay]] = deque()
-        self._tcp_config: TcpConfig | None = None
-        self._tcp_config_key: tuple[int, bool] | None = None
+        self._tcp_config = DeviceTcpConfig(
+            keepalive=True,
+            keepalive_idle=config.keepalive_idle,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_probes=config.keepalive_count,
+            half_close_timeout=config.half_close_timeout,
+        )
         self.active: set[Relay] = set()
         self.dialing = 0
         self.dials_ok = 0
@@ -170,20 +172,7 @@ class TcpForward:
 
     def _endpoint_config(self, engine: Engine) -> TcpConfig:
         """The endpoint settings for the device as attached now (offload is known only after attach)."""
-        key = (engine.mtu, engine.offload)
-        if self._tcp_config is None or self._tcp_config_key != key:
-            config = self.config
-            self._tcp_config = TcpConfig(
-                mtu=engine.mtu,
-                keepalive=True,
-                keepalive_idle=config.keepalive_idle,
-                keepalive_interval=config.keepalive_interval,
-                keepalive_probes=config.keepalive_count,
-                half_close_timeout=config.half_close_timeout,
-                max_gso_bytes=_MAX_GSO_BYTES if engine.offload else 0,
-            )
-            self._tcp_config_key = key
-        return self._tcp_config
+        return self._tcp_config.for_device(engine.mtu, engine.offload)
 
     # -- views -------------------------------------------------------------------------------
 
