@@ -85,6 +85,10 @@ class PacketDevice(Protocol):
     mtu: int
     counters: DeviceCounters
 
+    lost: str | None
+    """Why the device can no longer be read (its interface was deleted), once a read found that; else
+    None. An empty read with ``lost`` set makes the engine stop (``Engine.on_fatal``)."""
+
     def fileno(self) -> int | None:
         """The fd to watch for readability, or ``None`` for a callback-driven device."""
         ...

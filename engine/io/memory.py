@@ -42,6 +42,7 @@ class MemoryDevice:
         self.mtu = mtu
         self.offload = offload
         self.counters = DeviceCounters()
+        self.lost: str | None = None  # a memory device never goes away on its own
         self.written: list[bytes] = []
         """Packets written when there is no ``on_write`` callback (for tests)."""
         self._handler: PacketHandler | None = None

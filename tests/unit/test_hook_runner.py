@@ -119,8 +119,12 @@ class SocketDevice:
 
     offload = False
     mtu = 1500
+    lost = None
 
     def __init__(self, sock: socket.socket) -> None:
+        from engine.io.base import DeviceCounters
+
+        self.counters = DeviceCounters()
         self.sock = sock
         sock.setblocking(False)
 
