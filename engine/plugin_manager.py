@@ -359,6 +359,11 @@ class HookRunner:
         caller = getattr(self.pm.hook, name)
         return PositionalHook(caller, *(argnames or tuple(caller.spec.argnames)))
 
+    def implementations(self, name: str) -> list[Any]:
+        """The registered implementations of hook ``name`` (pluggy's order): compare two answers to learn
+        whether a reload changed who answers, without calling them."""
+        return list(getattr(self.pm.hook, name).get_hookimpls())
+
     def call(self, name: str, *args: Any) -> Any:
         """Call hook ``name`` with ``args`` in the hookspec's argument order; never raises."""
         direct = self._callers.get(name)

@@ -323,11 +323,11 @@ class DnsFilter:
         registers new ones), so this costs one list compare on the allowlist-mode path it serves."""
         if self._engine is None:
             return self._contributed
-        caller = self._engine.hook.dnsgate_allowed_names
-        implementations = caller.get_hookimpls()
+        hooks = self._engine.hooks
+        implementations = hooks.implementations("dnsgate_allowed_names")
         if implementations != self._contributors:
             self._contributors = implementations
-            self._contributed = [matcher for matcher in caller() if matcher is not None]
+            self._contributed = [matcher for matcher in hooks.call("dnsgate_allowed_names") or () if matcher is not None]
         return self._contributed
 
     def check_profile(self, plugins: Mapping[str, Any]) -> None:
