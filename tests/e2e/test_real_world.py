@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.e2e.real_servers import Unbound
+from tests.e2e.test_dns import connect
 from tests.e2e.topology import DNS_V4, GATEWAY_V4, SERVER_LINK_V4, WEB_V4, EngineProcess, Topology
 
 pytestmark = pytest.mark.e2e
@@ -74,26 +75,6 @@ def _lan_host(topology: Topology) -> None:
     topology.server.ip("addr", "add", f"{LAN_HOST}/32", "dev", "lo")
     topology.engine.ip("route", "add", "10.0.0.0/24", "via", SERVER_LINK_V4)
     topology.http_server(LAN_HOST)
-
-
-CONNECT = """
-import socket, sys, time
-s = socket.socket()
-s.settimeout(5)
-start = time.monotonic()
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    print("connected", round(time.monotonic() - start, 3))
-except ConnectionRefusedError:
-    print("refused", round(time.monotonic() - start, 3))
-except OSError as error:
-    print(type(error).__name__, round(time.monotonic() - start, 3))
-"""
-
-
-def connect(topology: Topology, address: str, port: int) -> tuple[str, float]:
-    out = topology.client.run(["python3", "-c", CONNECT, address, str(port)], timeout=15).stdout.split()
-    return out[0], float(out[1])
 
 
 def test_the_gateway_is_the_engine_and_the_tun_subnet_is_not_dialed_on_the_lan(topology: Topology) -> None:
