@@ -21,6 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     from engine.decision import Decision
     from engine.events import DnsAnswer
+    from engine.first_bytes import NeedMore
     from engine.flow import Flow, FlowHandler
     from engine.name_rules import NameMatcher
     from engine.packet import Packet
@@ -105,6 +106,42 @@ def dnsgate_inspect(packet: Packet, flow: Flow, now: float) -> Decision | None:
 
     Return a non-ACCEPT decision to end the flow (the engine closes it and drops/rejects the packet).
     """
+
+
+@hookspec(firstresult=True)
+def dnsgate_first_bytes(flow: Flow, data: bytes, now: float) -> Decision | NeedMore | None:
+    """Judge a TCP flow by what its client sends first (the TLS SNI, the HTTP ``Host``), before any of
+    it goes upstream. firstresult. Asked by the forwarder that terminates the connection (tcp_forward)
+    once the client's handshake is complete, with ``data == b""``:
+
+    * None — this plugin does not look at the flow: it is relayed as usual and never asked again (the
+      only cost of this hook for a flow nobody inspects is that one call);
+    * :class:`~engine.first_bytes.NeedMore` ``(until, limit)`` — hold the bytes: the forwarder sends
+      nothing upstream and consumes nothing (the client's window closes once it has sent a window's
+      worth), and asks again with *all* the bytes held so far whenever more arrive, once at ``until``,
+      and once when it holds more than ``limit``. At ``until`` or past ``limit`` the answer must be final:
+      NeedMore again, or the client's FIN while held, resets the connection;
+    * a :class:`~engine.decision.Decision` — ACCEPT sends the held bytes upstream and puts the flow on
+      its fast path (no hook again for it); anything else resets both sides (client and upstream get
+      RST). The deciding plugin logs why; the forwarder counts it.
+
+    Only the first bytes are looked at: the held buffer is bounded by ``limit`` and the flow is never
+    asked again once decided.
+    """
+
+
+@hookspec(firstresult=True)
+def dnsgate_names_for(address: bytes, client: bytes) -> tuple[str, ...] | None:
+    """The names that DNS resolved to ``address`` (raw bytes) for ``client`` (for any client when the
+    tracker does not keep them per client), most recent last; expired leases' names too. None: this
+    plugin does not track names (ip_tracker answers). Asked once per inspected flow, never per packet."""
+
+
+@hookspec(firstresult=True)
+def dnsgate_name_refused(name: str) -> str | None:
+    """Why the DNS policy would refuse to resolve ``name`` now (dns_filter: ``"not on the allowlist"``
+    in allowlist mode, or the block rule), or None when it would resolve it. For a plugin that sees a name
+    outside DNS (the SNI of a connection) and must not let it through when DNS would not."""
 
 
 # -- events --------------------------------------------------------------------------------------

@@ -231,6 +231,10 @@ class TcpConnection:
                 for event in events:
                     self._deliver(event, now)
                 if self._closed:
+                    # An application callback that aborted (sni_check's refusal from on_data) queued an
+                    # RST while this loop was running: it must still go out.
+                    for segment in endpoint.segments(now):
+                        self._write_segment(segment)
                     break
         finally:
             self._flushing = False

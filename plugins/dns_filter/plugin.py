@@ -317,6 +317,13 @@ class DnsFilter:
         self.counters.blocked += 1
         return self._block_reply(query, question)
 
+    @hookimpl
+    def dnsgate_name_refused(self, name: str) -> str | None:
+        """Why this policy would not resolve ``name`` now (allowlist mode's "not on the allowlist", or the
+        block rule), or None: sni_check refuses a connection whose SNI DNS would have refused."""
+        policy = self.policy
+        return policy.blocking_rule(name.rstrip(".").lower()) if policy.active else None
+
     def _contributed_names(self) -> list[NameMatcher]:
         """Other plugins' names that count as allowlisted (``dnsgate_allowed_names``: ip_tracker's
         destination rules). Asked again only when the registered implementations change (a reload

@@ -246,6 +246,13 @@ class IpTracker:
         """Names that resolved to ``address`` (raw bytes), for logs and the dashboard."""
         return self.table.names_for(address)
 
+    @hookimpl
+    def dnsgate_names_for(self, address: bytes, client: bytes) -> tuple[str, ...]:
+        """The names that resolved to ``address`` for ``client`` (sni_check compares the SNI with them);
+        any client's when this client has no entry (per_client off, or an open flow outlived it)."""
+        entry = self.table.get(address, client)
+        return tuple(entry.names) if entry is not None else self.table.names_for(address)
+
     def snapshot(self, now: float | None = None, limit: int = 200) -> dict[str, Any]:
         """Size, leases expiring within a minute, and the ``limit`` soonest-expiring entries."""
         if now is None:

@@ -23,6 +23,16 @@ Backpressure both ways (docs/architecture.md §7), so memory per connection stay
   while that buffer is above ``high`` bytes we stop calling ``consumed``, so the window we advertise to
   the client closes; it reopens (``consumed``) once the buffer drains below ``low``.
 
+The first bytes' gate (``dnsgate_first_bytes``, engine/hookspecs.py): once the client's handshake is
+complete the hook is asked once; None (nobody inspects the flow, the usual case) leaves the relay as it
+was. A :class:`~engine.first_bytes.NeedMore` puts the core in ``Up.HELD``: client bytes pile up in
+``_held`` (not consumed, so the client's window closes on its own; bounded by the answer's ``limit``)
+and the hook is asked again with all of them on each arrival, at the answer's deadline and past its
+limit. ACCEPT (or None) sends them on through the ordinary path and the flow is on its fast path;
+anything else, a NeedMore at the deadline or past the limit, or the client's FIN while held resets both
+sides. The check sits on ``on_data``'s slow branch (``up`` is not OPEN while held), so the bulk path does
+not pay for it.
+
 Half-close is passed through (client FIN -> ``shutdown(SHUT_WR)`` upstream after the buffered bytes;
 upstream EOF -> FIN to the client), and resets are passed through as resets (``SO_LINGER`` 0 before
 ``close`` makes the kernel send RST).
@@ -36,6 +46,8 @@ import struct
 from typing import TYPE_CHECKING, Callable
 
 from engine.deadlines import Ticket
+from engine.decision import Decision
+from engine.first_bytes import NeedMore
 
 from .dial import connect_result, start_connect
 from .relay_core import (
@@ -77,6 +89,8 @@ _FULL_READ = 256 * 1024  # bytes read per readable callback (what asyncio's tran
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _UP_OPEN = Up.OPEN
+_UP_HELD = Up.HELD
+_FIRST_BYTES = "dnsgate_first_bytes"
 _DOWN_OPEN = Down.OPEN
 _DIALING = Phase.DIALING
 
@@ -96,6 +110,9 @@ class Relay:
         "_on_dialed",
         "_on_done",
         "_ticket",
+        "_held",
+        "_hold_limit",
+        "_hold_ticket",
     )
 
     def __init__(
@@ -117,6 +134,9 @@ class Relay:
         self._on_dialed = on_dialed
         self._on_done = on_done
         self._ticket: Ticket | None = None  # the dial's timeout entry
+        self._held: bytearray | None = None  # the client's first bytes while a plugin judges them
+        self._hold_limit = 0
+        self._hold_ticket: Ticket | None = None  # the first bytes' deadline
 
     @property
     def bytes_up(self) -> int:
@@ -202,11 +222,16 @@ class Relay:
     # -- client connection (TcpApplication) ------------------------------------------------------
 
     def on_established(self) -> None:
-        pass
+        self._judge(b"", final=False)
 
     def on_data(self, data: bytes) -> None:
         core = self.core
         if core.up is not _UP_OPEN:
+            held = self._held
+            if held is not None:
+                held += data
+                self._judge(bytes(held), final=len(held) > self._hold_limit)
+                return
             self._run(core.client_data(data))
             return
         # The fast path: nothing is buffered, so the bytes go straight to the socket (what the core's
@@ -230,6 +255,9 @@ class Relay:
         self._run(core.client_data(data, sent))
 
     def on_peer_fin(self) -> None:
+        if self._held is not None:  # the client finished before its first bytes were judged
+            self._refuse()
+            return
         self._run(self.core.client_fin())
 
     def on_send_space(self) -> None:
@@ -240,7 +268,58 @@ class Relay:
 
     def on_closed(self, reason: str) -> None:
         """The client connection is over: close (or reset) the upstream side, cancel a pending dial."""
+        if self._held is not None:
+            self._end_hold()
         self._run(self.core.client_closed(reason))
+
+    # -- the first bytes' gate -------------------------------------------------------------------
+
+    def _judge(self, data: bytes, final: bool) -> None:
+        """Ask ``dnsgate_first_bytes`` about the bytes held so far and act on the answer (hookspec)."""
+        conn = self.conn
+        if conn is None:
+            return
+        now = self.engine.now()
+        answer = self.engine.hooks.call(_FIRST_BYTES, conn.flow, data, now)
+        if answer is None or isinstance(answer, Decision) and answer.allowed:
+            if self._held is not None:
+                self._release()
+            return
+        if isinstance(answer, NeedMore) and not final:
+            if self._held is None:
+                self._held = bytearray()
+                self._run(self.core.hold())
+                self._hold_ticket = self.engine.deadlines.add(answer.until, self._hold_expired)
+            self._hold_limit = answer.limit
+            return
+        self._refuse()
+
+    def _hold_expired(self) -> None:
+        self._hold_ticket = None
+        held = self._held
+        if held is not None:
+            self._judge(bytes(held), final=True)
+
+    def _end_hold(self) -> bytearray | None:
+        held = self._held
+        self._held = None
+        ticket = self._hold_ticket
+        if ticket is not None:
+            self._hold_ticket = None
+            self.engine.deadlines.cancel(ticket)
+        return held
+
+    def _release(self) -> None:
+        """ACCEPT: the held bytes go upstream through the ordinary path; the flow is on its fast path."""
+        held = self._end_hold()
+        self._run(self.core.release())
+        if held:
+            self.on_data(bytes(held))
+
+    def _refuse(self) -> None:
+        self._end_hold()
+        self.engine.stats.incr("tcp_forward.first_bytes_refused")
+        self._run(self.core.refuse())
 
     # -- executing the core's commands -----------------------------------------------------------
 

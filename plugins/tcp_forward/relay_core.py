@@ -22,6 +22,7 @@ Events (methods; each returns the commands to run, in order)::
     upstream_data(data, eof, taken=None)   bytes read from the socket (eof: its FIN is queued behind them)
     upstream_writable() / upstream_eof() / upstream_error(error)
     upstream_sent(n)            reply to SendUpstream: the socket took n bytes (n may be 0: EAGAIN)
+    hold() / release() / refuse()      the first bytes' gate (``dnsgate_first_bytes``): Up.HELD
     client_took(n)              reply to SendClient: the client connection took n bytes
 
 Commands (see each class): :class:`SendUpstream`, :class:`SendClient`, :class:`ConsumeClient` (resume
@@ -40,6 +41,13 @@ may send first, and skip the core altogether when the socket took everything (th
 while ``down is Down.OPEN``, ``upstream_data`` is exactly ``SendClient(data, flush=not eof)``: the driver
 may offer the bytes first and pass ``taken``, or skip the core when everything was taken and ``eof`` is
 false. Everything else (about 2% of a bulk transfer's events) goes through the core.
+
+The first bytes' gate: while a plugin judges what the client sends first (``dnsgate_first_bytes``, e.g.
+sni_check), ``up`` is :attr:`Up.HELD`. The driver keeps those bytes itself (they are not the core's
+``out``: nothing may go upstream, and nothing is consumed, so the client's window closes on its own);
+``client_data`` and ``client_fin`` are ignored in that state, which also keeps the shortcut above off
+(it applies to ``Up.OPEN`` only). ``release()`` returns to ``Up.OPEN`` and the driver then feeds the held
+bytes through ``client_data`` as usual; ``refuse()`` resets both sides.
 """
 
 from __future__ import annotations
@@ -102,6 +110,7 @@ class Up(_State):
     """Client -> upstream."""
 
     IDLE = "idle"  # not connected yet
+    HELD = "held"  # the first bytes wait for a verdict (dnsgate_first_bytes): nothing goes upstream yet
     OPEN = "open"  # nothing buffered: a client chunk goes straight to the socket
     BUFFERED = "buffered"  # the socket took less than offered: bytes wait in ``out`` for writability
     THROTTLED = "throttled"  # ``out`` passed the high-water mark: client bytes are not consumed (window closes)
@@ -298,8 +307,8 @@ _CONNECTED: Commands = (CANCEL_TIMER, _WATCH_READ, _DIAL_OK)
 # and the core reads several per event.
 _P_DIALING, _P_OPEN, _P_DRAINING, _P_CLIENT_ONLY, _P_DONE = (
     Phase.DIALING, Phase.OPEN, Phase.DRAINING, Phase.CLIENT_ONLY, Phase.DONE)
-_UP_IDLE, _UP_OPEN, _UP_BUFFERED, _UP_THROTTLED, _UP_FIN_QUEUED, _UP_SHUT = (
-    Up.IDLE, Up.OPEN, Up.BUFFERED, Up.THROTTLED, Up.FIN_QUEUED, Up.SHUT)
+_UP_IDLE, _UP_HELD, _UP_OPEN, _UP_BUFFERED, _UP_THROTTLED, _UP_FIN_QUEUED, _UP_SHUT = (
+    Up.IDLE, Up.HELD, Up.OPEN, Up.BUFFERED, Up.THROTTLED, Up.FIN_QUEUED, Up.SHUT)
 _DOWN_IDLE, _DOWN_OPEN, _DOWN_BLOCKED, _DOWN_EOF_QUEUED, _DOWN_FINISHED = (
     Down.IDLE, Down.OPEN, Down.BLOCKED, Down.EOF_QUEUED, Down.FINISHED)
 
@@ -452,6 +461,31 @@ class RelayCore:
             self.up = _UP_FIN_QUEUED  # upstream_sent finishes the job
             return _NOTHING
         return self._pass_fin_on()
+
+    # -- the first bytes' gate -------------------------------------------------------------------------
+
+    def hold(self) -> Commands:
+        """A plugin judges the client's first bytes: hold them (the driver keeps them) until
+        :meth:`release` or :meth:`refuse`. Only from ``Up.OPEN`` with nothing sent yet."""
+        if self.phase is _P_OPEN and self.up is _UP_OPEN and not self.bytes_up:
+            self.up = _UP_HELD
+        return _NOTHING
+
+    def release(self) -> Commands:
+        """The verdict is ACCEPT: back to ``Up.OPEN`` (the driver then passes the held bytes on)."""
+        if self.up is _UP_HELD:
+            self.up = _UP_OPEN
+        return _NOTHING
+
+    def refuse(self) -> Commands:
+        """The verdict is a refusal: the server gets RST (it saw none of the held bytes), and so does the
+        client."""
+        if self.up is not _UP_HELD or self.phase is not _P_OPEN:
+            return _NOTHING
+        commands: list[Command] = []
+        self._close_upstream(commands, reset=True)
+        commands.append(RESET_CLIENT)
+        return commands
 
     # -- upstream -> client ----------------------------------------------------------------------------
 

@@ -513,3 +513,42 @@ def test_commands_compare_by_value() -> None:
     assert SendClient(b"a", True) != SendClient(b"a", False)
     assert watch(True, False) != watch(False, True) and CloseUpstream(True) != CloseUpstream(False)
     assert repr(ConsumeClient(3)) == "ConsumeClient(3)" and repr(FinishClient()) == "FinishClient()"
+
+
+# --- the first bytes' gate (dnsgate_first_bytes) ------------------------------------------------------------
+
+
+def test_held_first_bytes_send_nothing_upstream_until_released() -> None:
+    pb = open_relay()
+    assert pb >> E.hold()
+    assert pb.core.up is Up.HELD
+    assert pb >> E.client_data(b"\x16\x03\x01")  # the driver keeps held bytes: the core ignores them
+    assert pb >> E.client_fin()
+    assert pb.core.bytes_up == 0 and not pb.core.out
+    assert pb >> E.release()
+    assert pb.core.up is Up.OPEN
+    assert pb >> E.client_data(b"hello") << SendUpstream(b"hello") >> E.upstream_sent(5) << ConsumeClient(5)
+
+
+def test_a_refused_flow_resets_both_sides() -> None:
+    pb = open_relay()
+    assert pb >> E.hold() >> E.refuse() << CloseUpstream(True) << ResetClient()
+    assert pb.core.phase is Phase.CLIENT_ONLY and pb.core.up is Up.SHUT
+    assert pb >> E.client_closed(CLOSE_RESET) << Finished(CLOSE_RESET)
+    assert pb.core.phase is Phase.DONE
+
+
+def test_hold_only_before_the_first_byte_and_refuse_only_while_held() -> None:
+    pb = open_relay()
+    assert pb >> E.refuse()  # not held: nothing
+    assert pb >> E.client_data(b"x") << SendUpstream(b"x") >> E.upstream_sent(1) << ConsumeClient(1)
+    assert pb >> E.hold()
+    assert pb.core.up is Up.OPEN  # bytes went up already: too late to hold
+
+
+def test_the_server_may_still_talk_while_the_client_is_held() -> None:
+    pb = open_relay()
+    assert pb >> E.hold() >> E.upstream_data(b"banner", False) << SendClient(b"banner", True) >> E.client_took(6)
+    assert pb >> E.upstream_error(ConnectionResetError()) << CloseUpstream(False) << ResetClient()
+    assert pb >> E.release()
+    assert pb.core.up is Up.SHUT
