@@ -93,8 +93,8 @@ def human_count(value: float | None) -> str:
 def human_latency(milliseconds: float | None) -> str:
     """``0.042`` -> ``"42 µs"``, ``1.25`` -> ``"1.2 ms"``, ``1500`` -> ``"1.50 s"``.
 
-    A latency of exactly 0 is below the clock's resolution (uvloop's loop clock ticks in whole
-    milliseconds), not an instant answer, so it reads ``"<1 ms"``.
+    A latency of exactly 0 cannot be measured (the engine clock is CLOCK_MONOTONIC, so only an engine
+    driven by a coarse test clock reports it); it reads ``"<1 ms"`` rather than pretend to be instant.
     """
     if milliseconds is None:
         return "-"

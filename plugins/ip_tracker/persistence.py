@@ -1,7 +1,7 @@
 """Save and restore the tracker table as JSON, so a restart is not an outage (Cilium #21059).
 
-The table keeps loop time (``loop.time()``), which means nothing across processes; the file keeps
-absolute wall-clock expiry. The conversion happens here, at the edge, with an offset the caller measures
+The table keeps engine time (``engine.now()``, CLOCK_MONOTONIC), which means nothing across processes;
+the file keeps absolute wall-clock expiry. The conversion happens here, at the edge, with an offset the caller measures
 once (``wall = loop + offset``). Writes go to a temporary file renamed over the old one, so a crash while
 saving never leaves a half-written state file.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import warnings
 
 import pytest
@@ -32,3 +33,28 @@ def test_an_unknown_choice_is_refused_and_the_coroutine_closed(monkeypatch: pyte
         with pytest.raises(event_loop.EventLoopError, match="DNSGATE_EVENT_LOOP='trio'"):
             event_loop.run(_loop_module())
 
+
+
+def test_the_engine_clock_resolves_microseconds_on_uvloop() -> None:
+    """uvloop's loop.time() is libuv's cached millisecond tick: an engine clocked by it measured every DNS
+    upstream latency as 0 or 1 ms. The engine clock must tell apart two moments 200 µs apart."""
+    uvloop = pytest.importorskip("uvloop")
+    from engine.profile import profile_from_dict
+    from engine.runtime import Engine
+
+    loop = uvloop.new_event_loop()
+    try:
+        engine = Engine(profile_from_dict({"engine": {"plugins": ["quic_block"]}}, file="<test>"), None, loop=loop)
+
+        async def measure() -> tuple[float, float]:
+            first = engine.now()
+            until = time.perf_counter() + 200e-6
+            while time.perf_counter() < until:
+                pass
+            return first, engine.now()
+
+        # A millisecond tick gives 0 or 1 ms, never in between; a busy machine may stretch one try.
+        gaps = [second - first for first, second in (loop.run_until_complete(measure()) for _ in range(5))]
+        assert any(150e-6 < gap < 900e-6 for gap in gaps), gaps
+    finally:
+        loop.close()
