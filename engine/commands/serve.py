@@ -23,8 +23,10 @@ from engine.commands.serving import (
     setup_logging_or_explain,
     unmarked_destinations,
 )
+from engine.control import BLOCK_OBSERVER_NAME
 from engine.io.tun import TunDevice, TunError
 from engine.linux.routes import RouteError, plan_bypass_rules
+from engine.logs import BlockObserver
 from engine.profile import ProfileError
 from engine.runtime import Engine
 
@@ -73,6 +75,13 @@ def warn_about_unmarked_destinations(engine: Engine) -> None:
     )
 
 
+def on_serving(engine: Engine) -> None:
+    """Register the block log's observer (counts and the recent feed that ``ctl stats`` and ``dnsgate top``
+    show; no pcap: serve's caller owns the capture), then say what the caller must route around the TUN."""
+    engine.pm.register(BlockObserver(), name=BLOCK_OBSERVER_NAME)
+    warn_about_unmarked_destinations(engine)
+
+
 def run(args: argparse.Namespace) -> int:
     if not setup_logging_or_explain(args):
         return 2
@@ -92,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         return event_loop.run(run_engine(profile, device, control_path=args.control, ready_file=args.ready_file,
-                                         on_started=warn_about_unmarked_destinations,
+                                         on_started=on_serving,
                                          metrics=metrics_address(args, profile)))
     except ProfileError as error:
         print(f"dnsgate: invalid profile: {error}", file=sys.stderr)

@@ -66,7 +66,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     their TUN).
 
     ``serve`` takes only the logging and metrics parts: its control socket has no default path (the caller
-    owns the TUN's name) and it records no pcap.
+    owns the TUN's name) and it records no pcap (its block feed and counts are kept all the same).
     """
     add_logging_arguments(parser)
     add_metrics_argument(parser)

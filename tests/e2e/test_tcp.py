@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.topology import SILENT_V4, WEB_V4, WEB_V6, Process, Topology
+from tests.e2e.topology import DNS_V4, SILENT_V4, WEB_V4, WEB_V6, Process, Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -384,3 +384,21 @@ def test_sequential_connections_to_one_port_never_stall(topology: Topology) -> N
         assert result["failed"] == 0, result
         assert result["worst"] < 1.5, result  # a stall is a SYN retransmission (>= 1 s) or a timeout
         print(f"{count} sequential connections (source port {fixed_port or 'random'}): {result}")
+
+
+def test_serve_keeps_the_block_feed(topology: Topology) -> None:
+    """``dnsgate serve`` (what a caller owning its TUN runs) counts its blocks and keeps the recent feed for
+    ``ctl stats`` and ``dnsgate top``, as ``run`` and ``exec`` do: a hardcoded IP is reset and shows there."""
+    topology.http_server(WEB_V4, 80)
+    profile = topology.write_file("dns-first.toml", f"""
+[engine]
+plugins = ["dns_filter", "ip_tracker", "tcp_forward"]
+[plugins.dns_filter]
+upstreams = ["udp://{DNS_V4}:53"]
+""")
+    engine = topology.start_engine(profile)
+    done = topology.client.run(["curl", "-sS", "--max-time", "5", f"http://{WEB_V4}/"], timeout=10, check=False)
+    assert done.returncode == 7, done.stderr  # refused at once (RST), not a timeout
+    blocks = engine.request("stats")["blocks"]
+    assert blocks["total"] >= 1 and blocks["by_reason"].get("hardcoded IP", 0) >= 1, blocks
+    assert any(f"{WEB_V4}:80" in entry["text"] for entry in blocks["recent"]), blocks["recent"]
