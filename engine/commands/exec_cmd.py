@@ -14,6 +14,9 @@ the rules resolve, only on their ports. ``--report FILE`` (engine/report.py) wri
 network did — allowed and blocked flows with names, ports, the deciding plugin and rule, denied DNS
 names — and whenever anything was refused a short summary goes to stderr, with the ``--allow`` rules that
 would let it through: a CI step or an agent harness can tell its user why the network failed.
+``--learn FILE`` (engine/learn.py, engine/learned_profile.py) runs the command with the profile's name
+policy lifted (its safety rules kept) and writes FILE, a profile that allows exactly the names and ports
+the command used; ``--profile FILE`` then enforces it.
 
 Nothing is left behind: the namespace, its /etc/netns directory and the state file are removed when the
 command ends, when we get SIGTERM/SIGINT, and, after a SIGKILL, by the next ``dnsgate exec`` (state files
@@ -31,6 +34,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,9 @@ from engine.commands.serving import (
 )
 from engine.control import BLOCK_OBSERVER_NAME
 from engine.io.tun import TunDevice
+from engine.learn import LearnError, LearnRecorder, learning_profile
+from engine.learned_profile import write_learned
+from engine.learned_profile import render as render_learned
 from engine.linux import netns as nl
 from engine.linux.routes import DEFAULT_STATE_DIR, pid_alive, require_net_admin
 from engine.plugin_manager import build_plugins
@@ -73,6 +80,9 @@ def add_parser(subparsers: Any) -> None:
                              "every other name gets NXDOMAIN")
     parser.add_argument("--report", metavar="FILE",
                         help="write a JSON report of allowed and blocked flows and denied names when the command ends")
+    parser.add_argument("--learn", metavar="FILE",
+                        help="run with nothing blocked by name (the profile's other rules apply) and write FILE: "
+                             "a profile that extends --profile and allows exactly the names and ports used")
     parser.add_argument("--state-dir", metavar="DIR", default=str(DEFAULT_STATE_DIR), help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     parser.set_defaults(func=run)
@@ -165,6 +175,45 @@ def explain(document: dict[str, Any], report_path: str | None) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def learn_profile_or_explain(profile: Profile, args: argparse.Namespace) -> Profile | None:
+    """The learning run's profile (engine/learn.py), or None after printing why not: ``--allow`` narrows
+    what a learning run may use, which would learn a policy that is the ``--allow`` rules again."""
+    if args.allow:
+        print("dnsgate exec: --learn records everything the command uses, --allow limits it: give one of them "
+              "(to add rules to a learned profile: --profile LEARNED --allow RULE)", file=sys.stderr)
+        return None
+    try:
+        return learning_profile(profile)
+    except LearnError as error:
+        print(f"dnsgate exec: {error}", file=sys.stderr)
+        return None
+
+
+def save_learned(recorder: LearnRecorder, args: argparse.Namespace, base: Profile, command: list[str],
+                 started: float, code: int | None) -> None:
+    """Write the ``--learn`` file and say so on stderr (or why it was not written)."""
+    policy = recorder.policy()
+    target = Path(args.learn)
+    if policy.empty:
+        print(f"dnsgate exec: the command resolved no names: nothing to learn, {target} not written",
+              file=sys.stderr)
+        return
+    text = render_learned(policy, base=base.path, target=target, command=command, started=started,
+                          duration=time.time() - started, exit_status=code)
+    try:
+        write_learned(target, text)
+    except OSError as error:
+        print(f"dnsgate exec: cannot write {target}: {error.strerror or error}", file=sys.stderr)
+        return
+    except ProfileError as error:  # a bug, not the user's: say so rather than leave a broken file
+        print(f"dnsgate exec: the learned profile does not load, {target} not written: {error}", file=sys.stderr)
+        return
+    names = len({rule.name for rule in policy.destinations + policy.allowlist})
+    print(f"dnsgate exec: learned {names} name{'s' if names != 1 else ''} and {len(policy.destinations)} port "
+          f"rule{'s' if len(policy.destinations) != 1 else ''} -> {target} "
+          f"(enforce: dnsgate exec --profile {target} -- ...)", file=sys.stderr, flush=True)
+
+
 def exit_status(returncode: int) -> int:
     """The command's status as a shell reports it (128 + signal for a killed command)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -185,6 +234,12 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile_or_explain(args.profile)
     if profile is None:
         return 2
+    base = profile
+    if args.learn:
+        learning = learn_profile_or_explain(profile, args)
+        if learning is None:
+            return 2
+        profile = learning
     profile = sandbox_profile_or_explain(profile, args.allow)
     if profile is None:
         return 2
@@ -198,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
     state_file.write_text(json.dumps({"pid": os.getpid(), "netns": name}))
     observer = make_block_observer(args.pcap_blocked)
     report = FlowReport()
+    recorder = LearnRecorder() if args.learn else None
+    started = time.time()
     child: dict[str, Any] = {}
     try:
         try:
@@ -215,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
             engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
             report.names_for = tracker_names(engine)
             engine.pm.register(report, name=FlowReport.name)
+            if recorder is not None:
+                recorder.names_for = report.names_for
+                engine.pm.register(recorder, name=LearnRecorder.name)
             child["engine"] = engine
             process = await asyncio.create_subprocess_exec(*nl.exec_argv(name, command))
             child["process"] = process
@@ -251,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
             code = 1 if status is None else exit_status(int(status))
         if "engine" in child:
             explain(report_for(child["engine"], report, command, code), args.report)
+            if recorder is not None:
+                save_learned(recorder, args, base, command, started, code)
         return code
     finally:
         observer.close()
