@@ -349,6 +349,9 @@ class Dashboard:
             stamp = time.strftime("%H:%M:%S", time.localtime(at)) if at else "--:--:--"
             line = Text(no_wrap=True, overflow="ellipsis")
             line.append(stamp + " ", style="dim")
+            program = _get(entry, "program")
+            if program:  # attribution on: who, before what (the line is cut at the right edge)
+                line.append(f"{program} ", style="bold")
             line.append(str(_get(entry, "text") or entry), style="red")
             lines.append(line)
         if not lines:
@@ -365,18 +368,35 @@ class Dashboard:
         table.add_column("age", justify="right", no_wrap=True, min_width=5)
         table.add_column("name", no_wrap=True, overflow="ellipsis", ratio=1)
         flows = _get(self.snapshot, "top_flows") or []
+        # The program column exists only when attribution is on (flows carry an owner: engine/owner.py).
+        attributed = any(_get(flow, "program") for flow in flows)
+        if attributed:
+            table.add_column("program", no_wrap=True, overflow="ellipsis", max_width=12 if narrow else 24)
         for flow in list(flows)[:rows]:
             text = str(_get(flow, "flow") or "?")
-            table.add_row(
+            cells = [
                 text.split(" -> ", 1)[-1] if narrow else text,
                 human_bytes(_number(_get(flow, "bytes_up"))),
                 human_bytes(_number(_get(flow, "bytes_down"))),
                 human_duration(_number(_get(flow, "age"))),
                 str(_get(flow, "name") or "-"),
-            )
+            ]
+            if attributed:
+                cells.append(_program_cell(_get(flow, "program"), narrow))
+            table.add_row(*cells)
         if not flows:
             table.add_row(Text("no open connections", style="dim"), "", "", "", "")
         return Panel(table, title="top connections by bytes", title_align="left")
+
+
+def _program_cell(program: Any, narrow: bool) -> str:
+    """``curl[4242]`` (``curl`` when narrow), ``uid 1000`` while the process is not known, ``-`` for none."""
+    if not isinstance(program, Mapping):
+        return "-"
+    name, pid, uid = program.get("program"), program.get("pid"), program.get("uid")
+    if name and pid is not None:
+        return str(name) if narrow else f"{name}[{pid}]"
+    return f"uid {uid}" if uid is not None else "?"
 
 
 def render_text(snapshots: Sequence[Mapping[str, Any]], width: int = 100, height: int | None = None) -> str:

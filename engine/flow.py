@@ -167,7 +167,18 @@ class Flow:
             "bytes_up": self.bytes_up,
             "packets_down": self.packets_down,
             "bytes_down": self.bytes_down,
+            **_owner_view(self),
         }
+
+
+def _owner_view(flow: Flow) -> dict[str, Any]:
+    """``{"program": {...}, "owner": "curl[4242] uid 1000"}`` for an attributed flow (engine/owner.py), else {}."""
+    from engine.owner import owner_slot  # engine/owner.py builds on this module
+
+    slot = owner_slot(flow)
+    if slot is None:
+        return {}
+    return {"program": slot.owner.as_dict(), "owner": slot.owner.describe()}
 
 
 class FlowTable:

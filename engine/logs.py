@@ -21,12 +21,15 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from engine.hookspecs import hookimpl
+from engine.owner import Owner, owner_slot, short_name
 
 LEVELS = {"0": logging.ERROR, "1": logging.WARNING, "2": logging.INFO, "3": logging.DEBUG}
 NAMES = {"error": logging.ERROR, "warning": logging.WARNING, "warn": logging.WARNING,
          "info": logging.INFO, "debug": logging.DEBUG, "critical": logging.CRITICAL}
 RECENT_BLOCKS = 50
-STRUCTURED_FIELDS = ("event", "plugin", "reason", "detail", "flow", "verdict", "mode")
+MAX_PROGRAMS = 256
+STRUCTURED_FIELDS = ("event", "plugin", "reason", "detail", "flow", "verdict", "mode",
+                     "program", "pid", "uid", "unit", "owner", "qname")  # the owner: engine/owner.py
 
 
 def parse_level(text: str | int) -> int:
@@ -127,6 +130,8 @@ class BlockObserver:
         self.total = 0
         self.by_reason: collections.Counter[str] = collections.Counter()
         self.by_plugin: collections.Counter[str] = collections.Counter()
+        #: Blocks by program (``programs`` attribution); bounded like the engine's other labels.
+        self.by_program: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
         self.pcap = pcap
         self._wall = wall_clock
@@ -142,8 +147,12 @@ class BlockObserver:
         self.total += 1
         self.by_reason[reason] += 1
         self.by_plugin[plugin] += 1
-        self.recent.append({"at": self._wall(), "text": block_line(flow.describe(), reason, detail),
-                            "plugin": plugin, "reason": full_reason})
+        entry = {"at": self._wall(), "text": block_line(flow.describe(), reason, detail),
+                 "plugin": plugin, "reason": full_reason}
+        self.recent.append(entry)
+        slot = owner_slot(flow) if hasattr(flow, "stash") else None
+        if slot is not None:
+            slot.when_known(lambda owner: self._attribute(entry, owner))
         if self.pcap is not None:
             try:
                 self.pcap.record(bytes(packet.buf), self._wall())
@@ -151,11 +160,22 @@ class BlockObserver:
                 logging.getLogger(__name__).exception("pcap of blocked packets failed; disabling it")
                 self.pcap = None
 
+    def _attribute(self, entry: dict[str, Any], owner: Owner) -> None:
+        """The block's owner is known (at once, or after the lookup): the feed and the counts name it."""
+        entry["program"] = short_name(owner)
+        entry["owner"] = owner.describe()
+        program = owner.program or "unknown"
+        if program in self.by_program or len(self.by_program) < MAX_PROGRAMS:
+            self.by_program[program] += 1
+        else:
+            self.by_program["other"] += 1
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "total": self.total,
             "by_reason": dict(self.by_reason),
             "by_plugin": dict(self.by_plugin),
+            "by_program": dict(self.by_program.most_common(20)),
             "recent": list(self.recent),
         }
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, replaceable_by
+from engine.owner import log_fields, owner_slot
 from engine.reassembly import Reassembler
 from engine.tun_subnet import GatewayEcho, GatewayEchoHandler, TunSubnetGuard
 from engine.packet import (
@@ -298,16 +299,28 @@ class Pipeline:
     def _log_block(self, flow: Flow, decision: Decision) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
+        slot = owner_slot(flow)
+        if slot is not None and not slot.final:
+            # The process is being looked up off the packet path (engine/owner.py): the one line waits for it.
+            slot.when_known(lambda _owner: self._write_block_line(flow, decision))
+            return
+        self._write_block_line(flow, decision)
+
+    def _write_block_line(self, flow: Flow, decision: Decision) -> None:
         reason = decision.reason or decision.verdict.value
         detail = f" {decision.detail}" if decision.detail else ""
         flow_text = flow.describe().rsplit("/", 1)[0]
+        slot = owner_slot(flow)
+        owner = slot.owner if slot is not None else None
         log.info(
-            "BLOCKED %s %s%s [%s %s]",
+            "BLOCKED %s %s%s%s [%s %s]",
             reason,
             flow_text,
             detail,
+            f" by {owner.describe()}" if owner is not None else "",
             decision.plugin,
             decision.verdict.value,
             extra={"event": "blocked", "flow": flow.describe(), "plugin": decision.plugin,
-                   "verdict": decision.verdict.value, "reason": reason, "detail": decision.detail},
+                   "verdict": decision.verdict.value, "reason": reason, "detail": decision.detail,
+                   **log_fields(owner)},
         )

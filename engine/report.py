@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.attribution.command import CommandOwner
 from engine.flow import Flow, StashKey
 from engine.hookspecs import hookimpl
 from engine.name_rules import MATCHED_RULE, parse_destinations, protocol_name
@@ -195,7 +196,10 @@ def report_for(engine: Engine, report: FlowReport, command: Sequence[str], exit_
         "allowlist": list(getattr(dns_config, "allowlist", ())),
         "destinations": [rule.text for rule in parse_destinations(getattr(tracker_config, "destinations", ()))],
     }
-    return build_report(report, command=command, exit_status=exit_status, dns=dns, policy=policy)
+    document = build_report(report, command=command, exit_status=exit_status, dns=dns, policy=policy)
+    if isinstance(engine.owner_source, CommandOwner):  # every flow was the command's (and its children's)
+        document["program"] = engine.owner_source.owner.as_dict()
+    return document
 
 
 def _order(entry: _Entry) -> tuple[int, tuple[str, ...], int]:

@@ -37,6 +37,7 @@ from engine.io.base import CallbackDevice
 
 if TYPE_CHECKING:
     from engine.io.base import PacketDevice
+    from engine.owner import OwnerSource
 
 log = logging.getLogger("dnsgate.engine")
 
@@ -112,6 +113,8 @@ class Engine:
         self.running = False
         self._next_address_refresh = 0.0
         self._reserved_descriptors = 0
+        #: Who owns each new flow's socket (engine/owner.py): set by ``run`` and ``exec``, None elsewhere.
+        self.owner_source: OwnerSource | None = None
         self.hooks.call("dnsgate_configure", self)
         if device is not None:
             self.attach(device)

@@ -48,6 +48,7 @@ from engine.commands.serving import (
     setup_logging_or_explain,
 )
 from engine.control import BLOCK_OBSERVER_NAME
+from engine.attribution.command import CommandOwner
 from engine.io.tun import TunDevice
 from engine.learn import LearnError, LearnRecorder, learning_profile
 from engine.learned_profile import write_learned
@@ -278,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             child["engine"] = engine
             process = await asyncio.create_subprocess_exec(*nl.exec_argv(name, command))
             child["process"] = process
+            engine.owner_source = CommandOwner(process.pid, command)  # every flow is the command's
             engine.spawn(watch(process), name="dnsgate-exec-child")
 
         async def on_stopping(_engine: Engine) -> None:

@@ -41,6 +41,7 @@ from engine.control import (
     engine_handlers,
     full_snapshot,
 )
+from engine.attribution.local_sockets import LocalSockets
 from engine.io.tun import TunDevice, TunError
 from engine.linux.routes import (
     DEFAULT_STATE_DIR,
@@ -213,6 +214,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
 
+    sources: list[LocalSockets] = []
+
+    def on_created(engine: Engine) -> None:
+        try:
+            source = LocalSockets(engine.loop, engine.stats)
+        except OSError as error:  # no NETLINK_SOCK_DIAG (a kernel without inet_diag): flows stay unattributed
+            log.warning("cannot look up the programs behind flows (sock_diag: %s)", error)
+            return
+        engine.owner_source = source
+        sources.append(source)
+
     def on_started(engine: Engine) -> None:
         engine.pm.register(observer, name=BLOCK_OBSERVER_NAME)
         engine.mode = mode
@@ -227,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
         for thread in dashboard:
             await thread.stop()
         manager.teardown()
+        for source in sources:
+            source.close()
 
     def extra_handlers(engine: Engine) -> dict[str, Handler]:
         set_mode = mode_handler(engine, manager)
@@ -236,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         return event_loop.run(run_engine(
             profile, device, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
             on_stopping=on_stopping, extra_handlers=extra_handlers, metrics=metrics_address(args, profile),
+            on_created=on_created,
         ))
     except (ProfileError, ControlError, OSError, RouteError, event_loop.EventLoopError) as error:
         print(f"dnsgate: {error}", file=sys.stderr)

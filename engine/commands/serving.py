@@ -167,6 +167,7 @@ async def run_engine(
     ready_file: str | None = None,
     on_started: EngineCallback | None = None,
     on_stopping: EngineCallback | None = None,
+    on_created: Callable[[Engine], None] | None = None,
     extra_handlers: Callable[[Engine], Mapping[str, control.Handler]] | None = None,
     announce: bool = True,
     stop: asyncio.Event | None = None,
@@ -183,6 +184,8 @@ async def run_engine(
     """
     loop = asyncio.get_running_loop()
     engine = Engine(profile, device, loop=loop)
+    if on_created is not None:  # before start: e.g. ``run``'s owner source, ready for the first packet
+        on_created(engine)
     stop = stop if stop is not None else asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

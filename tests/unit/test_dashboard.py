@@ -176,3 +176,31 @@ def test_every_size_between_fits() -> None:
     for width, height in ((80, 24), (80, 30), (100, 30), (120, 40), (159, 40), (160, 40), (240, 60)):
         lines = render_text(snaps, width=width, height=height).rstrip("\n").splitlines()
         assert len(lines) <= height and max(len(line) for line in lines) <= width, (width, height, len(lines))
+
+
+def attributed_snapshot(now: float, count: int) -> dict[str, Any]:
+    """busy_snapshot with attribution on: flows and feed entries carry their program (engine/owner.py)."""
+    snapshot = busy_snapshot(now, count)
+    for i, flow in enumerate(snapshot["top_flows"]):
+        flow["program"] = {"via": "socket", "program": "firefox-esr" if i % 2 else "curl", "pid": 4242 + i,
+                           "uid": 1000, "exe": "/usr/bin/curl", "cgroup": "", "unit": ""}
+    snapshot["top_flows"][-1]["program"] = {"via": "socket", "program": "", "pid": None, "uid": 1000}
+    for entry in snapshot["blocks"]["recent"]:
+        entry["program"] = "curl[4242]"
+    return snapshot
+
+
+def test_program_column_only_with_attribution() -> None:
+    assert "program" not in render_text([busy_snapshot(200.0, 1), busy_snapshot(201.0, 2)], width=200, height=50)
+    snaps = [attributed_snapshot(200.0, 1), attributed_snapshot(201.0, 2)]
+    wide = render_text(snaps, width=200, height=50).rstrip("\n").splitlines()
+    assert len(wide) <= 50 and max(len(line) for line in wide) <= 200
+    row = next(line for line in wide if "203.0.113.100:443/tcp" in line)
+    assert "curl[4242]" in row and "www0.example.com" in row
+    assert any("firefox-esr[4243]" in line for line in wide) and any("uid 1000" in line for line in wide)
+    assert any("curl[4242] BLOCKED hardcoded IP" in line for line in wide)  # the feed names the program first
+    small = render_text(snaps, width=80, height=24).rstrip("\n").splitlines()
+    assert len(small) <= 24 and max(len(line) for line in small) <= 80
+    row = next(line for line in small if "203.0.113.100:443/tcp" in line)
+    assert "curl" in row and "20.0 KB" in row  # narrow: the program's name without the pid, numbers kept
+    assert any("curl[4242] BLOCKED" in line for line in small)
