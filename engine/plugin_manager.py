@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dnsgate.plugins")
 
 ENTRY_POINT_GROUP = "dnsgate.plugins"
-BUILTIN_PLUGINS = ("dns_filter", "ip_tracker", "quic_block", "sni_check", "tcp_forward", "udp_forward", "icmp_echo")
+BUILTIN_PLUGINS = ("dns_filter", "ip_tracker", "quic_block", "sni_check", "tcp_forward", "udp_forward", "icmp_echo",
+                   "programs")
 
 
 class PluginLoadError(ProfileError):

@@ -26,7 +26,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.attribution import procfs
 from engine.attribution.sock_diag import NETLINK_SOCK_DIAG, SockDiagError, SocketEntry, build_request, parse_response
@@ -83,8 +83,11 @@ class LocalSockets:
         scan_interval: float = 0.02,
         proc: str = procfs.PROC,
         diag: SockDiag | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.loop = loop
+        #: The engine's clock (``engine.now``), the one ``attribute`` gets its ``now`` from.
+        self.clock = clock or loop.time
         self.counters = stats.counters
         self.probe_processes = probe_processes
         self.probe_fds = probe_fds
@@ -262,7 +265,7 @@ class LocalSockets:
 
     def _settle(self, found: dict[int, procfs.ProcessInfo | None]) -> None:
         """On the loop: the thread's answers complete the waiting slots."""
-        now = self.loop.time()
+        now = self.clock()
         counters = self.counters
         for inode, info in found.items():
             waiting = self._pending.pop(inode, None)

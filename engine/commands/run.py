@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
     def on_created(engine: Engine) -> None:
         try:
-            source = LocalSockets(engine.loop, engine.stats)
+            source = LocalSockets(engine.loop, engine.stats, clock=engine.now)
         except OSError as error:  # no NETLINK_SOCK_DIAG (a kernel without inet_diag): flows stay unattributed
             log.warning("cannot look up the programs behind flows (sock_diag: %s)", error)
             return
