@@ -306,6 +306,7 @@ def full_snapshot(engine: Engine) -> dict[str, Any]:
         snapshot["blocks"] = observer.snapshot()
     snapshot["top_flows"], snapshot["dns_flows"] = split_top_flows(engine.flows.flows.values(), engine.now())
     snapshot["control_version"] = PROTOCOL_VERSION
+    snapshot["live_rules"] = engine.live_rules.listing(engine.now())
     if isinstance(snapshot.get("stats"), dict):
         snapshot["stats"] = with_v1_names(dict(snapshot["stats"]))
     for listed in snapshot["top_flows"]:
@@ -332,7 +333,8 @@ def find_flow(engine: Engine, selector: Any) -> Flow:
 
 
 def engine_handlers(engine: Engine) -> dict[str, Handler]:
-    """The commands every engine answers: ``stats``, ``flows``, ``tracker``, ``close``, ``reload``.
+    """The commands every engine answers: ``stats``, ``flows``, ``tracker``, ``close``, ``reload``, and the
+    live name rules ``allow``, ``deny``, ``forget``, ``rules`` (engine/live_control.py).
 
     ``mode`` needs the routes and is added by ``dnsgate run`` (an engine on a borrowed TUN cannot switch).
     """
@@ -376,4 +378,7 @@ def engine_handlers(engine: Engine) -> dict[str, Handler]:
         except (ProfileError, ValueError) as error:
             raise ControlError(f"profile not reloaded: {error}") from None
 
-    return {"stats": stats, "flows": flows, "tracker": tracker, "close": close, "reload": reload}
+    from engine.live_control import live_rule_handlers
+
+    return {"stats": stats, "flows": flows, "tracker": tracker, "close": close, "reload": reload,
+            **live_rule_handlers(engine)}

@@ -24,6 +24,7 @@ key is optional, a missing one shows as ``-``::
                     latency: {p50_ms: float | None, p99_ms: float | None}},
       ip_tracker:  {size: int, expiring_soon: int},
       tcp_forward: {active: int, dialing: int, ...},  udp_forward: {sessions: int, ...}}
+    live_rules: [{kind: "allow" | "deny", rule: "new.test:443/tcp", age: float, expires_in: float | None}]
     blocks: {total: int, by_reason: {reason: int}, by_plugin: {plugin: int},
              recent: [{at: wall-clock float, text: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (...)"}]}
     routes: {mode, table, fwmark, state_file}
@@ -121,6 +122,17 @@ def human_duration(seconds: float | None) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def live_rules_text(rules: Sequence[Any]) -> str:
+    """``allow =new.test (1m 30s), deny evil.test``: ``ctl allow``/``ctl deny`` rules, soonest expiry first."""
+    parts = []
+    for rule in rules:
+        if isinstance(rule, Mapping):
+            left = _number(rule.get("expires_in"))
+            until = f" ({human_duration(left)})" if left is not None else ""
+            parts.append(f"{rule.get('kind')} {rule.get('rule')}{until}")
+    return ", ".join(parts)
 
 
 def _get(mapping: Any, *path: str) -> Any:
@@ -304,6 +316,9 @@ class Dashboard:
         clients = _get(self.snapshot, "dns_flows")
         if isinstance(clients, Mapping):
             table.add_row("clients", self._dns_clients(clients, detail))
+        live = self.snapshot.get("live_rules")
+        if isinstance(live, list) and live:
+            table.add_row("live", live_rules_text(live))
         return Panel(table, title="dns", title_align="left"), table.row_count
 
     @staticmethod

@@ -24,6 +24,7 @@ from engine.fragment import Fragmenter, finish_checksum
 from engine.net_policy import SocketPolicy
 from engine.flow import FlowTable
 from engine.flow_lifecycle import FlowLifecycle
+from engine.live_rules import LiveRules
 from engine.packet import Packet, VnetHeader
 from engine.pipeline import Pipeline
 from engine.poller import Poller
@@ -80,6 +81,9 @@ class Engine:
         #: Per-connection deadlines (TCP timers) behind one loop timer.
         self.deadlines = DeadlineQueue(self.loop, self._clock)
         self.pm, self.plugins = load_plugins(profile, self.stats)
+        #: Name rules changed live (``ctl allow``/``ctl deny``, engine/live_rules.py): owned here, not by a
+        #: plugin, so a reload that rebuilds dns_filter or ip_tracker keeps them.
+        self.live_rules = LiveRules()
         #: pluggy's hook relay, for plugins that call an event hook the plain way; the engine itself calls
         #: every hook through :attr:`hooks`.
         self.hook = self.pm.hook

@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from engine.live_rules import LiveRules
 from engine.name_rules import NameMatcher, NameRules, parse_pattern
 from engine.name_rules import normalize as _normalize
 
@@ -112,8 +113,10 @@ DomainRules = NameRules
 NOT_ALLOWED = "not on the allowlist"
 #: ... and for a message that is not a standard query (UPDATE, NOTIFY) in allowlist mode.
 NOT_A_QUERY = "not a standard query"
-#: The verdicts of allowlist mode (a block rule is a pattern, which never contains a blank).
-DENIALS = frozenset({NOT_ALLOWED, NOT_A_QUERY})
+#: ... and for a name a live ``ctl deny`` rule covers (engine/live_rules.py), in either mode.
+LIVE_DENIED = "denied by ctl deny"
+#: The verdicts answered with deny_response (a block rule is a pattern, which never contains a blank).
+DENIALS = frozenset({NOT_ALLOWED, NOT_A_QUERY, LIVE_DENIED})
 
 
 class DomainPolicy:
@@ -124,7 +127,8 @@ class DomainPolicy:
     for names the own allowlist does not cover, so allowlisted names never pay for it).
     """
 
-    __slots__ = ("blocked", "allowed", "active", "deny_by_default", "contributed", "other_opcodes", "checks_chains")
+    __slots__ = ("blocked", "allowed", "active", "deny_by_default", "contributed", "other_opcodes", "checks_chains",
+                 "live")
 
     def __init__(
         self,
@@ -145,6 +149,9 @@ class DomainPolicy:
         #: The verdict for UPDATE/NOTIFY/...: forwarded as before, but refused in allowlist mode (an
         #: UPDATE to the upstream would be a way out that no name rule sees).
         self.other_opcodes: str | None = NOT_A_QUERY if deny_by_default else None
+        #: The engine's live rules (``ctl allow``/``ctl deny``), set when dns_filter joins an engine; they
+        #: are looked at first, and only while there are any.
+        self.live: LiveRules | None = None
 
     @classmethod
     def from_sources(
@@ -186,8 +193,22 @@ class DomainPolicy:
     def is_allowlisted(self, name: str) -> bool:
         return self.allow_rule(name) is not None
 
+    def refusal(self, name: str) -> str | None:
+        """:meth:`blocking_rule` when anything can refuse a name (the lists, allowlist mode, live rules),
+        else None at the cost of two attribute tests."""
+        live = self.live
+        if self.active or (live is not None and live.active):
+            return self.blocking_rule(name)
+        return None
+
     def blocking_rule(self, name: str) -> str | None:
-        """Why ``name`` is not resolved: the block rule, :data:`NOT_ALLOWED` in allowlist mode, or None."""
+        """Why ``name`` is not resolved: :data:`LIVE_DENIED`, the block rule, :data:`NOT_ALLOWED` in
+        allowlist mode, or None. A live deny beats every allow; a live allow beats the profile's rules."""
+        live = self.live
+        if live is not None and live.active:
+            verdict = live.name_verdict(name)
+            if verdict is not None:
+                return LIVE_DENIED if verdict[0] == "deny" else None
         if self.deny_by_default:
             return None if self.allow_rule(name) is not None else NOT_ALLOWED
         rule = self.blocked.match(name)

@@ -17,6 +17,8 @@ Why it is shaped this way (docs/architecture.md §6, data-path rules; §8, DNS f
   that leads to a blocked name (CNAME cloaking) is blocked after the upstream answer. In allowlist mode
   (``default = "deny"``) a name no allow rule covers is answered NXDOMAIN/REFUSED without asking
   upstream — so it never leaves the machine either (no DNS tunnel) — and logged once (denied.py).
+  The engine's live rules (``ctl allow``/``ctl deny``, engine/live_rules.py) are consulted first, only
+  while there are any.
 
 Flows labelled ``dns`` are ACCEPTed by ``dnsgate_filter`` so ip_tracker (which ignores that label anyway)
 and anything after it do not judge them; ``dnsgate_forward`` takes them.
@@ -136,6 +138,7 @@ class DnsFilter:
     @hookimpl
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
+        self.policy.live = engine.live_rules  # ctl allow / ctl deny (engine/live_rules.py)
         # The answer event is on every query's path: call its implementations directly (pluggy's
         # generic call costs a few µs, a visible share of a ~50 µs query; see PositionalHook).
         self._emit_answer = engine.hooks.positional("dnsgate_dns_answer", "answer", "now")
@@ -277,7 +280,8 @@ class DnsFilter:
         counters.queries += 1
         question = parsed.question
         policy = self.policy
-        if policy.active:
+        live = policy.live
+        if policy.active or (live is not None and live.active):
             rule = policy.blocking_rule(question.qname) if parsed.flags & OPCODE_MASK == 0 else policy.other_opcodes
             if rule is not None:
                 client.responder(parsed.udp_limit)(self._refusal(flow, query, question, rule))
@@ -321,8 +325,7 @@ class DnsFilter:
     def dnsgate_name_refused(self, name: str) -> str | None:
         """Why this policy would not resolve ``name`` now (allowlist mode's "not on the allowlist", or the
         block rule), or None: sni_check refuses a connection whose SNI DNS would have refused."""
-        policy = self.policy
-        return policy.blocking_rule(name.rstrip(".").lower()) if policy.active else None
+        return self.policy.refusal(name.rstrip(".").lower())
 
     def _contributed_names(self) -> list[NameMatcher]:
         """Other plugins' names that count as allowlisted (``dnsgate_allowed_names``: ip_tracker's

@@ -17,6 +17,11 @@ have. The check runs once per new flow, after the lease lookup, and only when ru
 the filter is exactly the lease lookup. The rule that allowed a flow goes into its stash
 (``MATCHED_RULE``) for reports. The rules' names are offered to dns_filter (``dnsgate_allowed_names``) so
 that in allowlist mode a name written as a destination resolves without being listed twice.
+
+Live rules (``ctl allow``/``ctl deny``, engine/live_rules.py) are judged here too, only while there are
+any: a name a deny covers does not count as a name of its address (for every port, or for the deny's
+port), so an address whose names are all denied is refused; a live allow lets its names through on its
+port even where ``destinations`` have no rule for it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from engine.decision import Decision
 from engine.flow import StashKey
 from engine.hookspecs import hookimpl
+from engine.live_rules import LiveRules
 from engine.name_rules import MATCHED_RULE, DestinationRules
 from engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
@@ -52,6 +58,8 @@ _COUNTED = StashKey[bool]("ip_tracker.counted")
 _REASON = "hardcoded IP"
 #: "BLOCKED port not allowed 10.0.0.2:40000 -> 198.51.100.7:22 (pypi.org resolved to 198.51.100.7, but ...)"
 _PORT_REASON = "port not allowed"
+#: "BLOCKED denied live 10.0.0.2:40000 -> 198.51.100.7:443 (evil.test denied by ctl deny evil.test)"
+_LIVE_REASON = "denied live"
 
 
 class _Networks:
@@ -99,6 +107,7 @@ class IpTracker:
         #: None without destination rules: the filter is then only the lease lookup.
         self.destinations: DestinationRules | None = DestinationRules(config.destinations) if config.destinations else None
         self._engine: Engine | None = None
+        self._live: LiveRules | None = None
         self._next_cleanup = 0.0
         self._next_save = 0.0
         self.blocked = 0
@@ -109,6 +118,7 @@ class IpTracker:
     @hookimpl
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
+        self._live = engine.live_rules
 
     def _wall_offset(self) -> float:
         """wall = loop + offset; measured only at the edges (start, stop, periodic save)."""
@@ -183,6 +193,9 @@ class IpTracker:
         if flow.dst in self._exempt:
             return None
         if self.table.allowed(flow.dst, flow.src, now):
+            live = self._live
+            if live is not None and live.active:
+                return self._judge_live(flow, live)
             return None if self.destinations is None else self._judge_destination(flow)
         self.blocked += 1
         detail = self._history(flow.dst, flow.src, now)
@@ -192,11 +205,34 @@ class IpTracker:
             return Decision.drop(self.name, _REASON, detail=detail)
         return Decision.reject(self.name, _REASON, detail=detail)
 
-    def _judge_destination(self, flow: Flow) -> Decision | None:
+    def _names(self, flow: Flow) -> tuple[str, ...]:
+        entry = self.table.get(flow.dst, flow.src)
+        return tuple(reversed(entry.names)) if entry is not None else ()  # most recently resolved first
+
+    def _judge_live(self, flow: Flow, live: LiveRules) -> Decision | None:
+        """A leased address while live rules exist: denied names do not count, live allows do."""
+        names = self._names(flow)
+        port = flow.dport if flow.proto in (PROTO_TCP, PROTO_UDP) else 0
+        usable, denials = live.usable(names, flow.proto, port)
+        if names and not usable:
+            self.blocked += 1
+            if self._engine is not None:
+                self._engine.stats.incr("ip_tracker.live_denied")
+            detail = f"({', '.join(names)} denied by ctl deny {', '.join(denials)})"
+            if self.config.action == "drop":
+                return Decision.drop(self.name, _LIVE_REASON, detail=detail)
+            return Decision.reject(self.name, _LIVE_REASON, detail=detail)
+        allowed = live.allowing(usable, flow.proto, port)
+        if allowed is not None:
+            flow.stash[MATCHED_RULE] = allowed.rule
+            return None
+        return None if self.destinations is None else self._judge_destination(flow, tuple(usable))
+
+    def _judge_destination(self, flow: Flow, names: tuple[str, ...] | None = None) -> Decision | None:
         """A leased address: does one of its names (for this client) have a rule for this port?"""
         assert self.destinations is not None
-        entry = self.table.get(flow.dst, flow.src)
-        names = tuple(reversed(entry.names)) if entry is not None else ()  # most recently resolved first
+        if names is None:
+            names = self._names(flow)
         port = flow.dport if flow.proto in (PROTO_TCP, PROTO_UDP) else 0
         allowed = self.destinations.allowing(names, flow.proto, port)
         if allowed is not None:
