@@ -98,21 +98,33 @@ def _tls(data: bytes, limit: int) -> Result:
             return Malformed(f"TLS record of {length} bytes")
         body = data[offset + 5 : offset + 5 + length]
         handshake += body
+        # Judge the handshake header as soon as it is here, before reading further records: an answer
+        # must not depend on bytes after the point where it was already decided (a prefix decides it).
+        refused = _bad_header(handshake, limit)
+        if refused is not None:
+            return refused
         if len(body) < length:
             break  # a record still arriving: what it has so far may already hold the name
         offset += 5 + length
         if _hello_complete(handshake):
             break
-    if len(handshake) >= 1 and handshake[0] != _CLIENT_HELLO:
-        return Malformed(f"TLS handshake type {handshake[0]}, not a ClientHello")
     if len(handshake) < 4:
         return NEED_MORE
     size = int.from_bytes(handshake[1:4], "big")
-    if size + 4 > limit:
-        return Malformed(f"a ClientHello of {size} bytes (limit {limit})")
     if len(handshake) < size + 4:
         return NEED_MORE
     return _client_hello(memoryview(handshake)[4 : 4 + size])
+
+
+def _bad_header(handshake: bytearray, limit: int) -> Malformed | None:
+    """Why the handshake layer's first bytes cannot start a ClientHello we read, or None."""
+    if handshake and handshake[0] != _CLIENT_HELLO:
+        return Malformed(f"TLS handshake type {handshake[0]}, not a ClientHello")
+    if len(handshake) >= 4:
+        size = int.from_bytes(handshake[1:4], "big")
+        if size + 4 > limit:
+            return Malformed(f"a ClientHello of {size} bytes (limit {limit})")
+    return None
 
 
 def _hello_complete(handshake: bytearray) -> bool:

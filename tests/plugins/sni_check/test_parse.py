@@ -43,6 +43,16 @@ def test_an_oversized_client_hello_is_malformed_as_soon_as_its_length_is_known()
     assert first_name(records(hello), limit=64 * 1024) == Name("allowed.example")
 
 
+def test_an_oversized_hello_in_a_short_first_record_stays_decided_whatever_follows() -> None:
+    """Found by the fuzz test: a 4-byte first record whose handshake header announces 1.4 MB was judged
+    only once the next record was read, so a prefix said "oversized" and the longer input "record type 0".
+    The answer must not change once a prefix decided it."""
+    oversized = b"\x16\x03\x01\x00\x04" + b"\x01\x16\x03\x01"
+    expected = Malformed("a ClientHello of 1442561 bytes (limit 16384)")
+    assert first_name(oversized) == expected
+    assert first_name(oversized + b"\x00\x01\x00\x16\x03") == expected
+
+
 def test_more_than_the_limit_without_an_answer_is_malformed() -> None:
     request = b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 20000
     assert first_name(request[:1000]) == NeedMore()
