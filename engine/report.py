@@ -33,6 +33,8 @@ REPORT_VERSION = 1
 ENTRY_LIMIT = 1000
 #: Lines per section of the human summary; the report has them all.
 SUMMARY_LINES = 10
+#: dns_filter's reason for a name allowlist mode refuses (plugins/dns_filter/blocklist.py NOT_ALLOWED).
+NOT_ALLOWED = "not on the allowlist"
 
 Names = Callable[[bytes], Sequence[str]]
 
@@ -153,9 +155,12 @@ def build_report(
     denied: list[dict[str, Any]] = []
     dns = dns or {}
     names = (dns.get("denied_names") or {}).get("names", {})
+    reasons = (dns.get("denied_names") or {}).get("reasons", {})
     for name, count in sorted(names.items(), key=lambda item: (-item[1], item[0])):
-        denied.append({"name": name, "queries": count, "plugin": "dns_filter", "rule": "not on the allowlist",
-                       "suggestion": name or None})
+        rule = reasons.get(name, NOT_ALLOWED)
+        # An --allow fixes only a name the allowlist lacks (not a ctl deny, nor a non-standard query).
+        denied.append({"name": name, "queries": count, "plugin": "dns_filter", "rule": rule,
+                       "suggestion": (name or None) if rule == NOT_ALLOWED else None})
     return {
         "version": REPORT_VERSION,
         "command": list(command),

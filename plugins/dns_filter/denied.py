@@ -23,11 +23,14 @@ DENIED_NAMES_KEPT = 1024
 class DeniedNames:
     """``name -> queries refused``, least recently refused first."""
 
-    __slots__ = ("limit", "names", "forgotten", "response")
+    __slots__ = ("limit", "names", "reasons", "forgotten", "response")
 
     def __init__(self, response: str, limit: int = DENIED_NAMES_KEPT) -> None:
         self.limit = limit
         self.names: OrderedDict[str, int] = OrderedDict()
+        #: Why each name was refused, the latest reason ("not on the allowlist", "denied by ctl deny"):
+        #: the report must say which, and a ctl deny can refuse a name the allowlist allows.
+        self.reasons: dict[str, str] = {}
         self.forgotten = 0
         self.response = response
 
@@ -39,11 +42,14 @@ class DeniedNames:
         if count is not None:
             names[name] = count + 1
             names.move_to_end(name)
+            self.reasons[name] = reason
             return
         if len(names) >= self.limit:
-            names.popitem(last=False)
+            oldest, _ = names.popitem(last=False)
+            self.reasons.pop(oldest, None)
             self.forgotten += 1
         names[name] = 1
+        self.reasons[name] = reason
         if log.isEnabledFor(logging.INFO):
             source = str(ipaddress.ip_address(client)) if len(client) in (4, 16) else "?"
             log.info(
@@ -53,4 +59,4 @@ class DeniedNames:
             )
 
     def snapshot(self) -> dict[str, Any]:
-        return {"names": dict(self.names), "forgotten": self.forgotten}
+        return {"names": dict(self.names), "reasons": dict(self.reasons), "forgotten": self.forgotten}

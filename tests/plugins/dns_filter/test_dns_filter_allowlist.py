@@ -44,7 +44,8 @@ def test_only_allowlisted_names_resolve(dns_bench: Bench, response: str, rcode: 
     assert [event.qname for event, _ in bench.recorder.events] == ["example.test"]  # nothing learned
     snapshot = bench.plugin.snapshot()
     assert snapshot["default"] == "deny" and snapshot["denied"] == 1 and snapshot["blocked"] == 0
-    assert snapshot["denied_names"] == {"names": {"cloaked.test": 1}, "forgotten": 0}
+    assert snapshot["denied_names"] == {"names": {"cloaked.test": 1}, "reasons": {"cloaked.test": "not on the allowlist"},
+                                        "forgotten": 0}
 
 
 def test_each_pattern_form_decides_what_reaches_the_upstream(dns_bench: Bench) -> None:
@@ -82,7 +83,8 @@ def test_the_denied_names_table_is_bounded() -> None:
     for name in ("a.test", "b.test", "a.test", "c.test"):
         denied.record(name, 1, bytes(4), "not on the allowlist")
     # b.test was refused least recently: forgotten first; a.test keeps its count.
-    assert denied.snapshot() == {"names": {"a.test": 2, "c.test": 1}, "forgotten": 1}
+    assert denied.snapshot() == {"names": {"a.test": 2, "c.test": 1}, "forgotten": 1,
+                                 "reasons": {"a.test": "not on the allowlist", "c.test": "not on the allowlist"}}
 
 
 def test_an_allowed_name_whose_cname_chain_leaves_the_allowlist_is_answered(dns_bench: Bench) -> None:
