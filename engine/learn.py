@@ -40,6 +40,7 @@ from engine.hookspecs import hookimpl
 from engine.name_rules import normalize, parse_pattern, protocol_name
 from engine.packet import PROTO_TCP, PROTO_UDP
 from engine.profile import Profile
+from engine.sandbox_policy import copied_plugin_tables, missing_name_plugins
 
 if TYPE_CHECKING:
     from engine.decision import Decision
@@ -52,8 +53,6 @@ ADDRESSES_KEPT = 65_536
 #: CNAME targets shown per name in the comments.
 CNAMES_SHOWN = 4
 
-REQUIRED_PLUGINS = ("dns_filter", "ip_tracker")
-
 Names = Callable[[bytes], Sequence[str]]
 
 
@@ -63,14 +62,10 @@ class LearnError(ValueError):
 
 def learning_profile(profile: Profile) -> Profile:
     """``profile`` with its name policy lifted, everything else kept (see the module docstring)."""
-    listed = {reference.rpartition(":")[2] for reference in profile.engine.plugins}
-    missing = [name for name in REQUIRED_PLUGINS if name not in listed]
-    if missing:
-        raise LearnError(
-            f"--learn needs {' and '.join(missing)} in [engine] plugins of {profile.path} "
-            f"(it lists {', '.join(profile.engine.plugins)}): they are what resolves names and judges ports"
-        )
-    tables: dict[str, dict[str, Any]] = {name: dict(table) for name, table in profile.plugin_tables.items()}
+    missing = missing_name_plugins(profile, "--learn")
+    if missing is not None:
+        raise LearnError(f"{missing}: they are what resolves names and judges ports")
+    tables = copied_plugin_tables(profile)
     dns = tables.setdefault("dns_filter", {})
     dns.update(default="allow", allowlist=[], allowlist_files=[], blocklist=[], blocklist_files=[])
     tables.setdefault("ip_tracker", {})["destinations"] = []

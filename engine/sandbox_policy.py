@@ -43,16 +43,28 @@ def parse_allow_rules(rules: Sequence[str]) -> list[Destination]:
         raise SandboxPolicyError(f"--allow {error}") from None
 
 
-def with_allow_rules(profile: Profile, rules: Sequence[Destination]) -> Profile:
-    """``profile`` in allowlist mode with ``rules`` as destinations (see the module docstring)."""
+def missing_name_plugins(profile: Profile, option: str) -> str | None:
+    """Why ``option`` (``--allow``, ``--learn``) cannot work on ``profile``: the plugins that resolve names
+    and judge ports (:data:`REQUIRED_PLUGINS`) are not all listed. None when they are."""
     listed = {reference.rpartition(":")[2] for reference in profile.engine.plugins}
     missing = [name for name in REQUIRED_PLUGINS if name not in listed]
-    if missing:
-        raise SandboxPolicyError(
-            f"--allow needs {' and '.join(missing)} in [engine] plugins of {profile.path} "
-            f"(it lists {', '.join(profile.engine.plugins)})"
-        )
-    tables: dict[str, dict[str, Any]] = {name: dict(table) for name, table in profile.plugin_tables.items()}
+    if not missing:
+        return None
+    return (f"{option} needs {' and '.join(missing)} in [engine] plugins of {profile.path} "
+            f"(it lists {', '.join(profile.engine.plugins)})")
+
+
+def copied_plugin_tables(profile: Profile) -> dict[str, dict[str, Any]]:
+    """The profile's ``[plugins.*]`` tables, each copied one level deep: safe to change for a new profile."""
+    return {name: dict(table) for name, table in profile.plugin_tables.items()}
+
+
+def with_allow_rules(profile: Profile, rules: Sequence[Destination]) -> Profile:
+    """``profile`` in allowlist mode with ``rules`` as destinations (see the module docstring)."""
+    missing = missing_name_plugins(profile, "--allow")
+    if missing is not None:
+        raise SandboxPolicyError(missing)
+    tables = copied_plugin_tables(profile)
     dns = tables.setdefault("dns_filter", {})
     tracker = tables.setdefault("ip_tracker", {})
     destinations = list(tracker.get("destinations", ()))
