@@ -5,3 +5,7 @@ Every feature lives in a plugin under ``plugins/``; the engine only knows the ho
 """
 
 __version__ = "0.1.0"
+
+from engine import compiled as _compiled
+
+_compiled.install()  # the compiled build's import hook, before any per-packet module loads (engine/compiled.py)

@@ -16,11 +16,25 @@ COMMANDS = [
 ]
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version and which build runs (compiled modules or pure Python, engine/compiled.py)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and which build runs")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from engine import __version__, compiled
+
+        print(f"dnsgate {__version__}\nbuild: {compiled.status().describe()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dnsgate",
         description="A DNS-first packet policy engine behind a Linux TUN device.",
     )
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS:
         importlib.import_module(module_name).add_parser(subparsers)

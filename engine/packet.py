@@ -233,6 +233,29 @@ def encode_tcp_options(
 # --- the parsed packet -----------------------------------------------------------------------------------
 
 
+#: The fields of a parsed :class:`Packet` (its slots; a compiled build's class has no ``__slots__`` to list).
+PACKET_FIELDS: tuple[str, ...] = (
+    "buf",
+    "version",
+    "src",
+    "dst",
+    "proto",
+    "ttl",
+    "l4_offset",
+    "payload_offset",
+    "payload_end",
+    "is_fragment",
+    "sport",
+    "dport",
+    "seq",
+    "ack",
+    "tcp_flags",
+    "window",
+    "icmp_type",
+    "icmp_code",
+)
+
+
 class Packet:
     """Header fields of one IP packet. Built only by :func:`parse`.
 
@@ -242,26 +265,7 @@ class Packet:
     identifier and ``dport`` 0, so an echo "flow" has a key like any other.
     """
 
-    __slots__ = (
-        "buf",
-        "version",
-        "src",
-        "dst",
-        "proto",
-        "ttl",
-        "l4_offset",
-        "payload_offset",
-        "payload_end",
-        "is_fragment",
-        "sport",
-        "dport",
-        "seq",
-        "ack",
-        "tcp_flags",
-        "window",
-        "icmp_type",
-        "icmp_code",
-    )
+    __slots__ = PACKET_FIELDS
 
     buf: memoryview
     version: int
@@ -330,14 +334,11 @@ class Packet:
         )
 
 
-_new_packet: Callable[[type[Packet]], Packet] = object.__new__
-
-
 def _tcp_packet(
     buf: memoryview, version: int, src: bytes, dst: bytes, ttl: int, l4: int, hlen: int, total: int,
     sport: int, dport: int, seq: int, ack: int, flags: int, window: int,
 ) -> Packet:
-    pkt = _new_packet(Packet)
+    pkt = Packet()  # no __init__: as cheap as object.__new__ here, and native under mypyc
     pkt.buf = buf
     pkt.version = version
     pkt.src = src
@@ -362,7 +363,7 @@ def _udp_packet(
     buf: memoryview, version: int, src: bytes, dst: bytes, ttl: int, l4: int, ulen: int, total: int,
     sport: int, dport: int,
 ) -> Packet:
-    pkt = _new_packet(Packet)
+    pkt = Packet()  # no __init__: as cheap as object.__new__ here, and native under mypyc
     pkt.buf = buf
     pkt.version = version
     pkt.src = src
@@ -442,7 +443,7 @@ def parse(data: Buffer) -> Packet:
 def _parse_general(buf: memoryview, first: int, size: int) -> Packet:
     """Every packet the fast paths of :func:`parse` do not take; the reference for all validation."""
     version = first >> 4
-    pkt = _new_packet(Packet)
+    pkt = Packet()  # no __init__: as cheap as object.__new__ here, and native under mypyc
     if version == 4:
         if size < 20:
             raise PacketError(f"IPv4 packet of {size} bytes is shorter than its header")

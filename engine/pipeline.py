@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, Verdict
-from engine.flow import Flow, replaceable_by
+from engine.flow import Flow, FlowHandler, replaceable_by
 from engine.owner import log_fields, owner_slot
 from engine.reassembly import Reassembler
 from engine.tun_subnet import GatewayEcho, GatewayEchoHandler, TunSubnetGuard
@@ -259,6 +259,7 @@ class Pipeline:
             flow.handler = echo
             echo.on_packet(packet, now)
             return
+        decision: object  # whatever the hooks return; anything but a Decision means the default
         if own is not None:
             decision = own
         else:
@@ -267,7 +268,7 @@ class Pipeline:
             decision = ACCEPT_BY_DEFAULT
         flow.decision = decision
         self.hooks.call("dnsgate_track", packet, flow, decision, now)
-        handler = None
+        handler: FlowHandler | None = None
         if decision.allowed:
             if self.dry_run:
                 handler = DryRunHandler()

@@ -52,7 +52,7 @@ def general_path(data: bytes | bytearray | memoryview) -> P.Packet:
 
 
 def same_fields(a: P.Packet, b: P.Packet) -> bool:
-    return all(getattr(a, s) == getattr(b, s) for s in P.Packet.__slots__ if s != "buf") and a.buf == b.buf
+    return all(getattr(a, s) == getattr(b, s) for s in P.PACKET_FIELDS if s != "buf") and a.buf == b.buf
 
 
 def exercise(data: bytes | bytearray | memoryview) -> None:
