@@ -425,47 +425,26 @@ class SoakNet:
             time.sleep(0.05)
 
     def close(self) -> list[BaseException]:
+        from engine.commands.exec_cmd import remove_exec_namespace
+
         errors = self.cleanup.close()
         for ns in (self.engine.name, self.server.name):
             if self.nl.netns_exists(ns):  # something we did not start held it: be thorough
-                _kill_netns(ns)
+                remove_exec_namespace(ns)
         return errors
-
-
-def _kill_netns(name: str) -> None:
-    from engine.linux import netns as nl
-
-    for pid in nl.netns_pids(name):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        nl.delete_netns(name)
-    except nl.NetnsError as error:
-        print(f"soak: cannot delete namespace {name}: {error}", file=sys.stderr)
-    shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def sweep_stale() -> list[str]:
     """Namespaces (ours and the exec namespaces their dnsgate made) and work dirs of soak runs whose PID is gone."""
+    from engine.commands.exec_cmd import remove_exec_namespace
     from engine.linux import netns as nl
+    from engine.linux.routes import pid_alive
 
     pattern = re.compile(rf"^{NS_PREFIX}(\d+)x")
     removed = []
     for workdir in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}*"):
         m = pattern.match(workdir.name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         for state in workdir.glob("state/exec-*.json"):
             try:
@@ -473,13 +452,13 @@ def sweep_stale() -> list[str]:
             except (OSError, ValueError):
                 continue
             if name.startswith("dnsgate-x") and nl.netns_exists(name):
-                _kill_netns(name)
+                remove_exec_namespace(name)
                 removed.append(name)
         shutil.rmtree(workdir, ignore_errors=True)
     for name in nl.list_netns():
         m = pattern.match(name)
-        if m and not _pid_alive(int(m.group(1))):
-            _kill_netns(name)
+        if m and not pid_alive(int(m.group(1))):
+            remove_exec_namespace(name)
             removed.append(name)
     return removed
 
@@ -607,6 +586,7 @@ def read_driver(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
 
 def stop_exec(popen: subprocess.Popen[bytes], log_path: Path, state_dir: Path) -> None:
     """SIGTERM exec (it stops its command and removes its namespace); SIGKILL and clean up after it if need be."""
+    from engine.commands.exec_cmd import remove_exec_namespace
     from engine.linux import netns as nl
 
     names = set(re.findall(r"namespace (dnsgate-x[0-9a-f]+)", _read(log_path)))
@@ -629,7 +609,7 @@ def stop_exec(popen: subprocess.Popen[bytes], log_path: Path, state_dir: Path) -
     for name in names:
         if name.startswith("dnsgate-x") and (nl.netns_exists(name) or (Path("/etc/netns") / name).exists()):
             print(f"soak: exec left namespace {name}: removing it", file=sys.stderr)
-            _kill_netns(name)
+            remove_exec_namespace(name)
 
 
 def _read(path: Path) -> str:
