@@ -188,16 +188,24 @@ class FlowTable:
     ``max_flows`` is reached the least recently seen flows are evicted (their handlers closed by the
     caller). Idle expiry is a safety net; handlers normally end their flows themselves (TCP close, UDP
     idle timeout).
+
+    Flow ids count from ``id_start`` in steps of ``id_step``: one engine numbers 1, 2, 3, ...; worker I of
+    N numbers I+1, I+1+N, I+1+2N, ..., so the ids ``ctl flows`` shows are unique across the workers and
+    ``ctl close ID`` names exactly one flow (docs/control.md, "With workers").
     """
 
-    def __init__(self, max_flows: int = 65536, idle_timeout: float = 7200.0, blocked_ttl: float = 5.0) -> None:
+    def __init__(self, max_flows: int = 65536, idle_timeout: float = 7200.0, blocked_ttl: float = 5.0,
+                 *, id_start: int = 1, id_step: int = 1) -> None:
         if max_flows < 1:
             raise ValueError("max_flows must be at least 1")
+        if id_start < 1 or id_step < 1:
+            raise ValueError("flow ids start at 1 or later and step by 1 or more")
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
         self.blocked_ttl = blocked_ttl
         self.flows: dict[FlowKey, Flow] = {}
-        self._next_id = 1
+        self._next_id = id_start
+        self._id_step = id_step
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -221,7 +229,7 @@ class FlowTable:
         if len(self.flows) >= self.max_flows:
             evicted = self._evict(now)
         flow = Flow(key, version, now, self._next_id)
-        self._next_id += 1
+        self._next_id += self._id_step
         self.flows[key] = flow
         return flow, evicted
 

@@ -63,7 +63,10 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         clock: Callable[[], float] | None = None,
         socket_policy: SocketPolicy | None = None,
+        worker: tuple[int, int] | None = None,
     ) -> None:
+        """``worker=(index, count)``: this engine is worker ``index`` of ``count`` (engine/workers/), which
+        only changes how it numbers flows (ids unique across the workers: engine/flow.py FlowTable)."""
         self.config = profile
         self.profile = profile
         self.stats = Stats()
@@ -93,7 +96,11 @@ class Engine:
         self.mtu = profile.engine.mtu
         self.mode = profile.engine.mode
         options = profile.engine
-        self.flows = FlowTable(options.max_flows, options.flow_idle_timeout, options.blocked_flow_ttl)
+        index, count = worker if worker is not None else (0, 1)
+        if not 0 <= index < count:
+            raise ValueError(f"worker {index} of {count}: the index counts from 0 to count - 1")
+        self.flows = FlowTable(options.max_flows, options.flow_idle_timeout, options.blocked_flow_ttl,
+                               id_start=index + 1, id_step=count)
         self.lifecycle = FlowLifecycle(self.flows, self.hooks, self.stats)
         self.replies = Replies(self.write, self.stats, options.reject_rate)
         self.pipeline = Pipeline(self)
