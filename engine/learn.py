@@ -150,6 +150,11 @@ class LearnRecorder:
             parse_pattern(name)
         except ValueError:
             return  # the root, or a name no rule can spell (not a host name): nothing to allow
+        if answer.peer:
+            # Another worker's answer (engine/workers/sharing.py): that worker records the name and counts
+            # the answer; here it only names the addresses, for the flows this worker carries to them.
+            self._remember_addresses(answer, name)
+            return
         use = self.names.get(name)
         if use is None:
             if len(self.names) >= self.limit:
@@ -161,6 +166,9 @@ class LearnRecorder:
             if len(use.cnames) >= CNAMES_SHOWN:
                 break
             use.cnames[normalize(target)] = None
+        self._remember_addresses(answer, name)
+
+    def _remember_addresses(self, answer: DnsAnswer, name: str) -> None:
         last = self._last_name
         for address, _ttl in answer.addresses:
             last[address] = name

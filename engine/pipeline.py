@@ -34,6 +34,7 @@ from engine.packet import (
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
+    from engine.workers.sharing import AnswerSharing
 
 log = logging.getLogger("dnsgate.pipeline")
 
@@ -107,6 +108,9 @@ class Pipeline:
         """The packet being handled was reassembled from fragments (each of which fitted the MTU)."""
         self.dry_run = False
         """Judge flows but never forward them (``dnsgate replay``: a capture must not cause real I/O)."""
+        self.answer_sharing: AnswerSharing | None = None
+        """The other workers' DNS answers, caught up on before a new flow is judged; None (one engine
+        alone) costs one attribute test per new flow (engine/workers/sharing.py)."""
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -263,6 +267,11 @@ class Pipeline:
         if own is not None:
             decision = own
         else:
+            sharing = self.answer_sharing
+            if sharing is not None:
+                # DNS first across workers: the answer that gave this address may have left through another
+                # worker; it was published before its reply left, so catching up now finds it.
+                sharing.catch_up(now)
             decision = self.hooks.call("dnsgate_filter", packet, flow, now)
         if not isinstance(decision, Decision):
             decision = ACCEPT_BY_DEFAULT

@@ -28,7 +28,7 @@ from engine.live_rules import LiveRules
 from engine.packet import Packet, VnetHeader
 from engine.pipeline import Pipeline
 from engine.poller import Poller
-from engine.plugin_manager import HookRunner, build_plugins, load_plugins, register_plugins, same_plugin
+from engine.plugin_manager import GuardedPlugin, HookRunner, build_plugins, load_plugins, register_plugins, same_plugin
 from engine.profile import Profile
 from engine.replies import ICMP_CODES as ICMP_CODES  # re-exported: where it lived before engine/replies.py
 from engine.replies import Replies
@@ -39,6 +39,7 @@ from engine.io.base import CallbackDevice
 if TYPE_CHECKING:
     from engine.io.base import PacketDevice
     from engine.owner import OwnerSource
+    from engine.workers.sharing import AnswerSharing
 
 log = logging.getLogger("dnsgate.engine")
 
@@ -126,6 +127,8 @@ class Engine:
         self._reserved_descriptors = 0
         #: Who owns each new flow's socket (engine/owner.py): set by ``run`` and ``exec``, None elsewhere.
         self.owner_source: OwnerSource | None = None
+        #: The other workers' DNS answers (engine/workers/sharing.py), else None: one engine alone.
+        self.answer_sharing: AnswerSharing | None = None
         self.hooks.call("dnsgate_configure", self)
         if device is not None:
             self.attach(device)
@@ -242,6 +245,19 @@ class Engine:
     def send_rst(self, packet: Packet, now: float) -> None:
         """A RST for a segment no connection takes (rate limited with the other refusals)."""
         self.replies.rst(packet, now)
+
+    def enable_answer_sharing(self, sharing: AnswerSharing) -> None:
+        """Make this engine one worker of several: publish its DNS answers, learn the others' before each
+        new flow and on every tick (engine/workers/sharing.py). Registered like an observer (it stays
+        through reloads), its hooks guarded like a plugin's; before :meth:`start`, or it starts now."""
+        if self.answer_sharing is not None:
+            raise RuntimeError("answer sharing is already enabled")
+        sharing.bind(self)
+        self.pm.register(GuardedPlugin(sharing, sharing.name, self.stats, self.config.engine.on_plugin_error),
+                         name=sharing.name)
+        self.answer_sharing = self.pipeline.answer_sharing = sharing
+        if self.running:
+            sharing.dnsgate_start(self)
 
     # -- device ----------------------------------------------------------------------------------
 
@@ -384,6 +400,8 @@ class Engine:
 
     def tick(self, now: float) -> None:
         """Expire idle flows and stale fragments, and let plugins do their periodic work."""
+        if self.answer_sharing is not None:
+            self.answer_sharing.catch_up(now)
         self.lifecycle.expire(now)
         self.pipeline.reassembly.expire(now)
         if now >= self._next_address_refresh:

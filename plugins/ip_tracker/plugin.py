@@ -182,7 +182,8 @@ class IpTracker:
             lease = self.config.lease_seconds
             for address, ttl in addresses:
                 learn(address, answer.qname, now + lease(ttl), answer.client)
-        self.learned += len(addresses)
+        if not answer.peer:  # another worker's answer is learned here but counted there: sums stay right
+            self.learned += len(addresses)
 
     # -- the policy ----------------------------------------------------------------------------------
 
