@@ -1,7 +1,7 @@
 """A single-writer ring of DNS answers in shared memory: how one worker tells the others what DNS said.
 
 Every worker owns one ring and is its only writer; every other worker reads it. The writer appends
-``(DnsAnswer, now)`` before the DNS reply leaves (docs/architecture.md, "Workers: DNS first across
+``(DnsAnswer, now)`` before the DNS reply leaves (docs/architecture.md §12, "Workers: DNS first across
 processes"), so ``append`` is on the DNS critical path and is a handful of struct packs and one copy into
 the buffer; readers check for news before every new flow, so "nothing new" is one 8-byte read.
 
@@ -33,9 +33,8 @@ needed (each record is a valid answer for that subset; a consumer that learns ad
 all). If the chain itself leaves no room for the widest address, the chain is cut from its end (counted
 in :attr:`AnswerLog.cnames_cut`): the chain only ever serves logs and learned-profile comments, whereas
 the addresses are what leases are made of. The upstream label (which no consumer judges by) is cut to
-64 bytes. Only an answer whose
-question name alone cannot fit a slot (impossible at the default size for any name dns_filter decodes)
-is refused, and counted in :attr:`AnswerLog.unshareable`.
+64 bytes. Only an answer whose question name alone cannot fit a slot (impossible at the default size for
+any name dns_filter decodes) is refused, and counted in :attr:`AnswerLog.unshareable`.
 """
 
 from __future__ import annotations

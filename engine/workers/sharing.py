@@ -1,4 +1,4 @@
-"""Every worker learns every worker's DNS answers before it judges a new flow (docs/architecture.md,
+"""Every worker learns every worker's DNS answers before it judges a new flow (docs/architecture.md §12,
 "Workers: DNS first across processes").
 
 :class:`AnswerSharing` is registered in a worker's plugin manager by :meth:`engine.runtime.Engine.
