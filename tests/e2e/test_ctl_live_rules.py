@@ -82,6 +82,11 @@ def test_ctl_allow_for_a_while_then_deny_on_a_running_exec(topology: Topology) -
 
     wait_for("refused query for new.test", lambda: denied("new.test"), process)
     assert client.request("rules") == []
+    # Asked while the command surely runs: once the deny below ends its download, the command may finish
+    # (and the control socket with it) before another ctl call gets there.
+    bad = ctl(control, "deny", "app.test:http")
+    assert bad.returncode == 1 and "port must be a number from 1 to 65535" in bad.stderr
+    assert client.request("rules") == []
     done = ctl(control, "allow", "new.test:80", "--for", "2s")
     assert done.returncode == 0 and done.stdout.startswith("allowed new.test:80/tcp for 2 s"), done
     (rule,) = client.request("stats")["live_rules"]
@@ -99,8 +104,6 @@ def test_ctl_allow_for_a_while_then_deny_on_a_running_exec(topology: Topology) -
     done = ctl(control, "deny", "app.test")
     assert done.returncode == 0, done
     assert re.search(r"^  ended 10\.0\.0\.2:\d+ -> 198\.51\.100\.10:80/tcp$", done.stdout, re.M), done.stdout
-    bad = ctl(control, "deny", "app.test:http")
-    assert bad.returncode == 1 and "port must be a number from 1 to 65535" in bad.stderr
     client.close()
     assert process.popen.wait(timeout=60) == 0  # the script ends with an echo: its curls report below
     output = process.log()
