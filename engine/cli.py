@@ -13,6 +13,7 @@ COMMANDS = [
     "engine.commands.replay",
     "engine.commands.serve",
     "engine.commands.run", "engine.commands.exec_cmd", "engine.commands.demo", "engine.commands.top", "engine.commands.ctl",
+    "engine.commands.worker",  # internal: one process of a supervised engine (engine/workers/)
 ]
 
 

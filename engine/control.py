@@ -92,14 +92,17 @@ def bind_private_socket(path: Path) -> socket.socket:
 class ControlServer:
     """Serves ``handlers`` (command name -> callable taking the request dict) on a private Unix socket."""
 
-    def __init__(self, path: Path | str, handlers: Mapping[str, Handler]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str | None, handlers: Mapping[str, Handler]) -> None:
+        #: None for a server that only serves connected sockets (:meth:`serve_connected`).
+        self.path = Path(path) if path is not None else None
         self.handlers = dict(handlers)
         self.handlers.setdefault("ping", lambda _request: "pong")
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        if self.path is None:
+            raise ValueError("this control server has no socket path to listen on")
         sock = bind_private_socket(self.path)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST_BYTES)
         log.info("control socket %s", self.path)
@@ -112,10 +115,23 @@ class ControlServer:
             await asyncio.gather(*self._connections, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
+        if self.path is None:
+            return
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+    async def serve_connected(self, sock: socket.socket) -> None:
+        """Serve one already-connected stream socket until its peer closes it (a worker's private line to
+        its supervisor, engine/workers/supervisor.py: a socketpair, so nothing is left on disk and no other
+        process can reach it)."""
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REQUEST_BYTES)
+        task = asyncio.current_task()
+        await self._serve(reader, writer)
+        if task is not None:
+            self._connections.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

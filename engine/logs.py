@@ -29,7 +29,8 @@ NAMES = {"error": logging.ERROR, "warning": logging.WARNING, "warn": logging.WAR
 RECENT_BLOCKS = 50
 MAX_PROGRAMS = 256
 STRUCTURED_FIELDS = ("event", "plugin", "reason", "detail", "flow", "verdict", "mode",
-                     "program", "pid", "uid", "unit", "owner", "qname")  # the owner: engine/owner.py
+                     "program", "pid", "uid", "unit", "owner", "qname",  # the owner: engine/owner.py
+                     "worker")  # which worker process logged it (engine/workers/)
 
 
 def parse_level(text: str | int) -> int:
@@ -98,6 +99,23 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(numeric)
     return handler
+
+
+class WorkerTag(logging.Filter):
+    """Marks every record of a worker process with its index: ``worker`` in JSON lines, and a
+    ``[worker N]`` prefix in human lines, so the workers' interleaved logs read as one engine's."""
+
+    def __init__(self, index: int, *, prefix: bool) -> None:
+        super().__init__()
+        self.index = index
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "worker", None) is None:
+            record.worker = self.index
+            if self.prefix:
+                record.msg = f"[worker {self.index}] {record.msg}"
+        return True
 
 
 def block_line(flow_text: str, reason: str, detail: str = "") -> str:

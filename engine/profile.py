@@ -202,6 +202,18 @@ def check_cidrs(_instance: object, attribute: attrs.Attribute[tuple[str, ...]], 
             raise ValueError(f"{attribute.name}: {item!r} is not a network like 10.0.0.0/24") from None
 
 
+#: The most worker processes an engine starts: the kernel's TUN queue limit is 256, but past a few dozen
+#: the shared answer rings (every worker replays every other's answers) cost more than a worker gains.
+MAX_WORKERS = 64
+
+
+def _check_workers(value: int | str) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"workers must be \"auto\" or a number from 1 to {MAX_WORKERS}, got {value!r}")
+
+
 def _positive_duration(_instance: object, attribute: attrs.Attribute[Duration], value: Duration) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be longer than 0 s")
@@ -241,6 +253,21 @@ class EngineConfig:
     #: Serve Prometheus metrics on this ADDRESS:PORT ("127.0.0.1:9153"; empty = off; docs/metrics.md).
     #: ``--metrics`` on the command line overrides it.
     metrics: str = ""
+    #: Worker processes, one per TUN queue (engine/workers/): 1 = the engine runs in the command's own
+    #: process; "auto" = one per CPU this process may run on (docs/architecture.md, "Workers").
+    workers: int | Literal["auto"] = attrs.field(default=1, validator=lambda _i, _a, value: _check_workers(value))
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number: "auto" is the CPUs this process may use (its affinity, so a container's
+        cpuset counts, not the host's cores), at most :data:`MAX_WORKERS`."""
+        if self.workers == "auto":
+            try:
+                cpus = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cpus = os.cpu_count() or 1
+            return max(1, min(MAX_WORKERS, cpus))
+        return int(self.workers)
 
     @property
     def device_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -246,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not setup_logging_or_explain(args):
         return 2
+    if profile.engine.worker_count > 1:
+        log.info("exec serves one command from one engine process; [engine] workers = %s applies to run and serve",
+                 profile.engine.workers)
     state_dir = Path(args.state_dir)
     sweep_stale(state_dir)
     name = nl.unique_name("dnsgate-x")

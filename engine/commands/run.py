@@ -19,12 +19,15 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from engine import event_loop
 from engine.commands.serving import (
+    PCAP_MAX_PACKETS,
     add_common_arguments,
     load_profile_or_explain,
     make_block_observer,
@@ -46,6 +49,7 @@ from engine.io.tun import TunDevice, TunError
 from engine.linux.routes import (
     DEFAULT_STATE_DIR,
     MODES,
+    Bypass,
     Mode,
     RouteError,
     RouteManager,
@@ -53,7 +57,7 @@ from engine.linux.routes import (
     cleanup_stale,
     require_net_admin,
 )
-from engine.profile import ProfileError, load_profile
+from engine.profile import Profile, ProfileError, load_profile
 from engine.runtime import Engine
 
 if TYPE_CHECKING:
@@ -81,17 +85,25 @@ class DashboardThread:
     """The live dashboard in a worker thread: the engine's loop only builds a snapshot dict once a second;
     rendering and terminal writes happen here, so the packet path never waits for the screen."""
 
-    def __init__(self, engine: Engine, console: Console) -> None:
-        self.engine = engine
+    def __init__(self, snapshot: Callable[[], Coroutine[Any, Any, Mapping[str, Any]]], loop: asyncio.AbstractEventLoop,
+                 console: Console) -> None:
+        self._snapshot = snapshot
+        self.loop = loop
         self.console = console
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dnsgate-dashboard", daemon=True)
 
-    async def _snapshot(self) -> dict[str, Any]:
-        return full_snapshot(self.engine)
+    @classmethod
+    def of_engine(cls, engine: Engine, console: Console) -> DashboardThread:
+        """The dashboard of the engine in this process."""
+
+        async def snapshot() -> Mapping[str, Any]:
+            return full_snapshot(engine)
+
+        return cls(snapshot, engine.loop, console)
 
     def _fetch(self) -> Mapping[str, Any]:
-        future = asyncio.run_coroutine_threadsafe(self._snapshot(), self.engine.loop)
+        future = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop)
         return future.result(timeout=5)
 
     def _run(self) -> None:
@@ -131,7 +143,11 @@ def mode_handler(engine: Engine, manager: RouteManager) -> ModeHandler:
 
 def route_unmarked_around_tun(engine: Engine, manager: RouteManager) -> None:
     """Give the plugins' unmarked destinations their bypass rules (firewall mode would loop them)."""
-    destinations = unmarked_destinations(engine)
+    route_around_tun(unmarked_destinations(engine), manager)
+
+
+def route_around_tun(destinations: list[Bypass], manager: RouteManager) -> None:
+    """Bypass rules for ``destinations`` (a supervised engine's come from a worker's ``_unmarked``)."""
     rules = manager.set_bypass(destinations)
     for address, proto, port in destinations:
         log.info("routing %s/%s:%s around the TUN: a plugin reaches it through a socket without the fwmark",
@@ -192,17 +208,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
 
+    workers = options.worker_count
     try:
-        device = TunDevice.open(options.tun_name, vnet_hdr=options.offload, offload=options.offload,
-                                mtu=options.mtu, txqueuelen=options.txqueuelen)
+        queues = [TunDevice.open(options.tun_name, vnet_hdr=options.offload, offload=options.offload,
+                                 mtu=options.mtu, txqueuelen=options.txqueuelen, multi_queue=workers > 1)
+                  for _ in range(workers)]
     except (TunError, OSError, ValueError) as error:
         print(f"dnsgate: cannot create the TUN device {options.tun_name}: {error}", file=sys.stderr)
         return 1
+    device = queues[0]
 
     spec = RoutingSpec(tun=device.name, device_addresses=tuple(options.device_addresses), fwmark=options.fwmark)
     manager = RouteManager(spec, state_dir=state_dir)
-    observer = make_block_observer(args.pcap_blocked)
-    dashboard: list[DashboardThread] = []
     control_path = args.control or str(default_control_path(device.name))
     mode: Mode = options.mode
     try:
@@ -210,9 +227,14 @@ def run(args: argparse.Namespace) -> int:
         manager.setup(mode)
     except RouteError as error:
         manager.teardown()
-        device.close()
+        for queue in queues:
+            queue.close()
         print(f"dnsgate: {error}", file=sys.stderr)
         return 1
+    if workers > 1:
+        return run_workers(args, profile, queues, manager, control_path, console)
+    observer = make_block_observer(args.pcap_blocked)
+    dashboard: list[DashboardThread] = []
 
     sources: list[LocalSockets] = []
 
@@ -231,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         route_unmarked_around_tun(engine, manager)  # a RouteError here stops the start, routes undone
         log.info("dnsgate running: %s mode on %s, control socket %s", mode, device.name, control_path)
         if console is not None:
-            thread = DashboardThread(engine, console)
+            thread = DashboardThread.of_engine(engine, console)
             dashboard.append(thread)
             thread.start()
 
@@ -260,3 +282,117 @@ def run(args: argparse.Namespace) -> int:
         observer.close()
         if not device.closed:
             device.close()
+
+
+def run_workers(args: argparse.Namespace, profile: Profile, queues: list[TunDevice], manager: RouteManager,
+                control_path: str, console: Console | None) -> int:
+    """``run`` with ``workers`` > 1: the TUN and routes are this process's, the engine is N workers
+    (engine/workers/supervisor.py). ``mode`` swaps the routes here, then every worker follows."""
+    from engine.commands.serve import worker_argv
+    from engine.io.pcap import PcapRecorder
+    from engine.workers.supervisor import Supervisor, WorkerLaunch, run_supervisor
+
+    count = len(queues)
+    if metrics_address(args, profile):
+        manager.teardown()
+        for queue in queues:
+            queue.close()
+        print("dnsgate: --metrics / [engine] metrics serve one process's figures and are not available with "
+              f"workers = {count} yet; set workers = 1 to export metrics", file=sys.stderr)
+        return 2
+    argv = list(worker_argv(args, profile.path, mode=manager.mode)) + ["--attribution"]
+    if args.pcap_blocked:
+        PcapRecorder(args.pcap_blocked).close()  # the header, once; every worker appends its records
+        argv += ["--pcap-append", args.pcap_blocked, "--pcap-max", str(max(1, PCAP_MAX_PACKETS // count))]
+    supervisor = Supervisor(queues, WorkerLaunch(argv=tuple(argv), vnet_hdr=queues[0].vnet_hdr))
+    dashboard: list[DashboardThread] = []
+
+    async def set_mode(request: Mapping[str, Any]) -> dict[str, Any]:
+        wanted = request.get("mode")
+        if wanted not in MODES:
+            raise ControlError(f"unknown mode {wanted!r} (modes: {', '.join(MODES)})")
+        previous = manager.mode
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, manager.set_mode, wanted)
+        except RouteError as error:
+            raise ControlError(str(error)) from None
+        await supervisor.broadcast({"cmd": "mode", "mode": wanted})
+        supervisor.launch = attrs.evolve(supervisor.launch, argv=_with_mode(supervisor.launch.argv, str(wanted)))
+        log.info("mode %s -> %s", previous, wanted)
+        return {"mode": wanted, "previous": previous}
+
+    async def reroute() -> None:
+        answers = await supervisor.broadcast({"cmd": "_unmarked"})
+        destinations = [(str(a), str(p), int(n)) for a, p, n in (answers[0] if answers else ())]
+        await asyncio.get_running_loop().run_in_executor(None, route_around_tun, destinations, manager)
+
+    async def reload(request: dict[str, Any]) -> Any:
+        path = str(request.get("profile") or profile.path)
+        answer = await supervisor.answer({"cmd": "reload", "profile": path})
+        if not answer.get("ok"):
+            raise ControlError(str(answer.get("error")))
+        supervisor.launch = attrs.evolve(supervisor.launch, argv=_with_profile(supervisor.launch.argv, path))
+        try:
+            await reroute()
+        except RouteError as error:
+            raise ControlError(str(error)) from None
+        result = answer.get("result")
+        try:
+            after = load_profile(path).engine.mode
+        except ProfileError:
+            return result
+        if after != manager.mode:
+            switched = await set_mode({"mode": after})
+            result = {**result, "mode": switched} if isinstance(result, dict) else {"result": result, "mode": switched}
+        return result
+
+    async def on_started(supervisor: Supervisor) -> None:
+        await reroute()
+        log.info("dnsgate running: %s mode on %s with %d workers, control socket %s",
+                 manager.mode, queues[0].name, count, control_path)
+        if console is not None:
+            async def snapshot() -> Mapping[str, Any]:
+                answer = await supervisor.answer({"cmd": "stats"})
+                if not answer.get("ok"):
+                    raise ControlError(str(answer.get("error")))
+                return dict(answer["result"])
+
+            thread = DashboardThread(snapshot, asyncio.get_running_loop(), console)
+            dashboard.append(thread)
+            thread.start()
+
+    async def on_stopping(_supervisor: Supervisor) -> None:
+        for thread in dashboard:
+            await thread.stop()
+        manager.teardown()
+
+    try:
+        return event_loop.run(run_supervisor(
+            supervisor, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
+            on_stopping=on_stopping, local_handlers=lambda _s: {"mode": set_mode, "reload": reload},
+        ))
+    except (ControlError, OSError, RouteError, event_loop.EventLoopError) as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+    finally:
+        manager.teardown()
+        supervisor.close()
+
+
+def _with_option(argv: tuple[str, ...], option: str, value: str) -> tuple[str, ...]:
+    """``argv`` with ``option``'s value replaced (or the option added): what a restarted worker starts with
+    after ``ctl mode`` or ``ctl reload`` changed what its peers serve."""
+    items = list(argv)
+    if option in items:
+        items[items.index(option) + 1] = value
+    else:
+        items += [option, value]
+    return tuple(items)
+
+
+def _with_mode(argv: tuple[str, ...], mode: str) -> tuple[str, ...]:
+    return _with_option(argv, "--mode", mode)
+
+
+def _with_profile(argv: tuple[str, ...], path: str) -> tuple[str, ...]:
+    return _with_option(argv, "--profile", path)

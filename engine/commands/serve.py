@@ -24,10 +24,10 @@ from engine.commands.serving import (
     unmarked_destinations,
 )
 from engine.control import BLOCK_OBSERVER_NAME
-from engine.io.tun import TunDevice, TunError
+from engine.io.tun import IFF_MULTI_QUEUE, TunDevice, TunError, device_netns, get_tun_info
 from engine.linux.routes import RouteError, plan_bypass_rules
 from engine.logs import BlockObserver
-from engine.profile import ProfileError
+from engine.profile import Profile, ProfileError
 from engine.runtime import Engine
 
 log = logging.getLogger("dnsgate")
@@ -39,6 +39,9 @@ def add_parser(subparsers: Any) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tun-fd", type=int, help="inherited TUN fd (IFF_TUN|IFF_NO_PI[|IFF_VNET_HDR])")
     source.add_argument("--tun", metavar="NAME", help="create or attach the TUN NAME (addresses/routes are yours)")
+    parser.add_argument("--tun-netns", metavar="NETNS",
+                        help="create the TUN NAME in this network namespace (a name or a path like "
+                             "/run/netns/cli) while the engine's own sockets stay in the current one")
     parser.add_argument("--vnet-hdr", action="store_true", default=None,
                         help="the fd carries virtio-net headers (detected when omitted)")
     parser.add_argument("--control", metavar="PATH", help="serve the control socket at PATH (mode 0600)")
@@ -82,19 +85,103 @@ def on_serving(engine: Engine) -> None:
     warn_about_unmarked_destinations(engine)
 
 
+def worker_argv(args: argparse.Namespace, profile_path: str, *, mode: str | None = None) -> tuple[str, ...]:
+    """The options every worker of a supervised engine gets from its supervisor's command line."""
+    argv = ["--profile", profile_path, "--log-level", str(args.log_level)]
+    if args.log_json:
+        argv.append("--log-json")
+    if args.log_file:
+        argv += ["--log-file", args.log_file]
+    if mode:
+        argv += ["--mode", mode]
+    return tuple(argv)
+
+
+def open_queues(args: argparse.Namespace, profile: Profile, count: int) -> list[TunDevice]:
+    """``count`` queues of one ``IFF_MULTI_QUEUE`` TUN: created by name (``--tun``, in ``--tun-netns``), or
+    attached beside an inherited multi-queue fd (``--tun-fd``) in that device's own namespace."""
+    options = profile.engine
+    vnet_hdr = bool(args.vnet_hdr if args.vnet_hdr is not None else options.offload)
+    queues: list[TunDevice] = []
+    try:
+        if args.tun_fd is not None:
+            first = TunDevice.from_fd(args.tun_fd, args.vnet_hdr, offload=options.offload,
+                                      txqueuelen=options.txqueuelen)
+            queues.append(first)
+            name, flags = get_tun_info(args.tun_fd)
+            if not flags & IFF_MULTI_QUEUE:
+                raise TunError(0, f"TUN {name} (fd {args.tun_fd}) was opened without IFF_MULTI_QUEUE, so no "
+                                  f"other worker can attach a queue to it; open it with IFF_MULTI_QUEUE or set "
+                                  f"workers = 1")
+            with device_netns(args.tun_fd):
+                for _ in range(count - 1):
+                    queues.append(TunDevice.open(name, vnet_hdr=first.vnet_hdr, offload=options.offload,
+                                                 multi_queue=True, txqueuelen=options.txqueuelen))
+        else:
+            for _ in range(count):
+                queues.append(TunDevice.open(args.tun, vnet_hdr=vnet_hdr, offload=options.offload,
+                                             netns=args.tun_netns, mtu=options.mtu,
+                                             txqueuelen=options.txqueuelen, multi_queue=True))
+    except BaseException:
+        for queue in queues:
+            queue.close()
+        raise
+    return queues
+
+
+def serve_workers(args: argparse.Namespace, profile: Profile, count: int) -> int:
+    """``serve`` with ``workers`` > 1: a supervisor and one worker per queue (engine/workers/)."""
+    from engine.workers.supervisor import Supervisor, WorkerLaunch, run_supervisor
+
+    if metrics_address(args, profile):
+        print("dnsgate: --metrics / [engine] metrics serve one process's figures and are not available with "
+              f"workers = {count} yet; set workers = 1 to export metrics", file=sys.stderr)
+        return 2
+    try:
+        queues = open_queues(args, profile, count)
+    except (TunError, OSError, ValueError) as error:
+        print(f"dnsgate: cannot use the TUN device: {error}", file=sys.stderr)
+        return 1
+    supervisor = Supervisor(queues, WorkerLaunch(argv=worker_argv(args, profile.path), vnet_hdr=queues[0].vnet_hdr))
+
+    async def on_started(supervisor: Supervisor) -> None:
+        answers = await supervisor.broadcast({"cmd": "_unmarked"})
+        destinations = [tuple(item) for item in (answers[0] if answers else ())]
+        if destinations:
+            shown = ", ".join(f"{proto}/{address}:{port}" for address, proto, port in destinations)
+            log.warning("plugins reach %s through sockets without the engine's fwmark; serve leaves routing to "
+                        "you: if your routes send these into the TUN, keep them out with: %s",
+                        shown, "; ".join(bypass_advice(destinations)))
+
+    try:
+        return event_loop.run(run_supervisor(supervisor, control_path=args.control, ready_file=args.ready_file,
+                                             on_started=on_started))
+    except event_loop.EventLoopError as error:
+        supervisor.close()
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 2
+
+
 def run(args: argparse.Namespace) -> int:
     if not setup_logging_or_explain(args):
         return 2
     profile = load_profile_or_explain(args.profile)
     if profile is None:
         return 2
+    if args.tun_netns and args.tun_fd is not None:
+        print("dnsgate: --tun-netns goes with --tun NAME (an inherited fd's device already has a namespace)",
+              file=sys.stderr)
+        return 2
+    workers = profile.engine.worker_count
+    if workers > 1:
+        return serve_workers(args, profile, workers)
     try:
         if args.tun_fd is not None:
             device = TunDevice.from_fd(args.tun_fd, args.vnet_hdr, offload=profile.engine.offload,
                                        txqueuelen=profile.engine.txqueuelen)
         else:
             device = TunDevice.open(args.tun, vnet_hdr=bool(args.vnet_hdr if args.vnet_hdr is not None else profile.engine.offload),
-                                    offload=profile.engine.offload, mtu=profile.engine.mtu,
+                                    offload=profile.engine.offload, mtu=profile.engine.mtu, netns=args.tun_netns,
                                     txqueuelen=profile.engine.txqueuelen)
     except (TunError, OSError) as error:
         print(f"dnsgate: cannot use the TUN device: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -172,6 +173,8 @@ async def run_engine(
     announce: bool = True,
     stop: asyncio.Event | None = None,
     metrics: str = "",
+    control_sock: socket.socket | None = None,
+    worker: tuple[int, int] | None = None,
 ) -> int:
     """Run an engine on ``device`` until SIGTERM/SIGINT or until ``stop`` is set; returns the exit status.
 
@@ -179,11 +182,14 @@ async def run_engine(
     ``mode``) once the engine exists, so they hold the engine itself rather than a slot filled later.
     ``announce`` prints the ready line (``exec`` keeps its command's terminal clean). ``metrics``
     (ADDRESS:PORT) serves Prometheus metrics from a thread of their own until the engine stops; an
-    address that cannot be bound ends the start with status 1. The device is closed on the way out,
+    address that cannot be bound ends the start with status 1. ``control_sock`` is a connected socket
+    served with the same commands (a worker's line to its supervisor, engine/workers/); its closing by
+    the other side (the supervisor is gone) stops the engine. ``worker=(index, count)`` numbers the
+    flows of worker ``index`` so that ids are unique across the engine's workers. The device is closed on the way out,
     whatever happened.
     """
     loop = asyncio.get_running_loop()
-    engine = Engine(profile, device, loop=loop)
+    engine = Engine(profile, device, loop=loop, worker=worker)
     if on_created is not None:  # before start: e.g. ``run``'s owner source, ready for the first packet
         on_created(engine)
     stop = stop if stop is not None else asyncio.Event()
@@ -201,6 +207,13 @@ async def run_engine(
                 handlers.update(extra_handlers(engine))
             server = control.ControlServer(control_path, handlers)
             await server.start()
+        if control_sock is not None:
+            line_handlers = dict(control.engine_handlers(engine))
+            if extra_handlers is not None:
+                line_handlers.update(extra_handlers(engine))
+            line = control.ControlServer(None, line_handlers)
+            line_task = loop.create_task(line.serve_connected(control_sock), name="dnsgate-supervisor-line")
+            line_task.add_done_callback(lambda _task: stop.set())
         if metrics:
             metrics_server = MetricsServer(engine, *parse_listen_address(metrics))
             try:

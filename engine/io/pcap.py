@@ -206,3 +206,52 @@ class PcapRecorder:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_PCAP_RECORD = struct.Struct("=IIII")
+
+
+class AppendingPcapRecorder:
+    """Append records to a pcap file that several processes share (``--pcap-blocked`` with workers).
+
+    The supervisor writes the file's header once (:class:`PcapRecorder`); each worker opens the file with
+    ``O_APPEND`` and writes every record — its 16-byte header and the packet — in one ``write``, which
+    Linux appends atomically, so records of different workers never interleave inside each other. A
+    buffered writer (scapy's) could flush half a record. ``max_packets`` bounds this process's share.
+    The header's byte order is the machine's, as :class:`PcapRecorder` writes it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_packets: int | None = None) -> None:
+        self._fd: int | None = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.max_packets = max_packets
+        self.written = 0
+        self.dropped = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def record(self, packet: Buffer, timestamp: float | None = None) -> None:
+        if self._fd is None:
+            return
+        if self.max_packets is not None and self.written >= self.max_packets:
+            self.dropped += 1
+            return
+        ts = time.time() if timestamp is None else timestamp
+        sec = int(ts)
+        usec = min(999_999, int(round((ts - sec) * 1e6)))
+        data = bytes(packet)
+        os.write(self._fd, _PCAP_RECORD.pack(sec, usec, len(data), len(data)) + data)
+        self.written += 1
+
+    def record_gso(self, packet: Buffer, vnet: VnetHeader, timestamp: float | None = None) -> None:
+        for seg in segment(packet, vnet):
+            self.record(seg, timestamp)
+
+    def flush(self) -> None:
+        """Nothing is buffered: every record is written when it is recorded."""
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -222,7 +222,7 @@ class TunDevice:
         offload_flags = _setup_vnet(fd, offload) if actual else 0
         link_mtu, txq = 1500, None
         try:
-            with _device_netns(fd), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+            with device_netns(fd), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
                 link_mtu, txq = _configure_link(ctl, name, None, txqueuelen)
         except OSError as exc:
             log.warning("TUN %s: cannot read MTU / set txqueuelen in its namespace: %s", name, exc)
@@ -395,7 +395,7 @@ def _configure_link(ctl: socket.socket, name: str, mtu: int | None, txqueuelen: 
 
 
 @contextlib.contextmanager
-def _device_netns(tun_fd: int) -> Iterator[None]:
+def device_netns(tun_fd: int) -> Iterator[None]:
     """The current thread in the TUN's own namespace (``TUNGETDEVNETNS``) for the block, then back."""
     try:
         ns_fd = int(fcntl.ioctl(tun_fd, TUNGETDEVNETNS))

@@ -101,10 +101,18 @@ def merge_answers(request: Mapping[str, Any], answers: Sequence[WorkerAnswer]) -
     if command == "stats":
         return merge_stats(answers)
     if command == "flows":
-        return merge_flows(ok, _limit(request))
+        return merge_flows([_with_worker(answer) for answer in answers if answer.ok], _limit(request))
     if command == "tracker":
         return merge_tracker(ok, _limit(request))
     return ok[0]  # ping, rules, a plugin's own command: the first worker's answer
+
+
+def _with_worker(answer: WorkerAnswer) -> Any:
+    """A worker's flow list with each flow's ``worker`` index (which process carries it: ``ctl flows``
+    shows it, and a flow's id alone would need the worker count to tell)."""
+    if not isinstance(answer.result, list):
+        return answer.result
+    return [{**entry, "worker": answer.index} if isinstance(entry, dict) else entry for entry in answer.result]
 
 
 def _limit(request: Mapping[str, Any]) -> int:

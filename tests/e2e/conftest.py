@@ -18,7 +18,7 @@ from tests.e2e.topology import Topology, e2e_skip_reason, reap_stale_namespaces
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "topology(vnet_hdr=False, mtu=1500): options of the e2e topology fixture")
+    config.addinivalue_line("markers", "topology(vnet_hdr=False, mtu=1500, multi_queue=False): options of the e2e topology fixture")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,7 +41,8 @@ def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
     if marker is not None:
         options.update(marker.kwargs)
     options.update(getattr(request, "param", None) or {})
-    topo = Topology.create(vnet_hdr=bool(options.get("vnet_hdr", False)), mtu=int(options.get("mtu", 1500)))
+    topo = Topology.create(vnet_hdr=bool(options.get("vnet_hdr", False)), mtu=int(options.get("mtu", 1500)),
+                           multi_queue=bool(options.get("multi_queue", False)))
     try:
         yield topo
     finally:

@@ -31,11 +31,12 @@ TUN = "dgt0"
 PY = sys.executable
 
 
-def write_profile(topology: Topology, mode: str = "firewall", extra: str = "") -> Path:
+def write_profile(topology: Topology, mode: str = "firewall", extra: str = "", workers: int = 1) -> Path:
     return topology.write_file(f"run-{mode}.toml", f"""
 extends = "{mode}"
 [engine]
 tun_name = "{TUN}"
+workers = {workers}
 [plugins.dns_filter]
 upstreams = ["udp://{DNS_V4}:53"]
 timeout = "2s"
@@ -117,13 +118,18 @@ def echo(sock: socket.socket, payload: bytes) -> bytes:
     return data
 
 
-def test_firewall_mode_switch_with_open_connection(topology: Topology) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_firewall_mode_switch_with_open_connection(topology: Topology, workers: int) -> None:
+    """The same walk with one engine process and with two workers (issue 14): routes, mode switches,
+    ctl, the dashboard, the JSON log and the pcap of blocks must not tell them apart."""
     serve_internet(topology)
     use_engine_gateway_for_dns(topology)
     logfile = topology.workdir / "run.jsonl"
     pcap = topology.workdir / "blocked.pcap"
-    engine = start_run(topology, write_profile(topology), "--log-json", "--log-file", str(logfile),
+    engine = start_run(topology, write_profile(topology, workers=workers), "--log-json", "--log-file", str(logfile),
                        "--pcap-blocked", str(pcap))
+    if workers > 1:
+        assert [worker["index"] for worker in ctl_json(topology, "stats")["workers"]] == [0, 1]  # type: ignore[index]
 
     sock_path = topology.workdir / "ctl.sock"
     assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600

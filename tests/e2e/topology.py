@@ -251,9 +251,11 @@ class Topology:
     Build with :meth:`create` (or the ``topology`` fixture); always :meth:`close` it.
     """
 
-    def __init__(self, vnet_hdr: bool, mtu: int) -> None:
+    def __init__(self, vnet_hdr: bool, mtu: int, multi_queue: bool = False) -> None:
         self.vnet_hdr = vnet_hdr
         self.mtu = mtu
+        #: The TUN has IFF_MULTI_QUEUE, so an engine with ``workers`` > 1 can attach its other queues.
+        self.multi_queue = multi_queue
         self.cleanup = nl.Cleanup()
         self.processes: list[Process] = []
         tag = nl.unique_name(_session_tag(), 3)
@@ -268,8 +270,8 @@ class Topology:
         self._tun: TunDevice | None = None
 
     @classmethod
-    def create(cls, vnet_hdr: bool = False, mtu: int = 1500) -> Topology:
-        topo = cls(vnet_hdr, mtu)
+    def create(cls, vnet_hdr: bool = False, mtu: int = 1500, multi_queue: bool = False) -> Topology:
+        topo = cls(vnet_hdr, mtu, multi_queue)
         try:
             topo._build()
         except BaseException:
@@ -291,7 +293,7 @@ class Topology:
             nl.sysctl(key, 0, netns=e)
 
         # client: the TUN, opened inside the client namespace, fd kept by us
-        tun = TunDevice.open(self.tun_name, vnet_hdr=self.vnet_hdr, netns=e, mtu=self.mtu)
+        tun = TunDevice.open(self.tun_name, vnet_hdr=self.vnet_hdr, netns=e, mtu=self.mtu, multi_queue=self.multi_queue)
         self._tun = tun
         self.tun_fd = tun.fileno() or -1
         c.push("close TUN", self._close_tun)
