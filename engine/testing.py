@@ -21,6 +21,7 @@ import attrs
 from engine.decision import Decision
 from engine.events import DnsAnswer
 from engine.flow import Flow
+from engine.hookspecs import hookimpl
 from engine.io.memory import MemoryDevice
 from engine.packet import (
     ACK,
@@ -59,6 +60,36 @@ def syn(src: str, sport: int, dst: str, dport: int, *, seq: int = 1000, mss: int
 
 def ping(src: str, dst: str, ident: int = 1, seq: int = 1, payload: bytes = b"ping") -> bytes:
     return build_icmp_echo(addr(src), addr(dst), ident, seq, payload, reply=False)
+
+
+@attrs.frozen
+class SinkConfig:
+    """:class:`Sink` takes no options."""
+
+
+class SinkHandler:
+    """Takes a flow's packets and does nothing with them."""
+
+    def on_packet(self, packet: Any, now: float) -> None:
+        return None
+
+    def close(self, now: float) -> None:
+        return None
+
+
+class Sink:
+    """A forwarder for plugin tests that takes every accepted flow, so an accepted flow shows as ACCEPT and
+    stays open in the table without any real I/O: ``PluginHarness(..., others=[(Sink, {})])``."""
+
+    name = "sink"
+    Config = SinkConfig
+
+    def __init__(self, config: SinkConfig) -> None:
+        pass
+
+    @hookimpl(trylast=True)
+    def dnsgate_forward(self, packet: Any, flow: Any, now: float) -> SinkHandler:
+        return SinkHandler()
 
 
 @attrs.frozen

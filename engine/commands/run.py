@@ -33,6 +33,7 @@ from engine.commands.serving import (
     make_block_observer,
     metrics_address,
     run_engine,
+    run_supervised,
     setup_logging_or_explain,
     unmarked_destinations,
 )
@@ -123,7 +124,17 @@ class DashboardThread:
 
 
 def mode_handler(engine: Engine, manager: RouteManager) -> ModeHandler:
-    """``ctl mode firewall|dns-only``: swap the mode rules (in a worker thread: ``ip`` is a subprocess)."""
+    """``ctl mode firewall|dns-only`` of the engine in this process."""
+
+    def follow(mode: Mode) -> None:
+        engine.mode = mode
+
+    return switch_mode(manager, follow)
+
+
+def switch_mode(manager: RouteManager, follow: Callable[[Mode], Awaitable[None] | None]) -> ModeHandler:
+    """``ctl mode``: swap the mode rules (in a worker thread: ``ip`` is a subprocess), then let the engine
+    ``follow`` (this process's engine, or every worker)."""
 
     async def set_mode(request: Mapping[str, Any]) -> dict[str, Any]:
         mode = request.get("mode")
@@ -134,7 +145,9 @@ def mode_handler(engine: Engine, manager: RouteManager) -> ModeHandler:
             await asyncio.get_running_loop().run_in_executor(None, manager.set_mode, mode)
         except RouteError as error:
             raise ControlError(str(error)) from None
-        engine.mode = mode
+        followed = follow(mode)
+        if followed is not None:
+            await followed
         log.info("mode %s -> %s", previous, mode)
         return {"mode": mode, "previous": previous}
 
@@ -290,36 +303,24 @@ def run_workers(args: argparse.Namespace, profile: Profile, queues: list[TunDevi
     (engine/workers/supervisor.py). ``mode`` swaps the routes here, then every worker follows."""
     from engine.commands.serve import worker_argv
     from engine.io.pcap import PcapRecorder
-    from engine.workers.supervisor import Supervisor, WorkerLaunch, run_supervisor
+    from engine.workers.supervisor import Supervisor, WorkerLaunch
 
     count = len(queues)
-    if metrics_address(args, profile):
-        manager.teardown()
-        for queue in queues:
-            queue.close()
-        print("dnsgate: --metrics / [engine] metrics serve one process's figures and are not available with "
-              f"workers = {count} yet; set workers = 1 to export metrics", file=sys.stderr)
-        return 2
+    metrics = metrics_address(args, profile)
     argv = list(worker_argv(args, profile.path, mode=manager.mode)) + ["--attribution"]
+    if metrics:
+        argv.append("--metrics-readings")
     if args.pcap_blocked:
         PcapRecorder(args.pcap_blocked).close()  # the header, once; every worker appends its records
         argv += ["--pcap-append", args.pcap_blocked, "--pcap-max", str(max(1, PCAP_MAX_PACKETS // count))]
     supervisor = Supervisor(queues, WorkerLaunch(argv=tuple(argv), vnet_hdr=queues[0].vnet_hdr))
     dashboard: list[DashboardThread] = []
 
-    async def set_mode(request: Mapping[str, Any]) -> dict[str, Any]:
-        wanted = request.get("mode")
-        if wanted not in MODES:
-            raise ControlError(f"unknown mode {wanted!r} (modes: {', '.join(MODES)})")
-        previous = manager.mode
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, manager.set_mode, wanted)
-        except RouteError as error:
-            raise ControlError(str(error)) from None
-        await supervisor.broadcast({"cmd": "mode", "mode": wanted})
-        supervisor.launch = attrs.evolve(supervisor.launch, argv=_with_mode(supervisor.launch.argv, str(wanted)))
-        log.info("mode %s -> %s", previous, wanted)
-        return {"mode": wanted, "previous": previous}
+    async def every_worker_follows(mode: Mode) -> None:
+        supervisor.launch = attrs.evolve(supervisor.launch, argv=_with_mode(supervisor.launch.argv, mode))
+        await supervisor.broadcast({"cmd": "mode", "mode": mode})
+
+    set_mode = switch_mode(manager, every_worker_follows)
 
     async def reroute() -> None:
         answers = await supervisor.broadcast({"cmd": "_unmarked"})
@@ -367,9 +368,10 @@ def run_workers(args: argparse.Namespace, profile: Profile, queues: list[TunDevi
         manager.teardown()
 
     try:
-        return event_loop.run(run_supervisor(
+        return event_loop.run(run_supervised(
             supervisor, control_path=control_path, ready_file=args.ready_file, on_started=on_started,
-            on_stopping=on_stopping, local_handlers=lambda _s: {"mode": set_mode, "reload": reload},
+            on_stopping=on_stopping, local_handlers={"mode": set_mode, "reload": reload},
+            metrics=metrics, fwmark=profile.engine.fwmark,
         ))
     except (ControlError, OSError, RouteError, event_loop.EventLoopError) as error:
         print(f"dnsgate: {error}", file=sys.stderr)

@@ -20,6 +20,7 @@ from engine.commands.serving import (
     load_profile_or_explain,
     metrics_address,
     run_engine,
+    run_supervised,
     setup_logging_or_explain,
     unmarked_destinations,
 )
@@ -131,18 +132,16 @@ def open_queues(args: argparse.Namespace, profile: Profile, count: int) -> list[
 
 def serve_workers(args: argparse.Namespace, profile: Profile, count: int) -> int:
     """``serve`` with ``workers`` > 1: a supervisor and one worker per queue (engine/workers/)."""
-    from engine.workers.supervisor import Supervisor, WorkerLaunch, run_supervisor
+    from engine.workers.supervisor import Supervisor, WorkerLaunch
 
-    if metrics_address(args, profile):
-        print("dnsgate: --metrics / [engine] metrics serve one process's figures and are not available with "
-              f"workers = {count} yet; set workers = 1 to export metrics", file=sys.stderr)
-        return 2
     try:
         queues = open_queues(args, profile, count)
     except (TunError, OSError, ValueError) as error:
         print(f"dnsgate: cannot use the TUN device: {error}", file=sys.stderr)
         return 1
-    supervisor = Supervisor(queues, WorkerLaunch(argv=worker_argv(args, profile.path), vnet_hdr=queues[0].vnet_hdr))
+    metrics = metrics_address(args, profile)
+    argv = worker_argv(args, profile.path) + (("--metrics-readings",) if metrics else ())
+    supervisor = Supervisor(queues, WorkerLaunch(argv=argv, vnet_hdr=queues[0].vnet_hdr))
 
     async def on_started(supervisor: Supervisor) -> None:
         answers = await supervisor.broadcast({"cmd": "_unmarked"})
@@ -154,8 +153,9 @@ def serve_workers(args: argparse.Namespace, profile: Profile, count: int) -> int
                         shown, "; ".join(bypass_advice(destinations)))
 
     try:
-        return event_loop.run(run_supervisor(supervisor, control_path=args.control, ready_file=args.ready_file,
-                                             on_started=on_started))
+        return event_loop.run(run_supervised(supervisor, control_path=args.control, ready_file=args.ready_file,
+                                             on_started=on_started, metrics=metrics,
+                                             fwmark=profile.engine.fwmark))
     except event_loop.EventLoopError as error:
         supervisor.close()
         print(f"dnsgate: {error}", file=sys.stderr)

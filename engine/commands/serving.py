@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import control
 from engine.io.base import PacketDevice
@@ -32,6 +32,9 @@ from engine.metrics.address import parse_listen_address
 from engine.metrics.server import MetricsError, MetricsServer
 from engine.profile import Profile, ProfileError, load_profile
 from engine.runtime import Engine
+
+if TYPE_CHECKING:
+    from engine.workers.supervisor import Supervisor
 
 log = logging.getLogger("dnsgate")
 
@@ -154,10 +157,29 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def _call(callback: EngineCallback, engine: Engine) -> None:
-    result = callback(engine)
+async def _call(callback: Callable[[Any], Awaitable[None] | None], subject: Any) -> None:
+    result = callback(subject)
     if result is not None:
         await result
+
+
+async def _call_logged(callback: Callable[[Any], Awaitable[None] | None] | None, subject: Any) -> None:
+    """A stopping callback: its failure is logged, so the teardown after it still runs."""
+    if callback is None:
+        return
+    try:
+        await _call(callback, subject)
+    except Exception:
+        log.exception("cleanup failed")
+
+
+def mark_ready(ready_file: str | None, announce: bool) -> None:
+    """The engine reads packets: touch ``--ready-file`` and print :data:`READY_LINE` (scripts wait for
+    either)."""
+    if ready_file:
+        Path(ready_file).touch()
+    if announce:
+        print(READY_LINE, file=sys.stderr, flush=True)
 
 
 async def run_engine(
@@ -224,18 +246,11 @@ async def run_engine(
                 return 1
         if on_started is not None:
             await _call(on_started, engine)
-        if ready_file:
-            Path(ready_file).touch()
-        if announce:
-            print(READY_LINE, file=sys.stderr, flush=True)
+        mark_ready(ready_file, announce)
         await stop.wait()
         log.info("stopping")
     finally:
-        if on_stopping is not None:
-            try:
-                await _call(on_stopping, engine)
-            except Exception:
-                log.exception("cleanup failed")
+        await _call_logged(on_stopping, engine)
         if metrics_server is not None:
             await metrics_server.close()
         if server is not None:
@@ -244,5 +259,82 @@ async def run_engine(
         device.close()
     if engine.fatal:
         print(f"dnsgate: {engine.fatal}", file=sys.stderr)
+        return 1
+    return 0
+
+
+SupervisorCallback = Callable[["Supervisor"], Awaitable[None] | None]
+
+
+async def run_supervised(
+    supervisor: Supervisor,
+    *,
+    control_path: str | None = None,
+    ready_file: str | None = None,
+    announce: bool = True,
+    local_handlers: Mapping[str, control.Handler] | None = None,
+    on_started: SupervisorCallback | None = None,
+    on_stopping: SupervisorCallback | None = None,
+    metrics: str = "",
+    fwmark: int = 0,
+) -> int:
+    """:func:`run_engine` for an engine of several workers (engine/workers/supervisor.py): start them, serve
+    the control socket (``local_handlers`` answered here, every other command merged from the workers) and
+    ``metrics`` (the workers' readings summed; the socket carries ``fwmark``), wait for SIGTERM/SIGINT or a
+    crash loop, stop everything in order. Returns the exit status: 1 when a worker failed to start or
+    crash-looped, or the metrics address cannot be bound."""
+    from engine.metrics.server import WorkersMetricsServer
+    from engine.workers.supervisor import SupervisorControl, WorkerStartError
+
+    async def readings() -> list[Mapping[str, Any]]:
+        return [answer.result for answer in await supervisor.ask_all({"cmd": "_reading"}) if answer.ok]
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def stopping() -> None:
+        # At once, not when stop() runs: the same signal may reach the workers (a process group's SIGTERM),
+        # and a worker that leaves now must not be taken for a crash and restarted.
+        supervisor.stopping = True
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping)
+    supervisor.on_fatal(lambda _reason: stop.set())
+    server: SupervisorControl | None = None
+    metrics_server: WorkersMetricsServer | None = None
+    try:
+        await supervisor.start()
+    except WorkerStartError as error:
+        supervisor.close()
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return 1
+    try:
+        if control_path:
+            server = SupervisorControl(control_path, supervisor, local_handlers)
+            await server.start()
+        if metrics:
+            metrics_server = WorkersMetricsServer(readings, fwmark, *parse_listen_address(metrics))
+            try:
+                metrics_server.start()
+            except MetricsError as error:
+                metrics_server = None
+                print(f"dnsgate: {error}", file=sys.stderr)
+                return 1
+        if on_started is not None:
+            await _call(on_started, supervisor)
+        mark_ready(ready_file, announce)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await _call_logged(on_stopping, supervisor)
+        if metrics_server is not None:
+            await metrics_server.close()
+        if server is not None:
+            await server.close()
+        await supervisor.stop()
+        supervisor.close()
+    if supervisor.fatal:
+        print(f"dnsgate: {supervisor.fatal}", file=sys.stderr)
         return 1
     return 0

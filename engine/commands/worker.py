@@ -15,6 +15,7 @@ Not listed in ``dnsgate --help``: nobody runs it by hand.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import logging
 import os
@@ -56,6 +57,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--supervisor", type=int, required=True, metavar="PID")
     parser.add_argument("--restarted", action="store_true")
     parser.add_argument("--attribution", action="store_true", help="look up the program behind each flow")
+    parser.add_argument("--metrics-readings", action="store_true",
+                        help="fold DNS latency samples for the supervisor's metrics (_reading)")
     parser.add_argument("--pcap-append", metavar="FILE")
     parser.add_argument("--pcap-max", type=int, default=0)
     add_logging_arguments(parser)
@@ -89,6 +92,38 @@ def worker_handlers(engine: Engine) -> dict[str, Handler]:
     return {"mode": mode, "_unmarked": unmarked}
 
 
+class WorkerReading:
+    """This worker's figures for the supervisor's ``/metrics`` (``_reading``): the engine's reading with its
+    own upstream latency histogram, folded once a second like a single engine's metrics server does."""
+
+    def __init__(self, engine: Engine) -> None:
+        from engine.metrics.latency import FoldedHistogram
+
+        self.engine = engine
+        self.latency = FoldedHistogram()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._fold()
+
+    def _fold(self) -> None:
+        from engine.metrics.reading import resolver_latencies
+        from engine.metrics.server import FOLD_INTERVAL
+
+        self.latency.fold(resolver_latencies(self.engine))
+        self._timer = self.engine.loop.call_later(FOLD_INTERVAL, self._fold)
+
+    def read(self, _request: dict[str, Any]) -> dict[str, Any]:
+        from engine.metrics.reading import read_engine, reading_to_dict
+
+        return reading_to_dict(read_engine(self.engine, self.latency))
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def run(args: argparse.Namespace) -> int:
     if not die_with_supervisor(args.supervisor):
         return 1
@@ -116,6 +151,24 @@ def run(args: argparse.Namespace) -> int:
     observer = BlockObserver(pcap=pcap)
     sources: list[Any] = []
 
+    readings: list[WorkerReading] = []
+
+    def handlers(engine: Engine) -> dict[str, Handler]:
+        extra = worker_handlers(engine)
+        if args.metrics_readings:
+            reading = WorkerReading(engine)
+            readings.append(reading)
+            extra["_reading"] = reading.read
+        return extra
+
+    def on_started(_engine: Engine) -> None:
+        for reading in readings:
+            reading.start()
+
+    def on_stopping(_engine: Engine) -> None:
+        for reading in readings:
+            reading.stop()
+
     def on_created(engine: Engine) -> None:
         own = rings[index]
         peers = [ring for position, ring in enumerate(rings) if position != index]
@@ -136,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return event_loop.run(run_engine(profile, device, control_sock=control_sock, worker=(index, count),
-                                         on_created=on_created,
-                                         extra_handlers=worker_handlers, announce=False))
+                                         on_created=on_created, on_started=on_started, on_stopping=on_stopping,
+                                         extra_handlers=handlers, announce=False))
     except ProfileError as error:
         print(f"dnsgate: invalid profile: {error}", file=sys.stderr)
         return 2

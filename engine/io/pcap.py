@@ -148,6 +148,16 @@ def read_ip_packets(path: str | os.PathLike[str]) -> list[bytes]:
         return [ip for _, ip in reader]
 
 
+def _pcap_time(timestamp: float | None) -> tuple[int, int]:
+    """A record's (seconds, microseconds): ``timestamp`` (wall clock), or now when it is None."""
+    ts = time.time() if timestamp is None else timestamp
+    sec = int(ts)
+    usec = int(round((ts - sec) * 1e6))
+    if usec >= 1_000_000:
+        sec, usec = sec + 1, usec - 1_000_000
+    return sec, usec
+
+
 class PcapRecorder:
     """Record IP packets into a raw-IP pcap file.
 
@@ -179,11 +189,7 @@ class PcapRecorder:
         if self.max_packets is not None and self.written >= self.max_packets:
             self.dropped += 1
             return
-        ts = time.time() if timestamp is None else timestamp
-        sec = int(ts)
-        usec = int(round((ts - sec) * 1e6))
-        if usec >= 1_000_000:
-            sec, usec = sec + 1, usec - 1_000_000
+        sec, usec = _pcap_time(timestamp)
         self._writer.write_packet(bytes(packet), sec=sec, usec=usec)
         self.written += 1
 
@@ -237,9 +243,7 @@ class AppendingPcapRecorder:
         if self.max_packets is not None and self.written >= self.max_packets:
             self.dropped += 1
             return
-        ts = time.time() if timestamp is None else timestamp
-        sec = int(ts)
-        usec = min(999_999, int(round((ts - sec) * 1e6)))
+        sec, usec = _pcap_time(timestamp)
         data = bytes(packet)
         os.write(self._fd, _PCAP_RECORD.pack(sec, usec, len(data), len(data)) + data)
         self.written += 1

@@ -100,3 +100,43 @@ def _plugin_snapshot(plugin: Any, now: float) -> Mapping[str, Any] | None:
         log.exception("snapshot of %s failed", getattr(plugin, "name", plugin))
         return None
     return result if isinstance(result, Mapping) else None
+
+
+# -- one reading of several workers (engine/workers/) ----------------------------------------------------
+
+
+def reading_to_dict(reading: EngineReading) -> dict[str, Any]:
+    """A reading as JSON-able data: what a worker sends its supervisor for ``_reading``."""
+    return attrs.asdict(reading, recurse=True)
+
+
+def _histogram(data: Mapping[str, Any]) -> HistogramState:
+    return HistogramState(tuple((float(bound), int(count)) for bound, count in data["buckets"]),
+                          float(data["total"]), int(data["count"]), int(data["overruns"]))
+
+
+def merge_readings(readings: list[Mapping[str, Any]]) -> EngineReading:
+    """The one engine's reading from its workers' (:func:`reading_to_dict`): counters, traffic, flows and
+    device figures add up; the plugins' snapshots merge as ``ctl stats`` merges them
+    (engine/workers/merge.py); the latency histograms add bucket by bucket (every worker uses the same
+    bounds), so ``histogram_quantile`` over the sum is the quantile over every worker's answers."""
+    from engine.workers.merge import counts, plugin_snapshots
+
+    if not readings:
+        raise ValueError("no worker answered")
+    histograms = [_histogram(reading["latency"]) for reading in readings]
+    buckets = tuple((bound, sum(h.buckets[index][1] for h in histograms))
+                    for index, (bound, _count) in enumerate(histograms[0].buckets))
+    return EngineReading(
+        profile=str(readings[0]["profile"]),
+        mode=str(readings[0]["mode"]),
+        traffic=counts([reading["traffic"] for reading in readings]),
+        counters=counts([reading["counters"] for reading in readings]),
+        flow_table=sum(int(reading["flow_table"]) for reading in readings),
+        flow_capacity=sum(int(reading["flow_capacity"]) for reading in readings),
+        open_flows=counts([reading["open_flows"] for reading in readings]),
+        device=counts([reading["device"] for reading in readings]),
+        plugins=plugin_snapshots([reading["plugins"] for reading in readings]),
+        latency=HistogramState(buckets, sum(h.total for h in histograms), sum(h.count for h in histograms),
+                               sum(h.overruns for h in histograms)),
+    )

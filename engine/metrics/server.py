@@ -16,10 +16,11 @@ import concurrent.futures
 import logging
 import socket
 import threading
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from engine.metrics.latency import FoldedHistogram
-from engine.metrics.reading import EngineReading, read_engine, resolver_latencies
+from engine.metrics.reading import EngineReading, merge_readings, read_engine, resolver_latencies
 
 log = logging.getLogger("dnsgate.metrics")
 
@@ -128,3 +129,41 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(1.0)
             self._thread = None
+
+
+class WorkersMetricsServer(MetricsServer):
+    """``/metrics`` of an engine of several workers (engine/workers/): each scrape asks every worker for
+    its reading over its private line (``_reading``) and serves their sum
+    (:func:`~engine.metrics.reading.merge_readings`). Each worker folds its own latency samples, so the
+    supervisor keeps no histogram. A worker that does not answer (restarting) leaves the sum for that
+    scrape; Prometheus' ``rate()`` treats the dip as a counter reset."""
+
+    def __init__(self, ask: Callable[[], Awaitable[list[Mapping[str, Any]]]], fwmark: int, host: str, port: int) -> None:
+        super().__init__(None, host, port)
+        self._ask = ask
+        self._fwmark = fwmark
+
+    def _mark(self, sock: socket.socket) -> None:
+        if not self._fwmark:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._fwmark)
+        except OSError as error:
+            log.debug("metrics socket keeps no fwmark: %s", error)
+
+    def _fold(self) -> None:
+        """Nothing to fold here: the workers fold their own samples."""
+
+    def read(self) -> EngineReading:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the metrics server is not started")
+        future = asyncio.run_coroutine_threadsafe(self._merged(), loop)
+        try:
+            return future.result(timeout=READ_TIMEOUT + 1.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the workers did not answer within {READ_TIMEOUT + 1.0} s") from None
+
+    async def _merged(self) -> EngineReading:
+        return merge_readings(list(await self._ask()))

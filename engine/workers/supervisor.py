@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -323,62 +323,3 @@ class SupervisorControl(ControlServer):
         if isinstance(request, dict) and request.get("cmd") not in self.handlers:
             return await self.supervisor.answer(request)
         return await super().dispatch(line)
-
-
-async def run_supervisor(
-    supervisor: Supervisor,
-    *,
-    control_path: str | None = None,
-    ready_file: str | None = None,
-    announce: bool = True,
-    ready_line: str = "dnsgate: ready",
-    local_handlers: Callable[[Supervisor], Mapping[str, Handler]] | None = None,
-    on_started: Callable[[Supervisor], Awaitable[None] | None] | None = None,
-    on_stopping: Callable[[Supervisor], Awaitable[None] | None] | None = None,
-) -> int:
-    """Start the workers, serve the control socket, wait for SIGTERM/SIGINT (or a fatal crash loop),
-    stop everything in order; returns the exit status (1 when a worker failed to start or crash-looped)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    supervisor.on_fatal(lambda _reason: stop.set())
-    server: SupervisorControl | None = None
-    try:
-        await supervisor.start()
-    except WorkerStartError as error:
-        supervisor.close()
-        print(f"dnsgate: {error}", file=sys.stderr)
-        return 1
-    try:
-        if control_path:
-            server = SupervisorControl(control_path, supervisor, local_handlers(supervisor) if local_handlers else None)
-            await server.start()
-        if on_started is not None:
-            result = on_started(supervisor)
-            if result is not None:
-                await result
-        if ready_file:
-            from pathlib import Path
-
-            Path(ready_file).touch()
-        if announce:
-            print(ready_line, file=sys.stderr, flush=True)
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        if on_stopping is not None:
-            try:
-                result = on_stopping(supervisor)
-                if result is not None:
-                    await result
-            except Exception:
-                log.exception("cleanup failed")
-        if server is not None:
-            await server.close()
-        await supervisor.stop()
-        supervisor.close()
-    if supervisor.fatal:
-        print(f"dnsgate: {supervisor.fatal}", file=sys.stderr)
-        return 1
-    return 0

@@ -51,12 +51,15 @@ def wait_for(topology: Topology, expression: str, expected: float, timeout: floa
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (.ci/install)")
-def test_prometheus_scrapes_what_ctl_stats_reports(topology: Topology) -> None:
+@pytest.mark.parametrize("topology, workers", [({}, 1), ({"multi_queue": True}, 2)], indirect=["topology"])
+def test_prometheus_scrapes_what_ctl_stats_reports(topology: Topology, workers: int) -> None:
+    """With two workers (issue 14) the scrape is their sum, and it must match ``ctl stats``' merged view."""
     topology.dns_server({"www.example.com": WEB_V4, "mail.example.com": WEB_V4})
     profile = topology.write_file("metrics.toml", f"""
 [engine]
 plugins = ["dns_filter", "ip_tracker", "tcp_forward"]
 metrics = "127.0.0.1:9154"  # overridden by --metrics below
+workers = {workers}
 
 [plugins.dns_filter]
 upstreams = ["udp://{DNS_V4}:53"]

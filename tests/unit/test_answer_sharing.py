@@ -6,45 +6,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import attrs
 import pytest
 
 from engine.decision import Verdict
 from engine.events import DnsAnswer
-from engine.hookspecs import hookimpl
 from engine.learn import LearnRecorder
-from engine.packet import PROTO_UDP, Packet
-from engine.testing import PluginHarness, addr, syn, udp
+from engine.packet import PROTO_UDP
+from engine.testing import PluginHarness, Sink, addr, syn, udp
 from engine.workers.answer_log import AnswerLog, size_for
 from engine.workers.sharing import AnswerSharing
 from tests.plugins.dns_filter.dnsfilter_support import DnsBench, query
 
 
-@attrs.frozen
-class SinkConfig:
-    pass
-
-
-class SinkHandler:
-    def on_packet(self, packet: Packet, now: float) -> None:
-        return None
-
-    def close(self, now: float) -> None:
-        return None
-
-
-class Sink:
-    """A forwarder that takes every accepted flow (so an accepted SYN shows as ACCEPT)."""
-
-    name = "sink"
-    Config = SinkConfig
-
-    def __init__(self, config: SinkConfig) -> None:
-        pass
-
-    @hookimpl(trylast=True)
-    def dnsgate_forward(self, packet: Packet, flow: Any, now: float) -> SinkHandler:
-        return SinkHandler()
 
 
 def worker(config: dict[str, Any] | None = None) -> PluginHarness:

@@ -128,3 +128,25 @@ def test_a_socketpair_end_is_inheritable_for_the_worker() -> None:
     finally:
         theirs.close()
         channel.close()
+
+
+def test_the_workers_metrics_are_their_sum() -> None:
+    from engine.metrics.latency import FoldedHistogram
+    from engine.metrics.reading import EngineReading, merge_readings, reading_to_dict
+
+    def reading(queries: int, samples: list[float]) -> dict[str, object]:
+        histogram = FoldedHistogram()
+        histogram.fold(samples)
+        return json.loads(json.dumps(reading_to_dict(EngineReading(  # through JSON, as over the worker's line
+            profile="p", mode="firewall", traffic={"packets_up": queries}, counters={"flows_new": 2 * queries},
+            flow_table=queries, flow_capacity=100, open_flows={"tcp": 1}, device={"rx_packets": queries, "last_tx_error": ""},
+            plugins={"dns_filter": {"queries": queries}}, latency=histogram.state()))))
+
+    merged = merge_readings([reading(3, [0.0002, 0.004]), reading(5, [0.0002])])
+    assert (merged.traffic["packets_up"], merged.counters["flows_new"], merged.flow_table, merged.flow_capacity) == (8, 16, 8, 200)
+    assert merged.open_flows == {"tcp": 2} and merged.device["rx_packets"] == 8
+    assert merged.plugins["dns_filter"]["queries"] == 8
+    assert merged.latency.count == 3 and dict(merged.latency.buckets)[0.00025] == 2
+    assert merged.latency.buckets[-1] == (float("inf"), 3)
+    with pytest.raises(ValueError):
+        merge_readings([])

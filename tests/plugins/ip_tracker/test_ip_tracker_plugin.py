@@ -8,42 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import attrs
 import dns.message
 import dns.rrset
 import pytest
 
 from engine.decision import Verdict
-from engine.hookspecs import hookimpl
-from engine.packet import PROTO_ICMP, PROTO_TCP, RST, Packet
-from engine.testing import PluginHarness, addr, ping, syn, udp
+from engine.packet import PROTO_ICMP, PROTO_TCP, RST
+from engine.testing import PluginHarness, Sink, addr, ping, syn, udp
 
 
-@attrs.frozen
-class SinkConfig:
-    pass
-
-
-class SinkHandler:
-    def on_packet(self, packet: Packet, now: float) -> None:
-        return None
-
-    def close(self, now: float) -> None:
-        return None
-
-
-class Sink:
-    """A forwarder that takes every accepted flow, so accepted flows stay open in the table."""
-
-    name = "sink"
-    Config = SinkConfig
-
-    def __init__(self, config: SinkConfig) -> None:
-        pass
-
-    @hookimpl(trylast=True)
-    def dnsgate_forward(self, packet: Packet, flow: Any, now: float) -> SinkHandler:
-        return SinkHandler()
 
 
 def tracker(config: dict[str, Any] | None = None) -> PluginHarness:
