@@ -7,7 +7,9 @@ Measures, on a real memfd ring of the default geometry (8192 x 1 KiB):
 * ``dns_answer hook, +sharing``: what the hook dns_filter fires before every reply costs with sharing
   registered, next to the same hook without it (ip_tracker learning in both): the real added cost;
 * ``catch_up, nothing new (N peers)``: what every new flow and tick pays when no peer published anything;
-* ``catch_up, one record``: replaying one peer record (1 address) into a worker with ip_tracker.
+* ``catch_up, one record``: replaying one peer record (1 address) into a worker with ip_tracker;
+* ``catch_up, 100 records, per record``: the same in a batch of 100 (what the 0.1 s catch-up replays when
+  a worker's new flows are all DNS flows, which do not catch up: docs/architecture.md §12).
 
 Prints the median and the spread (min-max of the per-run medians) over ``--runs`` runs.
 """
@@ -66,18 +68,25 @@ def main() -> None:
         "append, 1 address": [], "append, 60 addresses": [], "dns_answer hook, plain": [],
         "dns_answer hook, +sharing": [], "catch_up, nothing new (1 peer)": [],
         "catch_up, nothing new (3 peers)": [], "catch_up, nothing new (7 peers)": [], "catch_up, one record": [],
+        "catch_up, 100 records, per record": [],
     }
     for _ in range(args.runs):
         results["append, 1 address"].append(median_us(lambda: own.append(ONE, now), args.count))
         results["append, 60 addresses"].append(median_us(lambda: own.append(SIXTY, now), args.count // 4))
         results["dns_answer hook, plain"].append(median_us(plain_hook, args.count))
         results["dns_answer hook, +sharing"].append(median_us(shared_hook, args.count))
-        sharing.catch_up(now)
+        for reader in (sharing, idle_one, idle_seven):
+            reader.catch_up(now)  # untimed: what the previous steps appended (else they would be lapped)
         results["catch_up, nothing new (1 peer)"].append(median_us(lambda: idle_one.catch_up(now), args.count))
         results["catch_up, nothing new (3 peers)"].append(median_us(lambda: sharing.catch_up(now), args.count))
         results["catch_up, nothing new (7 peers)"].append(median_us(lambda: idle_seven.catch_up(now), args.count))
         results["catch_up, one record"].append(
             median_us(lambda: sharing.catch_up(now), args.count // 4, before=lambda: peers[0].append(ONE, now)))
+        for idle in (idle_one, idle_seven):
+            idle.catch_up(now)
+        results["catch_up, 100 records, per record"].append(
+            median_us(lambda: sharing.catch_up(now), args.count // 400,
+                      before=lambda: [peers[0].append(ONE, now) for _ in range(100)]) / 100)
     print(f"ring: {own.slots} slots x {own.slot_size} B; 60-address answer -> {own.split} splits "
           f"over {own.records} records of {own.answers} answers")
     for name, medians in results.items():

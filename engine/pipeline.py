@@ -15,7 +15,7 @@ from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowHandler, replaceable_by
 from engine.owner import log_fields, owner_slot
 from engine.reassembly import Reassembler
-from engine.tun_subnet import GatewayEcho, GatewayEchoHandler, TunSubnetGuard
+from engine.tun_subnet import DNS_LABEL, GatewayEcho, GatewayEchoHandler, TunSubnetGuard
 from engine.packet import (
     ACK,
     PROTO_ICMP,
@@ -268,9 +268,12 @@ class Pipeline:
             decision = own
         else:
             sharing = self.answer_sharing
-            if sharing is not None:
+            if sharing is not None and DNS_LABEL not in flow.labels:
                 # DNS first across workers: the answer that gave this address may have left through another
-                # worker; it was published before its reply left, so catching up now finds it.
+                # worker; it was published before its reply left, so catching up now finds it. Not before
+                # a DNS flow: dns_filter answers it itself whatever its destination, and no filter judges
+                # it by a lease (docs/architecture.md §12), so the records wait for the next other flow,
+                # tick or 0.1 s catch-up, replayed as one batch instead of one catch-up per query.
                 sharing.catch_up(now)
             decision = self.hooks.call("dnsgate_filter", packet, flow, now)
         if not isinstance(decision, Decision):

@@ -73,6 +73,9 @@ MAX_SLOTS = 1 << 24
 _HEADER = struct.Struct("<8sIII")
 _PUBLISHED = 32 // 8  # index of the ``published`` word
 _RECORD_HEAD = struct.Struct("<dHHBBBBH")
+_NOW = struct.Struct("<d")
+_BODY_HEAD = struct.Struct("<HHBBBBH")
+"""The record head after ``now``: what :func:`decode_body` reads."""
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _ADDRESS4 = struct.Struct("<B4sI")
@@ -80,6 +83,10 @@ _ADDRESS6 = struct.Struct("<B16sI")
 _V4_AT = struct.Struct("<4sI")
 _V6_AT = struct.Struct("<16sI")
 _TTL_MAX = 0xFFFFFFFF
+_pack_head = _RECORD_HEAD.pack
+_pack16 = _U16.pack
+_pack4 = _ADDRESS4.pack
+_pack6 = _ADDRESS6.pack
 _TEXT = "utf-8"
 _ERRORS = "surrogatepass"  # any str round-trips, lone surrogates included
 _MAX_COUNT = 255
@@ -87,6 +94,16 @@ UPSTREAM_LIMIT = 64
 """Bytes of the upstream label a record keeps (``udp://192.0.2.53:53``; a DoH URL may be longer)."""
 
 Start = Literal["oldest", "now"]
+
+_tuple_new = tuple.__new__
+"""``_tuple_new(DnsAnswer, fields)``: a DnsAnswer from a tuple of all its fields without the NamedTuple's
+Python-level ``__new__`` (what ``DnsAnswer._make`` does, minus its length check, which :func:`decode_body`
+needs not: it always gives all eight fields). 0.11 µs instead of 0.21 per replayed answer."""
+
+DECODED_CACHE = 4096
+"""Decoded answers a reader keeps, by record body (emptied when full): under load the same answer (name,
+client, addresses, TTLs) is published over and over within a second, and a cache hit costs a dict
+lookup where a decode costs ~1.5 µs."""
 
 
 def size_for(slots: int, slot_size: int) -> int:
@@ -142,27 +159,25 @@ def encode_one(answer: DnsAnswer, now: float, capacity: int) -> bytes | None:
     ``append`` takes for nearly every answer; raises like :func:`encode_records`."""
     qname = answer.qname.encode(_TEXT, _ERRORS)
     client = answer.client
-    upstream = _upstream(answer.upstream)
+    upstream = _upstreams.get(answer.upstream)
+    if upstream is None:
+        upstream = _upstream(answer.upstream)
     parts = [b"", qname, client, upstream]
     size = _RECORD_HEAD.size + len(qname) + len(client) + len(upstream)
     cnames = answer.cnames
-    if cnames:
-        pack16 = _U16.pack
-        for name in cnames:
-            data = name.encode(_TEXT, _ERRORS)
-            parts.append(pack16(len(data)))
-            parts.append(data)
-            size += 2 + len(data)
+    for name in cnames:
+        data = name.encode(_TEXT, _ERRORS)
+        parts.append(_pack16(len(data)))
+        parts.append(data)
+        size += 2 + len(data)
     addresses = answer.addresses
-    pack4 = _ADDRESS4.pack
-    pack6 = _ADDRESS6.pack
     for address, ttl in addresses:
         width = len(address)
         if width == 4 and 0 <= ttl <= _TTL_MAX:
-            parts.append(pack4(4, address, ttl))
+            parts.append(_pack4(4, address, ttl))
             size += 9
         elif width == 16 and 0 <= ttl <= _TTL_MAX:
-            parts.append(pack6(16, address, ttl))
+            parts.append(_pack6(16, address, ttl))
             size += 21
         else:
             data = _address(address, ttl)
@@ -170,7 +185,7 @@ def encode_one(answer: DnsAnswer, now: float, capacity: int) -> bytes | None:
             size += len(data)
     if size > capacity or len(addresses) > _MAX_COUNT or len(cnames) > _MAX_COUNT or len(client) > _MAX_COUNT:
         return None
-    parts[0] = _RECORD_HEAD.pack(now, answer.qtype, answer.rcode, len(client), len(upstream), len(cnames),
+    parts[0] = _pack_head(now, answer.qtype, answer.rcode, len(client), len(upstream), len(cnames),
                                  len(addresses), len(qname))
     return b"".join(parts)
 
@@ -237,9 +252,18 @@ def _split(
 def decode_record(data: bytes) -> tuple[DnsAnswer, float]:
     """One record back as ``(answer, now)``; the answer has ``peer=True`` (a record read back is always
     a replay). Raises ValueError, struct.error, IndexError or UnicodeDecodeError for a malformed record."""
-    now, qtype, rcode, client_len, upstream_len, cname_count, address_count, qname_len = (
-        _RECORD_HEAD.unpack_from(data))
-    offset = _RECORD_HEAD.size
+    (now,) = _NOW.unpack_from(data)
+    return decode_body(data[_NOW.size:]), now
+
+
+def decode_body(data: bytes) -> DnsAnswer:
+    """A record without its leading ``now`` back as a ``peer`` answer (raises like :func:`decode_record`).
+
+    Why a record's body is decoded apart from its time: the body is what a reader's cache of decoded
+    answers is keyed by (:class:`AnswerCursor`), and the time it reads from the ring as a float directly.
+    """
+    qtype, rcode, client_len, upstream_len, cname_count, address_count, qname_len = _BODY_HEAD.unpack_from(data)
+    offset = _BODY_HEAD.size
     end = offset + qname_len
     qname = data[offset:end].decode(_TEXT, _ERRORS)
     offset = end + client_len
@@ -247,29 +271,38 @@ def decode_record(data: bytes) -> tuple[DnsAnswer, float]:
     end = offset + upstream_len
     upstream = data[offset:end].decode(_TEXT, _ERRORS)
     offset = end
-    cnames: list[str] = []
-    for _ in range(cname_count):
-        (size,) = _U16.unpack_from(data, offset)
-        offset += 2
-        cnames.append(data[offset:offset + size].decode(_TEXT, _ERRORS))
-        offset += size
-    addresses: list[tuple[bytes, int]] = []
-    for _ in range(address_count):
-        size = data[offset]
-        if size == 4:
-            addresses.append(_V4_AT.unpack_from(data, offset + 1))
-            offset += 9
-        elif size == 16:
-            addresses.append(_V6_AT.unpack_from(data, offset + 1))
-            offset += 21
-        else:
-            address = data[offset + 1:offset + 1 + size]
-            (ttl,) = _U32.unpack_from(data, offset + 1 + size)
-            addresses.append((address, ttl))
-            offset += 5 + size
+    cnames: tuple[str, ...] = ()
+    if cname_count:
+        chain: list[str] = []
+        for _ in range(cname_count):
+            (size,) = _U16.unpack_from(data, offset)
+            offset += 2
+            chain.append(data[offset:offset + size].decode(_TEXT, _ERRORS))
+            offset += size
+        cnames = tuple(chain)
+    if address_count == 1 and data[offset] == 4 and len(data) == offset + 9:
+        addresses: tuple[tuple[bytes, int], ...] = (_V4_AT.unpack_from(data, offset + 1),)  # the usual answer
+        offset += 9
+    else:
+        found: list[tuple[bytes, int]] = []
+        for _ in range(address_count):
+            size = data[offset]
+            if size == 4:
+                found.append(_V4_AT.unpack_from(data, offset + 1))
+                offset += 9
+            elif size == 16:
+                found.append(_V6_AT.unpack_from(data, offset + 1))
+                offset += 21
+            else:
+                address = data[offset + 1:offset + 1 + size]
+                (ttl,) = _U32.unpack_from(data, offset + 1 + size)
+                found.append((address, ttl))
+                offset += 5 + size
+        addresses = tuple(found)
     if offset != len(data):
-        raise ValueError(f"answer log: record of {len(data)} bytes, its fields end at {offset}")
-    return DnsAnswer(qname, qtype, rcode, tuple(cnames), tuple(addresses), client, upstream, True), now
+        raise ValueError(f"answer log: record of {len(data) + _NOW.size} bytes, its fields end at "
+                         f"{offset + _NOW.size}")
+    return _tuple_new(DnsAnswer, (qname, qtype, rcode, cnames, addresses, client, upstream, True))
 
 
 # -- the ring ---------------------------------------------------------------------------------------
@@ -311,6 +344,8 @@ class AnswerLog:
         """The largest record one slot holds."""
         self._view = view
         self._words = view.cast("Q")
+        self._floats = view.cast("d")
+        """The ring as 8-byte floats: a record's ``now`` is the slot's third word, read without a copy."""
         self._published: int = self._words[_PUBLISHED]
         self._mmap: mmap.mmap | None = None
         self.fd: int | None = None
@@ -392,6 +427,7 @@ class AnswerLog:
     def close(self) -> None:
         """Unmap the ring and close its fd (a no-op the second time). Cursors on it must not be used."""
         self._words.release()
+        self._floats.release()
         self._view.release()
         if self._mmap is not None:
             self._mmap.close()
@@ -411,8 +447,19 @@ class AnswerLog:
         """Publish ``(answer, now)``; returns the number of records written (0: refused and counted)."""
         self.answers += 1
         record = encode_one(answer, now, self.capacity)
-        if record is not None:
-            self._write(record)
+        if record is not None:  # nearly every answer: _write, inlined (this runs before the reply leaves)
+            number = self._published + 1
+            base = HEADER_SIZE + (number - 1) % self.slots * self.slot_size
+            words = self._words
+            index = base >> 3
+            words[index] = 0
+            words[index + 1] = len(record)
+            start = base + SLOT_HEADER
+            self._view[start:start + len(record)] = record
+            words[index] = number
+            words[_PUBLISHED] = number
+            self._published = number
+            self.records += 1
             return 1
         records, cut = encode_records(answer, now, self.capacity)
         if not records:
@@ -465,7 +512,7 @@ class AnswerCursor:
     a lost answer means a lease this reader lacks, so a refused flow, never an opened one.
     """
 
-    __slots__ = ("log", "next", "lost", "corrupt", "_words")
+    __slots__ = ("log", "next", "lost", "corrupt", "_words", "_floats", "_view", "_decoded")
 
     def __init__(self, log: AnswerLog, start: Start = "oldest") -> None:
         self.log = log
@@ -481,34 +528,72 @@ class AnswerCursor:
         #: Records that passed the sequence checks but did not decode (a damaged ring; never expected).
         self.corrupt = 0
         self._words = log._words
+        self._floats = log._floats
+        self._view = log._view
+        #: Record body -> its decoded answer (:data:`DECODED_CACHE`); answers are immutable, so shared.
+        self._decoded: dict[bytes, DnsAnswer] = {}
 
     def pending(self) -> bool:
         """Whether the writer has published a record this cursor has not read (one 8-byte read)."""
         return self.next <= self._words[_PUBLISHED]
 
-    def read_new(self, until: int | None = None) -> list[tuple[DnsAnswer, float]]:
-        """Every record published since the last call (up to record ``until`` when given), in order."""
-        published = self._words[_PUBLISHED]
+    def read_new(self, until: int | None = None, latest: float | None = None) -> list[tuple[DnsAnswer, float]]:
+        """Every record published since the last call (up to record ``until`` when given), in order, as
+        ``(answer, now)``; with ``latest``, a ``now`` beyond it is given as ``latest``.
+
+        Each slot is read in place: its ``now`` as a float, its body copied once (the copy is both what
+        the seqlock protects and the key of the decoded-answer cache), its sequence number checked before
+        and after.
+        """
+        words = self._words
+        published = words[_PUBLISHED]
         if until is not None and until < published:
             published = until
         number = self.next
         if number > published:
             return []
-        oldest = published - self.log.slots + 1
+        log = self.log
+        slots = log.slots
+        oldest = published - slots + 1
         if number < oldest:
             self.lost += oldest - number
             number = oldest
-        read = self.log.read_slot
+        floats = self._floats
+        view = self._view
+        decoded = self._decoded
+        slot_size = log.slot_size
+        capacity = log.capacity
+        body_at = SLOT_HEADER + _NOW.size
         out: list[tuple[DnsAnswer, float]] = []
         while number <= published:
-            data = read(number)
-            if data is None:
+            base = HEADER_SIZE + (number - 1) % slots * slot_size
+            index = base >> 3
+            if words[index] != number:
                 self.lost += 1
-            else:
+                number += 1
+                continue
+            length = words[index + 1]
+            stamp = floats[index + 2]
+            body = view[base + body_at:base + SLOT_HEADER + (length if length < capacity else capacity)].tobytes()
+            if words[index] != number:
+                self.lost += 1  # overwritten while we copied it
+                number += 1
+                continue
+            number += 1
+            answer = decoded.get(body)
+            if answer is None:
                 try:
-                    out.append(decode_record(data))
+                    if length < _RECORD_HEAD.size:
+                        raise ValueError(f"answer log: a record of {length} bytes")
+                    answer = decode_body(body)
                 except (ValueError, IndexError, struct.error):  # UnicodeDecodeError is a ValueError
                     self.corrupt += 1
-            number += 1
+                    continue
+                if len(decoded) >= DECODED_CACHE:
+                    decoded.clear()
+                decoded[body] = answer
+            if latest is not None and stamp > latest:
+                stamp = latest
+            out.append((answer, stamp))
         self.next = number
         return out

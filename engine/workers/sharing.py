@@ -8,8 +8,9 @@ an answer is in shared memory before its client can have it. :meth:`AnswerSharin
 peer's ring and fires the worker's own ``dnsgate_dns_answer`` hooks again for each new record, as a
 ``peer`` answer with the time it was answered: ip_tracker leases, programs and sni_check names, the learn
 recorder, all see it as if this worker had answered it. The pipeline calls ``catch_up`` right before a
-new flow is judged, the engine on every tick, and a timer here every :data:`CATCH_UP_INTERVAL` so an
-idle worker is not lapped.
+new flow is judged (except a DNS flow, which no filter judges by lease: its records wait and go as one
+batch), the engine on every tick, and a timer here every :data:`CATCH_UP_INTERVAL` so an idle worker, or
+one that opens only DNS flows, is not lapped.
 
 The ordering argument: the client sends its SYN only after it has the reply, the reply left only after
 the record was published, and the worker that gets the SYN catches up before judging it. So the lease
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.hookspecs import hookimpl
+from engine.plugin_manager import PositionalHook
 from engine.workers.answer_log import AnswerCursor, AnswerLog
 
 if TYPE_CHECKING:
@@ -58,14 +60,16 @@ class AnswerSharing:
         self._own_until = own.published
         self._next_lapped_log = 0.0
         self._counters: Any = None
-        self._call: Any = None
+        self._emit: PositionalHook | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._unusual = (0, 0, 0)  # own.split, own.cnames_cut, own.unshareable already counted
 
     def bind(self, engine: Engine) -> None:
         """Use ``engine``'s hooks and counters (:meth:`Engine.enable_answer_sharing` calls it)."""
         self._counters = engine.stats.counters
-        self._call = engine.hooks.call
+        # Every replayed record is one call of the hook: its implementations directly (PositionalHook),
+        # not the runner's generic call (a lookup and a try per record).
+        self._emit = engine.hooks.positional("dnsgate_dns_answer", "answer", "now")
 
     # -- publishing (the DNS critical path) --------------------------------------------------------
 
@@ -114,10 +118,9 @@ class AnswerSharing:
 
     def _replay(self, cursor: AnswerCursor, now: float, until: int | None) -> int:
         lost, corrupt = cursor.lost, cursor.corrupt
-        records = cursor.read_new(until)
-        call = self._call
-        for answer, stamp in records:
-            call("dnsgate_dns_answer", answer, stamp if stamp <= now else now)
+        records = cursor.read_new(until, now)
+        if records:
+            self._emit_all(records)
         counters = self._counters
         counters["workers.answers_replayed"] += len(records)
         if cursor.lost != lost:
@@ -129,6 +132,16 @@ class AnswerSharing:
         if cursor.corrupt != corrupt:
             counters["workers.answers_corrupt"] += cursor.corrupt - corrupt
         return len(records)
+
+    def _emit_all(self, records: list[tuple[DnsAnswer, float]]) -> None:
+        emit = self._emit
+        assert emit is not None, "bind() first"
+        for answer, stamp in records:
+            try:
+                emit(answer, stamp)
+            except Exception:  # a pluggy wrapper that raised (plugin exceptions are contained by their guard)
+                self._counters["hook_errors.dnsgate_dns_answer"] += 1
+                log.exception("replaying %r failed", answer.qname)
 
     # -- between flows -----------------------------------------------------------------------------
 

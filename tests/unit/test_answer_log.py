@@ -405,3 +405,35 @@ def test_another_process_reads_what_this_one_appends_through_an_inherited_fd() -
     finally:
         log.close()
 
+
+
+def test_read_new_gives_a_time_beyond_latest_as_latest() -> None:
+    log = AnswerLog.in_memory(8, 256)
+    log.append(answer("early.test"), 5.0)
+    log.append(answer("late.test"), 50.0)
+    assert [(a.qname, now) for a, now in AnswerCursor(log).read_new(latest=10.0)] == [
+        ("early.test", 5.0), ("late.test", 10.0)]
+
+
+def test_a_record_that_changes_is_decoded_again_not_taken_from_the_cache() -> None:
+    """The cursor caches decoded answers by record body: the same body twice is one decode, a slot reused
+    for another answer (same length, other address) gives the other answer."""
+    log = AnswerLog.in_memory(2, 256)
+    cursor = AnswerCursor(log)
+    log.append(answer(addresses=("192.0.2.4",)), 1.0)
+    log.append(answer(addresses=("192.0.2.4",)), 2.0)
+    first, second = cursor.read_new()
+    assert first[0] is second[0] and (first[1], second[1]) == (1.0, 2.0)
+    log.append(answer(addresses=("192.0.2.5",)), 3.0)
+    ((third, now),) = cursor.read_new()
+    assert third.addresses == ((raw("192.0.2.5"), 300),) and now == 3.0
+    assert third == answer(addresses=("192.0.2.5",))._replace(peer=True)
+
+
+def test_a_record_too_short_for_its_head_is_corrupt() -> None:
+    log = AnswerLog.in_memory(8, 256)
+    log.append(answer(), 1.0)
+    words = memoryview(log._view).cast("Q")  # noqa: SLF001 - damage the ring on purpose
+    words[(HEADER_SIZE >> 3) + 1] = 12
+    cursor = AnswerCursor(log)
+    assert cursor.read_new() == [] and cursor.corrupt == 1

@@ -247,3 +247,46 @@ def test_dns_flows_still_reach_dns_filter_with_sharing(harnesses: list[PluginHar
         assert bench.harness.run_until(lambda: any(p.proto == PROTO_UDP for p in bench.harness.take_written()))
     finally:
         bench.close()
+
+
+def test_a_dns_flow_does_not_catch_up_but_the_next_other_flow_does(harnesses: list[PluginHarness]) -> None:
+    """Before a DNS flow (answered by dns_filter whatever its address) the peer records wait; the next flow
+    judged by address catches up first, so the guarantee holds where a lease is looked at."""
+    bench = DnsBench({}, others=(("ip_tracker", {}), (Sink, {})))
+    a = worker()
+    harnesses.append(a)
+    try:
+        log_a, log_b = AnswerLog.in_memory(64, 1024), AnswerLog.in_memory(64, 1024)
+        share(a, log_a, [log_b])
+        share(bench.harness, log_b, [log_a])
+        b = bench.harness
+        a.emit_dns_answer("elsewhere.test", ["192.0.2.4"])
+        counters = b.engine.stats.counters
+        b.feed(udp("10.0.0.2", 40000, "10.0.0.1", 53, query("example.test.")))
+        assert "dns" in next(iter(b.engine.flows)).labels
+        assert counters["workers.answers_replayed"] == 0  # not caught up before the DNS flow
+        assert verdict(b, syn("10.0.0.2", 1000, "192.0.2.4", 443)) is Verdict.ACCEPT
+        assert counters["workers.answers_replayed"] == 1
+    finally:
+        bench.close()
+
+
+def test_a_batch_of_repeated_answers_is_replayed_record_by_record(harnesses: list[PluginHarness]) -> None:
+    """Identical records share one decoded answer (the cursor's cache) but each is replayed, with its own time."""
+    a, b, log_a, _ = two_workers(harnesses)
+    seen: list[tuple[DnsAnswer, float]] = []
+
+    class Watch:
+        @hookimpl
+        def dnsgate_dns_answer(self, answer: DnsAnswer, now: float) -> None:
+            if answer.peer:
+                seen.append((answer, now))
+
+    b.engine.pm.register(Watch())
+    start = a.now()
+    same = DnsAnswer("same.test", 1, 0, (), ((addr("192.0.2.7"), 300),), addr("10.0.0.2"))
+    for i in range(5):
+        log_a.append(same, start - 5 + i)
+    b.engine.answer_sharing.catch_up(b.now())  # type: ignore[union-attr]
+    assert [stamp for _, stamp in seen] == [start - 5 + i for i in range(5)]
+    assert len({id(answer) for answer, _ in seen}) == 1 and seen[0][0] == same._replace(peer=True)
