@@ -10,6 +10,7 @@ import pytest
 
 from engine.decision import Verdict
 from engine.events import DnsAnswer
+from engine.hookspecs import hookimpl
 from engine.learn import LearnRecorder
 from engine.packet import PROTO_UDP
 from engine.testing import PluginHarness, Sink, addr, syn, udp
