@@ -25,6 +25,13 @@ Ticket = list[Callable[[], None]]
 """``[callback]`` while the deadline is live, ``[]`` once cancelled or fired."""
 SLACK = 0.002
 """How late a deadline may fire rather than re-arming the loop timer (seconds)."""
+TIMER_GRAIN = 0.001
+"""Added to every loop timer's delay (seconds): uvloop's timers are libuv's, in whole milliseconds from
+a clock cached at the start of the loop iteration, so a loop timer may run up to ~0.6 ms before the
+engine clock reaches its deadline. ``_fire`` then found nothing due and re-armed a timer of 0 ms, which
+libuv ran again at once: a busy loop until the deadline. Measured in bench/micro_connection.py, ~30
+empty fires per short TCP connection (bench/README.md, "CPU per connection"). One grain later, the
+first fire finds its deadline due; with SLACK the loop timer is at most ~3 ms late."""
 _COMPACT_MIN = 4096
 
 
@@ -70,7 +77,7 @@ class DeadlineQueue:
         self._timer_at = deadline
         loop = self._loop
         # The engine clock may be offset from the loop's (the test harness moves it): schedule by delay.
-        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self._clock()), self._fire)
+        self._timer = loop.call_at(loop.time() + max(0.0, deadline - self._clock()) + TIMER_GRAIN, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
