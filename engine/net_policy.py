@@ -30,6 +30,7 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 # rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h).
+_NONBLOCK = socket.SOCK_NONBLOCK  # Linux: non-blocking from socket() on
 _NETLINK_ROUTE = 0
 _RTM_NEWADDR = 20
 _RTM_GETADDR = 22
@@ -216,10 +217,12 @@ class SocketPolicy:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.outbound_interface.encode())
 
     def open_socket(self, family: int, type_: int, proto: int = 0) -> socket.socket:
-        """A non-blocking socket of the given kind, already :meth:`prepare`-d (closed again on failure)."""
-        sock = socket.socket(family, type_, proto)
+        """A non-blocking socket of the given kind, already :meth:`prepare`-d (closed again on failure).
+
+        Non-blocking from ``socket()`` itself (``SOCK_NONBLOCK``): Python then needs no ``ioctl(FIONBIO)``,
+        one system call less per dialed connection (the socket's timeout is 0.0 either way)."""
+        sock = socket.socket(family, type_ | _NONBLOCK, proto)
         try:
-            sock.setblocking(False)
             self.prepare(sock)
         except BaseException:
             sock.close()
