@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine import control
 from engine.io.base import PacketDevice
@@ -173,6 +173,19 @@ async def _call_logged(callback: Callable[[Any], Awaitable[None] | None] | None,
         log.exception("cleanup failed")
 
 
+_Metrics = TypeVar("_Metrics", bound=MetricsServer)
+
+
+def started_or_explained(server: _Metrics) -> _Metrics | None:
+    """The metrics server, serving; None after saying on stderr why it cannot (the start then ends with 1)."""
+    try:
+        server.start()
+    except MetricsError as error:
+        print(f"dnsgate: {error}", file=sys.stderr)
+        return None
+    return server
+
+
 def mark_ready(ready_file: str | None, announce: bool) -> None:
     """The engine reads packets: touch ``--ready-file`` and print :data:`READY_LINE` (scripts wait for
     either)."""
@@ -237,12 +250,8 @@ async def run_engine(
             line_task = loop.create_task(line.serve_connected(control_sock), name="dnsgate-supervisor-line")
             line_task.add_done_callback(lambda _task: stop.set())
         if metrics:
-            metrics_server = MetricsServer(engine, *parse_listen_address(metrics))
-            try:
-                metrics_server.start()
-            except MetricsError as error:
-                metrics_server = None
-                print(f"dnsgate: {error}", file=sys.stderr)
+            metrics_server = started_or_explained(MetricsServer(engine, *parse_listen_address(metrics)))
+            if metrics_server is None:
                 return 1
         if on_started is not None:
             await _call(on_started, engine)
@@ -314,12 +323,8 @@ async def run_supervised(
             server = SupervisorControl(control_path, supervisor, local_handlers)
             await server.start()
         if metrics:
-            metrics_server = WorkersMetricsServer(readings, fwmark, *parse_listen_address(metrics))
-            try:
-                metrics_server.start()
-            except MetricsError as error:
-                metrics_server = None
-                print(f"dnsgate: {error}", file=sys.stderr)
+            metrics_server = started_or_explained(WorkersMetricsServer(readings, fwmark, *parse_listen_address(metrics)))
+            if metrics_server is None:
                 return 1
         if on_started is not None:
             await _call(on_started, supervisor)
