@@ -85,7 +85,14 @@ __all__ = ["Relay", "DIAL_OK", "DIAL_FAILED", "DIAL_TIMEOUT", "DIAL_CANCELLED"]
 log = logging.getLogger("dnsgate.tcp_forward")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_FULL_READ = 256 * 1024  # bytes read per readable callback (what asyncio's transports read, too)
+# Bytes asked for per readable callback. recv(n) allocates an n-byte object first and shrinks it to what
+# arrived; glibc serves an allocation above its mmap threshold (128 KiB) with mmap, so every 256 KiB read
+# costs mmap + page fault + mremap + munmap, ~9 us against ~1 us for a 64 KiB one (bench/README.md, "The
+# read size"). A short response (HTTP/1.0's page) fits in the first read; a read that fills its buffer
+# says a bulk transfer is under way, and the relay then reads 256 KiB at a time (what asyncio's transports
+# read), where the mapping is paid once per 256 KiB.
+_FIRST_READ = 64 * 1024
+_FULL_READ = 256 * 1024
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _UP_OPEN = Up.OPEN
@@ -113,6 +120,7 @@ class Relay:
         "_held",
         "_hold_limit",
         "_hold_ticket",
+        "_read_size",
     )
 
     def __init__(
@@ -137,6 +145,7 @@ class Relay:
         self._held: bytearray | None = None  # the client's first bytes while a plugin judges them
         self._hold_limit = 0
         self._hold_ticket: Ticket | None = None  # the first bytes' deadline
+        self._read_size = _FIRST_READ  # _FULL_READ once a read filled its buffer
 
     @property
     def bytes_up(self) -> int:
@@ -184,8 +193,9 @@ class Relay:
         sock = self.sock
         if sock is None:
             return
+        size = self._read_size
         try:
-            data = sock.recv(_FULL_READ)
+            data = sock.recv(size)
         except _WOULD_BLOCK:
             return
         except OSError as error:
@@ -201,7 +211,11 @@ class Relay:
         assert conn is not None
         # A short read drained the socket; if the server also closed (HTTP/1.0, "Connection: close"), let
         # the FIN ride on this data instead of following in its own packet a loop iteration later.
-        eof = len(data) < _FULL_READ and self._peek_eof(sock)
+        if len(data) == size:
+            self._read_size = _FULL_READ
+            eof = False
+        else:
+            eof = self._peek_eof(sock)
         taken = conn.send(data, self.engine.now(), flush=not eof)
         if taken == len(data) and not eof:  # the fast path: the core would only count the bytes
             core.bytes_down += taken

@@ -414,3 +414,21 @@ def test_a_finished_connection_is_freed_without_the_cyclic_gc(harness: PluginHar
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+def test_reads_start_small_and_grow_once_a_read_fills_its_buffer(harness: PluginHarness, upstream: Upstream) -> None:
+    """A short response is read with a buffer below glibc's mmap threshold (a 256 KiB recv buffer costs
+    mmap + mremap + munmap per read); a read that fills it switches the relay to 256 KiB reads."""
+    from plugins.tcp_forward import relay as relay_module
+
+    client = Client(harness, CLIENT_V4, 40021, "127.0.0.1", upstream.port)
+    client.handshake()
+    relay = next(iter(harness.plugin.active))
+    upstream.writers[0].write(b"short answer")
+    assert client.wait(lambda: bytes(client.received) == b"short answer")
+    assert relay._read_size == relay_module._FIRST_READ < 128 * 1024
+    bulk = bytes(range(256)) * 4096  # 1 MiB: the client ACKs as it goes, so the socket fills reads
+    upstream.writers[0].write(bulk)
+    assert client.wait(lambda: len(client.received) >= len(b"short answer") + len(bulk))
+    assert bytes(client.received) == b"short answer" + bulk
+    assert relay._read_size == relay_module._FULL_READ
