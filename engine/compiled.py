@@ -61,6 +61,7 @@ PER_PACKET_EDGES: tuple[str, ...] = (
     "engine/flow.py",
     "engine/flow_lifecycle.py",
     "engine/fragment.py",
+    "engine/hook_runner.py",
     "engine/io/gso.py",
     "engine/poller.py",
     "engine/reassembly.py",
@@ -75,7 +76,8 @@ PER_PACKET_EDGES: tuple[str, ...] = (
 # Left pure Python: engine/tcp/state.py and engine/io/tun.py subclass builtin exceptions (mypyc cannot),
 # engine/runtime.py is monkeypatched by tests (a compiled method is read-only), engine/tun_subnet.py is
 # given duck-typed flows by its tests (compiled code checks argument types), the plugin classes are pluggy
-# hookimpls, and engine/plugin_manager.py trips a mypyc internal error.
+# hookimpls, and engine/plugin_manager.py trips a mypyc internal error (its hook runner, engine/hook_runner.py,
+# is compiled).
 COMPILED_SOURCES: tuple[str, ...] = tuple(sorted(PER_PACKET_CORE + PER_PACKET_EDGES))
 
 

@@ -25,6 +25,7 @@ import pluggy
 
 from engine import hookspecs
 from engine.decision import Decision
+from engine.hook_runner import HookRunner, PositionalHook
 from engine.profile import Profile, ProfileError, build_config
 
 if TYPE_CHECKING:
@@ -130,8 +131,40 @@ def build_plugin(info: PluginInfo, table: Any, *, file: str = "<profile>") -> An
         raise PluginLoadError(file, f"plugins.{info.name}", str(error)) from None
 
 
-def new_plugin_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, counting every change of who implements which hook in :attr:`generation`.
+
+    Why: the engine's hook callers (:class:`~engine.hook_runner.PositionalHook`) cache a call plan per
+    hook; comparing one integer tells them the plan still holds, where asking pluggy costs a Python-level
+    list copy and compare on each of a new flow's six or seven hook calls. Every way pluggy adds or
+    removes an implementation goes through the three methods below (``set_blocked`` unregisters).
+    """
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        self.generation = 0
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        try:
+            return super().register(plugin, name)
+        finally:
+            self.generation += 1
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self.generation += 1
+
+    def add_hookspecs(self, module_or_class: Any) -> None:
+        try:
+            super().add_hookspecs(module_or_class)  # also attaches impls of already registered plugins
+        finally:
+            self.generation += 1
+
+
+def new_plugin_manager() -> PluginManager:
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     return pm
 
@@ -252,148 +285,4 @@ def same_plugin(old: Any, new: Any) -> bool:
     return type(old) is type(new) and getattr(old, "config", None) == getattr(new, "config", object())
 
 
-def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str, ...]]] | None:
-    """``(function, argnames)`` in pluggy's call order (last registered first), or None when a wrapper is
-    among the implementations."""
-    if any(impl.wrapper or impl.hookwrapper for impl in impls):
-        return None
-    return [(impl.function, tuple(impl.argnames)) for impl in reversed(impls)]
-
-
-#: One implementation in a :class:`PositionalHook` plan: the function, which of the caller's arguments it
-#: takes (None: all of them, in order), and the guard's error handler (None: exceptions propagate).
-_Step = tuple[Callable[..., Any], "tuple[int, ...] | None", "Callable[[], Any] | None"]
-
-
-class PositionalHook:
-    """Calls one hook's implementations directly, with positional arguments in a fixed order.
-
-    Why: pluggy's generic path (``HookCaller.__call__`` -> ``_hookexec`` -> ``_multicall``: argument
-    checks, a result list, try/finally, one argument list per implementation) costs several µs per call;
-    a new flow makes five or six hook calls (a visible share of a short TCP connection) and
-    ``dnsgate_dns_answer`` fires before every DNS reply is released. pluggy stays the registry and its
-    rules hold: implementations in pluggy's order, each given the arguments it names, the first
-    non-None result for a ``firstresult`` hook, a list otherwise. The implementations are re-read on
-    every call (``get_hookimpls`` is a list copy and an identity compare), so plugins registered or
-    unregistered later (reload, observers) are seen; with any wrapper among them the full pluggy call is
-    used. Containment is :class:`GuardedPlugin`'s: a guarded implementation is called unwrapped inside a
-    try/except that runs the guard's own handler (one frame and argument packing less per call); other
-    exceptions propagate as pluggy's would.
-    """
-
-    __slots__ = ("caller", "argnames", "firstresult", "_impls", "_plan")
-
-    def __init__(self, caller: pluggy.HookCaller, *argnames: str) -> None:
-        self.caller = caller
-        self.argnames = argnames
-        spec = caller.spec
-        if spec is not None and set(argnames) != set(spec.argnames):
-            raise TypeError(f"{caller.name} takes {spec.argnames}, not {argnames}")
-        self.firstresult = bool(spec is not None and spec.opts.get("firstresult"))
-        self._impls: list[Any] | None = None
-        self._plan: list[_Step] | None = None
-
-    def __call__(self, *args: Any) -> Any:
-        impls = self.caller.get_hookimpls()
-        if impls != self._impls:
-            self._impls = impls
-            self._plan = self._make_plan(impls)
-        plan = self._plan
-        if plan is None:
-            return self.caller(**dict(zip(self.argnames, args)))
-        results: list[Any] = []
-        for function, order, failed in plan:
-            if failed is None:
-                result = function(*args) if order is None else function(*[args[i] for i in order])
-            else:
-                try:
-                    result = function(*args) if order is None else function(*[args[i] for i in order])
-                except Exception:
-                    result = failed()
-            if result is not None:
-                if self.firstresult:
-                    return result
-                results.append(result)
-        return None if self.firstresult else results
-
-    def _make_plan(self, impls: list[Any]) -> list[_Step] | None:
-        calls = _direct_calls(impls)
-        if calls is None:
-            return None
-        plan: list[_Step] = []
-        everything = tuple(range(len(self.argnames)))
-        for function, names in calls:
-            order = tuple(self.argnames.index(name) for name in names)
-            failed = getattr(function, "_dnsgate_failed", None)
-            if failed is not None:
-                function = function.__wrapped__  # type: ignore[attr-defined]
-            plan.append((function, None if order == everything else order, failed))
-        return plan
-
-
-class HookRunner:
-    """The one way the engine calls hooks: every call site goes through one of its three methods.
-
-    * :meth:`call` — a synchronous hook with its arguments positional, in the hookspec's order, through a
-      cached :class:`PositionalHook` (the per-new-flow hooks, flow events, ticks, DNS answers). A
-      failure of pluggy itself (a wrapper that raises) is counted as ``hook_errors.<hook>`` and logged;
-      the call then answers None. Plugin exceptions never get here: :class:`GuardedPlugin` contains them.
-    * :meth:`positional` — the :class:`PositionalHook` itself, for a plugin that calls an event hook on
-      its own hot path (dns_filter's ``dnsgate_dns_answer`` before every reply) without the lookup.
-    * :meth:`lifecycle` — ``dnsgate_configure``/``start``/``stop``: each implementation in profile order
-      (or reverse), an awaitable result awaited, a failure (also inside the awaitable, which the guard
-      cannot see) counted against its plugin; optionally only for some plugins (a reload configures and
-      starts the plugins it rebuilt, and stops the ones it retired, which are no longer registered).
-
-    pluggy stays the registry and the source of call order.
-    """
-
-    __slots__ = ("pm", "stats", "_callers")
-
-    def __init__(self, pm: pluggy.PluginManager, stats: Stats) -> None:
-        self.pm = pm
-        self.stats = stats
-        self._callers: dict[str, PositionalHook] = {}
-
-    def positional(self, name: str, *argnames: str) -> PositionalHook:
-        """A direct caller of hook ``name`` taking ``argnames`` (default: the hookspec's order)."""
-        caller = getattr(self.pm.hook, name)
-        return PositionalHook(caller, *(argnames or tuple(caller.spec.argnames)))
-
-    def implementations(self, name: str) -> list[Any]:
-        """The registered implementations of hook ``name`` (pluggy's order): compare two answers to learn
-        whether a reload changed who answers, without calling them."""
-        return list(getattr(self.pm.hook, name).get_hookimpls())
-
-    def call(self, name: str, *args: Any) -> Any:
-        """Call hook ``name`` with ``args`` in the hookspec's argument order; never raises."""
-        direct = self._callers.get(name)
-        if direct is None:
-            direct = self._callers[name] = self.positional(name)
-        try:
-            return direct(*args)
-        except Exception:
-            self.stats.counters[f"hook_errors.{name}"] += 1
-            log.exception("hook %s failed", name)
-            return None
-
-    async def lifecycle(
-        self, name: str, engine: Any, *, reverse: bool = False, plugins: Iterable[Any] | None = None
-    ) -> None:
-        """Run a lifecycle hook; with ``plugins``, on those plugin objects only (registered or not)."""
-        if plugins is not None:
-            targets = [(getattr(plugin, "name", type(plugin).__name__), getattr(plugin, name, None)) for plugin in plugins]
-        else:
-            impls = getattr(self.pm.hook, name).get_hookimpls()  # pluggy order: last registered first
-            ordered = impls if reverse else list(reversed(impls))
-            targets = [(impl.plugin_name, impl.function) for impl in ordered]
-        for plugin_name, function in targets:
-            if function is None:
-                continue
-            try:
-                result = function(engine=engine)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                self.stats.plugin_error(plugin_name)
-                log.exception("plugin %s failed in %s", plugin_name, name)
+__all__ = ["HookRunner", "PositionalHook", "PluginManager", "new_plugin_manager", "GuardedPlugin"]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from engine.hookspecs import hookimpl
-from engine.plugin_manager import GuardedPlugin, PositionalHook, new_plugin_manager
+from engine.plugin_manager import GuardedPlugin, HookRunner, PositionalHook, new_plugin_manager
 from engine.stats import Stats
 
 
@@ -97,6 +97,30 @@ def test_registration_changes_are_seen_and_a_wrapper_takes_the_pluggy_path() -> 
     pm.unregister(name="only")
     call("C", 0.0)
     assert log == [("answer-only", "A"), ("wrapper", "B"), ("answer-only", "B"), ("wrapper", "C")]
+
+
+@pytest.mark.parametrize("through", ["runner", "plain"])
+def test_the_plan_follows_registrations_by_generation_or_by_pluggys_list(through: str) -> None:
+    """The runner's callers re-plan when the manager's ``generation`` moves (register, unregister,
+    add_hookspecs); a caller without the engine's manager compares pluggy's list on every call."""
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("only", AnswerOnly(log)))
+    if through == "runner":
+        call = HookRunner(pm, stats).positional("dnsgate_dns_answer", "answer", "now")
+    else:
+        call = PositionalHook(pm.hook.dnsgate_dns_answer, "answer", "now")
+    before = pm.generation
+    call("A", 0.0)
+    call("A2", 0.0)  # nothing changed: the same plan
+    pm.register(GuardedPlugin(AnswerBoth(log), "both", stats, "accept"), name="both")
+    assert pm.generation == before + 1
+    call("B", 1.0)
+    pm.unregister(name="only")
+    assert pm.generation == before + 2
+    call("C", 2.0)
+    assert log == [("answer-only", "A"), ("answer-only", "A2"), ("both", "B", 1.0), ("answer-only", "B"),
+                   ("both", "C", 2.0)]
 
 
 def test_argument_names_must_match_the_hook() -> None:

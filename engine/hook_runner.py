@@ -1,0 +1,188 @@
+"""The engine's hook runner: every call site calls hooks through :class:`HookRunner` (a module of its own
+so the compiled build can compile it; engine/plugin_manager.py, which loads and guards plugins, stays pure).
+
+Compiled, a new flow's six or seven hook calls (classify, filter, track, forward, flow opened and closed)
+no longer run interpreted frames of their own between the compiled pipeline and the plugins: the plan
+(who to call, with which arguments) is checked against the plugin manager's ``generation`` (an int) and
+walked in C (bench/README.md, "Interpreted frames per connection").
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import pluggy
+
+if TYPE_CHECKING:
+    from engine.stats import Stats
+
+__all__ = ["HookRunner", "PositionalHook"]
+
+log = logging.getLogger("dnsgate.plugins")
+
+
+def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str, ...]]] | None:
+    """``(function, argnames)`` in pluggy's call order (last registered first), or None when a wrapper is
+    among the implementations."""
+    calls: list[tuple[Callable[..., Any], tuple[str, ...]]] = []
+    for impl in impls:
+        if impl.wrapper or impl.hookwrapper:
+            return None
+        calls.append((impl.function, tuple(impl.argnames)))
+    calls.reverse()
+    return calls
+
+
+#: One implementation in a :class:`PositionalHook` plan: the function, which of the caller's arguments it
+#: takes (None: all of them, in order), and the guard's error handler (None: exceptions propagate).
+_Step = tuple[Callable[..., Any], Optional[tuple[int, ...]], Optional[Callable[[], Any]]]
+
+
+class PositionalHook:
+    """Calls one hook's implementations directly, with positional arguments in a fixed order.
+
+    Why: pluggy's generic path (``HookCaller.__call__`` -> ``_hookexec`` -> ``_multicall``: argument
+    checks, a result list, try/finally, one argument list per implementation) costs several µs per call;
+    a new flow makes five or six hook calls (a visible share of a short TCP connection) and
+    ``dnsgate_dns_answer`` fires before every DNS reply is released. pluggy stays the registry and its
+    rules hold: implementations in pluggy's order, each given the arguments it names, the first
+    non-None result for a ``firstresult`` hook, a list otherwise. Plugins registered or unregistered
+    later (reload, observers) are seen: the plan is re-made when the manager's ``generation`` moved (the
+    engine's :class:`~engine.plugin_manager.PluginManager`), or, with a plain pluggy manager, whenever
+    ``get_hookimpls`` (a list copy) differs from the last call's. With any wrapper among the
+    implementations the full pluggy call is used. Containment is :class:`GuardedPlugin`'s: a guarded implementation is called unwrapped inside a
+    try/except that runs the guard's own handler (one frame and argument packing less per call); other
+    exceptions propagate as pluggy's would.
+    """
+
+    def __init__(self, caller: pluggy.HookCaller, *argnames: str, pm: Any = None) -> None:
+        self.caller = caller
+        self.argnames = argnames
+        spec = caller.spec
+        if spec is not None and set(argnames) != set(spec.argnames):
+            raise TypeError(f"{caller.name} takes {spec.argnames}, not {argnames}")
+        self.firstresult = bool(spec is not None and spec.opts.get("firstresult"))
+        # With engine.plugin_manager.PluginManager (a ``generation`` counter) the plan is re-made only when
+        # the registrations changed; with another manager every call compares pluggy's list of impls.
+        self._pm: Any = pm if hasattr(pm, "generation") else None
+        self._generation = -1
+        self._impls: Optional[list[Any]] = None
+        self._plan: Optional[list[_Step]] = None
+        self._planned = False
+
+    def __call__(self, *args: Any) -> Any:
+        pm = self._pm
+        if pm is not None:
+            generation: int = pm.generation
+            if generation != self._generation or not self._planned:
+                self._generation = generation
+                self._plan = self._make_plan(self.caller.get_hookimpls())
+                self._planned = True
+        else:
+            impls = self.caller.get_hookimpls()
+            if impls != self._impls or not self._planned:
+                self._impls = impls
+                self._plan = self._make_plan(impls)
+                self._planned = True
+        plan = self._plan
+        if plan is None:
+            return self.caller(**dict(zip(self.argnames, args)))
+        results: list[Any] = []
+        for function, order, failed in plan:
+            if failed is None:
+                result = function(*args) if order is None else function(*[args[i] for i in order])
+            else:
+                try:
+                    result = function(*args) if order is None else function(*[args[i] for i in order])
+                except Exception:
+                    result = failed()
+            if result is not None:
+                if self.firstresult:
+                    return result
+                results.append(result)
+        return None if self.firstresult else results
+
+    def _make_plan(self, impls: list[Any]) -> Optional[list[_Step]]:
+        calls = _direct_calls(impls)
+        if calls is None:
+            return None
+        plan: list[_Step] = []
+        everything = tuple(range(len(self.argnames)))
+        for function, names in calls:
+            order = tuple(self.argnames.index(name) for name in names)
+            failed = getattr(function, "_dnsgate_failed", None)
+            if failed is not None:
+                function = function.__wrapped__  # type: ignore[attr-defined]
+            plan.append((function, None if order == everything else order, failed))
+        return plan
+
+
+class HookRunner:
+    """The one way the engine calls hooks: every call site goes through one of its three methods.
+
+    * :meth:`call` — a synchronous hook with its arguments positional, in the hookspec's order, through a
+      cached :class:`PositionalHook` (the per-new-flow hooks, flow events, ticks, DNS answers). A
+      failure of pluggy itself (a wrapper that raises) is counted as ``hook_errors.<hook>`` and logged;
+      the call then answers None. Plugin exceptions never get here: :class:`GuardedPlugin` contains them.
+    * :meth:`positional` — the :class:`PositionalHook` itself, for a plugin that calls an event hook on
+      its own hot path (dns_filter's ``dnsgate_dns_answer`` before every reply) without the lookup.
+    * :meth:`lifecycle` — ``dnsgate_configure``/``start``/``stop``: each implementation in profile order
+      (or reverse), an awaitable result awaited, a failure (also inside the awaitable, which the guard
+      cannot see) counted against its plugin; optionally only for some plugins (a reload configures and
+      starts the plugins it rebuilt, and stops the ones it retired, which are no longer registered).
+
+    pluggy stays the registry and the source of call order.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, stats: Stats) -> None:
+        self.pm = pm
+        self.stats = stats
+        self._callers: dict[str, PositionalHook] = {}
+
+    def positional(self, name: str, *argnames: str) -> PositionalHook:
+        """A direct caller of hook ``name`` taking ``argnames`` (default: the hookspec's order)."""
+        caller = getattr(self.pm.hook, name)
+        return PositionalHook(caller, *(argnames or tuple(caller.spec.argnames)), pm=self.pm)
+
+    def implementations(self, name: str) -> list[Any]:
+        """The registered implementations of hook ``name`` (pluggy's order): compare two answers to learn
+        whether a reload changed who answers, without calling them."""
+        return list(getattr(self.pm.hook, name).get_hookimpls())
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Call hook ``name`` with ``args`` in the hookspec's argument order; never raises."""
+        direct = self._callers.get(name)
+        if direct is None:
+            direct = self._callers[name] = self.positional(name)
+        try:
+            return direct(*args)
+        except Exception:
+            self.stats.counters[f"hook_errors.{name}"] += 1
+            log.exception("hook %s failed", name)
+            return None
+
+    async def lifecycle(
+        self, name: str, engine: Any, *, reverse: bool = False, plugins: Iterable[Any] | None = None
+    ) -> None:
+        """Run a lifecycle hook; with ``plugins``, on those plugin objects only (registered or not)."""
+        if plugins is not None:
+            targets = [(getattr(plugin, "name", type(plugin).__name__), getattr(plugin, name, None)) for plugin in plugins]
+        else:
+            impls = getattr(self.pm.hook, name).get_hookimpls()  # pluggy order: last registered first
+            ordered = list(impls)
+            if not reverse:
+                ordered.reverse()
+            targets = [(impl.plugin_name, impl.function) for impl in ordered]
+        for plugin_name, function in targets:
+            if function is None:
+                continue
+            try:
+                result = function(engine=engine)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.stats.plugin_error(plugin_name)
+                log.exception("plugin %s failed in %s", plugin_name, name)
