@@ -72,6 +72,7 @@ PER_PACKET_EDGES: tuple[str, ...] = (
     "plugins/dns_filter/wire.py",
     "plugins/ip_tracker/table.py",
     "plugins/tcp_forward/dial.py",
+    "plugins/tcp_forward/forwarder.py",
 )
 # Left pure Python: engine/tcp/state.py and engine/io/tun.py subclass builtin exceptions (mypyc cannot),
 # engine/runtime.py is monkeypatched by tests (a compiled method is read-only), engine/tun_subnet.py is
