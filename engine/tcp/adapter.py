@@ -348,7 +348,7 @@ class TcpConnection:
         self._timer_at = None
         if self._closed:
             return
-        now = self.engine.now()
+        now = self.engine.clock()
         try:
             deadline = self.endpoint.next_deadline()
             if deadline is not None and deadline <= now:

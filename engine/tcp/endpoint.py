@@ -133,6 +133,12 @@ class OutSegment(NamedTuple):
     segment_size: int = 0
 
 
+def _with_flags(segment: OutSegment, flags: int) -> OutSegment:
+    """``segment`` with ``flags`` added (what ``_replace`` does, without namedtuple's interpreted keyword path)."""
+    return OutSegment(segment.seq, segment.ack, segment.flags | flags, segment.window, segment.options,
+                      segment.payload, segment.segment_size)
+
+
 class TcpEndpoint:
     """The server side of one client connection. See the package docstring for the API contract."""
 
@@ -1042,7 +1048,7 @@ class TcpEndpoint:
             self._arm_persist_if_stuck(now, data_end)
             return
         last = out[-1]
-        out[-1] = last._replace(flags=last.flags | PSH)
+        out[-1] = _with_flags(last, PSH)
         if retransmitted:
             self.retransmits += len(out) - first
         self._snd_nxt = nxt
@@ -1074,7 +1080,7 @@ class TcpEndpoint:
         if out and out[-1].payload and (out[-1].seq + len(out[-1].payload)) & MASK == fin_seq & MASK \
                 and not out[-1].flags & (SYN | RST):
             last = out[-1]
-            out[-1] = last._replace(flags=last.flags | FIN)  # ride on the last data segment
+            out[-1] = _with_flags(last, FIN)  # ride on the last data segment
         else:
             out.append(OutSegment(fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
         if self._snd_max > fin_seq:

@@ -60,6 +60,7 @@ class TcpState(enum.Enum):
 
 
 class Trigger(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: the C identity hash, not Enum's Python-level one
     ACCEPT = "accept"  # the application accepted the pending SYN (SYN-ACK goes out)
     REFUSE = "refuse"  # the application refused it (RST goes out)
     SYN_ACKED = "syn acked"  # the peer acknowledged our SYN-ACK

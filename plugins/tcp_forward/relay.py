@@ -121,6 +121,7 @@ class Relay:
         "_hold_limit",
         "_hold_ticket",
         "_read_size",
+        "_clock",
     )
 
     def __init__(
@@ -146,6 +147,7 @@ class Relay:
         self._hold_limit = 0
         self._hold_ticket: Ticket | None = None  # the first bytes' deadline
         self._read_size = _FIRST_READ  # _FULL_READ once a read filled its buffer
+        self._clock = engine.clock
 
     @property
     def bytes_up(self) -> int:
@@ -185,7 +187,7 @@ class Relay:
 
     def _on_deadline(self) -> None:
         self._ticket = None  # fired: nothing left to cancel
-        self._run(self.core.timer(self.engine.now()))
+        self._run(self.core.timer(self._clock()))
 
     # -- upstream socket -------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class Relay:
             eof = False
         else:
             eof = self._peek_eof(sock)
-        taken = conn.send(data, self.engine.now(), flush=not eof)
+        taken = conn.send(data, self._clock(), flush=not eof)
         if taken == len(data) and not eof:  # the fast path: the core would only count the bytes
             core.bytes_down += taken
             return
@@ -264,7 +266,7 @@ class Relay:
             core.bytes_up += size
             conn = self.conn
             assert conn is not None
-            conn.consumed(size, self.engine.now())
+            conn.consumed(size, self._clock())
             return
         self._run(core.client_data(data, sent))
 
@@ -293,7 +295,7 @@ class Relay:
         conn = self.conn
         if conn is None:
             return
-        now = self.engine.now()
+        now = self._clock()
         answer = self.engine.hooks.call(_FIRST_BYTES, conn.flow, data, now)
         if answer is None or isinstance(answer, Decision) and answer.allowed:
             if self._held is not None:
@@ -352,7 +354,7 @@ class Relay:
     def _consume(self, command: ConsumeClient) -> None:
         conn = self.conn
         if conn is not None:
-            conn.consumed(command.count, self.engine.now())
+            conn.consumed(command.count, self._clock())
 
     def _send_upstream(self, command: SendUpstream) -> None:
         sock = self.sock
@@ -369,21 +371,21 @@ class Relay:
 
     def _send_client(self, command: SendClient) -> None:
         conn = self.conn
-        taken = 0 if conn is None else conn.send(command.data, self.engine.now(), flush=command.flush)
+        taken = 0 if conn is None else conn.send(command.data, self._clock(), flush=command.flush)
         self._run(self.core.client_took(taken))
 
     def _flush_client(self, command: FlushClient) -> None:
         if self.conn is not None:
-            self.conn.flush(self.engine.now())
+            self.conn.flush(self._clock())
 
     def _finish_client(self, command: FinishClient) -> None:
         if self.conn is not None:
-            self.conn.shutdown(self.engine.now())
+            self.conn.shutdown(self._clock())
 
     def _reset_client(self, command: ResetClient) -> None:
         conn = self.conn
         if conn is not None and not conn.closed:
-            conn.abort(self.engine.now())
+            conn.abort(self._clock())
 
     def _shutdown_upstream(self, command: ShutdownUpstream) -> None:
         sock = self.sock
