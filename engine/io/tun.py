@@ -24,15 +24,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import io
 import logging
 import os
 import socket
 import struct
 from collections.abc import Iterator
 
-from engine.io.base import QUEUE_FULL_ERRNOS, DeviceCounters, ReadBatch
+from engine.io.base import DeviceCounters, ReadBatch
 from engine.linux.netns import in_netns
+from engine.io.tun_queue import READ_SLOT, TunQueueIO  # READ_SLOT: the largest read, re-exported
 from engine.packet import VNET_HDR_LEN, VnetHeader
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,9 @@ OFFLOAD_TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 OFFLOAD_CANDIDATES = (OFFLOAD_FULL, OFFLOAD_TSO, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
 
 IFNAMSIZ = 16
-READ_SLOT = VNET_HDR_LEN + 65535  # one read can never be larger than this
 DEFAULT_TXQUEUELEN = 5000
-ARENA_MAX = 2 * 1024 * 1024
-_HEADER_CACHE_MAX = 1024
 _IFREQ_FLAGS = struct.Struct("16sH22x")
 _IFREQ_INT = struct.Struct("16si20x")
-_ZERO_VNET = bytes(VNET_HDR_LEN)
 
 
 class TunError(OSError):
@@ -133,19 +129,15 @@ class TunDevice:
         self.mtu = mtu
         self.txqueuelen = txqueuelen
         self.counters = DeviceCounters()
-        #: Why the device can no longer be used (set when a read finds the interface deleted), else None.
-        self.lost: str | None = None
         self._owns_fd = owns_fd
         os.set_blocking(fd, False)
-        self._file = io.FileIO(fd, "r+b", closefd=False)
-        self._readinto = self._file.readinto
-        # Offload reads can be ~64 KB each: give them room for a useful batch (~32); plain reads are
-        # <= MTU, so 128 of them fit in far less. Bounded either way: a batch ends when the arena is full.
-        body = ARENA_MAX if vnet_hdr else min(ARENA_MAX, max(256 * 1024, 128 * (mtu + 64)))
-        self._arena = bytearray(READ_SLOT + body)
-        self._view = memoryview(self._arena)
-        self._last_slot = len(self._arena) - READ_SLOT
-        self._headers: dict[bytes, VnetHeader] = {}
+        # The packet I/O itself (engine/io/tun_queue.py, compiled in the compiled build). Its methods are bound
+        # on the instance, shadowing the delegating methods below: the pipeline's reads and the engine's writes
+        # then reach compiled code without an interpreted frame of TunDevice's own on every packet.
+        self._io = TunQueueIO(fd, name, vnet_hdr, self.offload, mtu, self.counters)
+        self.read_batch = self._io.read_batch  # type: ignore[method-assign]
+        self.write = self._io.write  # type: ignore[method-assign]
+        self.write_gso = self._io.write_gso  # type: ignore[method-assign]
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -239,98 +231,29 @@ class TunDevice:
 
     def read_batch(self, max_packets: int = 128) -> ReadBatch:
         """Read until EAGAIN, ``max_packets`` or the arena is full; views valid until the next call."""
-        out: ReadBatch = []
-        view = self._view
-        readinto = self._readinto
-        last_slot = self._last_slot
-        vnet = self.vnet_hdr
-        headers = self._headers
-        counters = self.counters
-        off = 0
-        nbytes = 0
-        while len(out) < max_packets and off <= last_slot:
-            try:
-                n = readinto(view[off : off + READ_SLOT])
-            except OSError as exc:
-                counters.rx_errors += 1
-                if exc.errno == errno.EBADFD:
-                    # The interface was deleted under us (``ip link del``, its namespace removed): the fd
-                    # stays readable-with-error forever, so say so once and let the runtime stop.
-                    self.lost = f"TUN {self.name} is gone (the interface was deleted)"
-                else:
-                    log.debug("TUN %s read error: %s", self.name, exc)
-                break
-            if not n:  # None: EAGAIN; 0: nothing (detached)
-                break
-            if vnet:
-                if n <= VNET_HDR_LEN:
-                    counters.rx_errors += 1
-                    continue
-                # flags byte (NEEDS_CSUM=1) or gso_type byte set -> the runtime must look; else plain.
-                if view[off + 1] or view[off] & 1:
-                    # Few distinct headers occur (MSS and header lengths repeat): share the immutable
-                    # parsed header instead of unpacking each one (~0.2 us instead of ~0.7 us).
-                    key = view[off : off + VNET_HDR_LEN].tobytes()
-                    hdr = headers.get(key)
-                    if hdr is None:
-                        if len(headers) >= _HEADER_CACHE_MAX:
-                            headers.clear()
-                        hdr = headers[key] = VnetHeader.unpack(key)
-                else:
-                    hdr = None
-                out.append((view[off + VNET_HDR_LEN : off + n], hdr))
-                nbytes += n - VNET_HDR_LEN
-            else:
-                out.append((view[off : off + n], None))
-                nbytes += n
-            off += n
-        if out:
-            counters.rx_packets += len(out)
-            counters.rx_bytes += nbytes
-            counters.rx_batches += 1
-        return out
+        return self._io.read_batch(max_packets)
 
     def write(self, packet: bytes | bytearray | memoryview) -> None:
         """One complete packet; with vnet headers a zero header goes first (``writev``: no copy)."""
-        try:
-            if self.vnet_hdr:
-                os.writev(self._fd, (_ZERO_VNET, packet))
-            else:
-                os.write(self._fd, packet)
-        except OSError as exc:
-            self._write_failed(exc)
-            return
-        counters = self.counters
-        counters.tx_packets += 1
-        counters.tx_bytes += len(packet)
+        self._io.write(packet)
 
     def write_gso(self, packet: bytes | bytearray | memoryview, vnet: VnetHeader) -> None:
         """One super-packet the kernel segments per ``vnet`` (offload devices only)."""
-        if not self.offload:
-            raise RuntimeError(f"TUN {self.name}: write_gso needs offloads (vnet_hdr with TUNSETOFFLOAD)")
-        try:
-            os.writev(self._fd, (vnet.pack(), packet))
-        except OSError as exc:
-            self._write_failed(exc)
-            return
-        counters = self.counters
-        counters.tx_packets += 1
-        counters.tx_gso_packets += 1
-        counters.tx_bytes += len(packet)
+        self._io.write_gso(packet, vnet)
 
-    def _write_failed(self, exc: OSError) -> None:
-        if exc.errno in QUEUE_FULL_ERRNOS:
-            self.counters.tx_dropped += 1
-            return
-        self.counters.tx_errors += 1
-        self.counters.last_tx_error = f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror}"
-        if self.counters.tx_errors == 1 or self.counters.tx_errors % 1000 == 0:
-            log.warning("TUN %s write failed (%d so far): %s", self.name, self.counters.tx_errors, exc)
+    @property
+    def lost(self) -> str | None:
+        """Why the device can no longer be used (set when a read finds the interface deleted), else None."""
+        return self._io.lost
+
+    @lost.setter
+    def lost(self, reason: str | None) -> None:
+        self._io.lost = reason
 
     def close(self) -> None:
         if self._fd < 0:
             return
-        self._file.close()
+        self._io.close()
         if self._owns_fd:
             os.close(self._fd)
         self._fd = -1
