@@ -17,7 +17,6 @@ import importlib
 import inspect
 import logging
 from importlib import metadata
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs

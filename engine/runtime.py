@@ -19,8 +19,9 @@ import attrs
 from engine.batching import WriteBatch
 from engine.deadlines import DeadlineQueue
 from engine.decision import Decision
+from engine.device_output import DeviceOutput
 from engine.flow import Flow
-from engine.fragment import Fragmenter, finish_checksum
+from engine.fragment import Fragmenter
 from engine.net_policy import SocketPolicy
 from engine.flow import FlowTable
 from engine.flow_lifecycle import FlowLifecycle
@@ -98,6 +99,8 @@ class Engine:
         self.device: PacketDevice | None = None
         self.offload = False
         self.mtu = profile.engine.mtu
+        #: Every write to the device goes through here (counted, fragmented when over the MTU).
+        self.output = DeviceOutput(self.stats, self.mtu, self._write_fragments, self._fragmentation_refused)
         self.mode = profile.engine.mode
         options = profile.engine
         index, count = worker if worker is not None else (0, 1)
@@ -144,19 +147,8 @@ class Engine:
 
     def write(self, packet: bytes | bytearray | memoryview, flow: Flow | None = None) -> None:
         """Send one complete IP packet (valid checksums) to the device; one larger than the device's MTU
-        leaves as IP fragments."""
-        size = len(packet)
-        if size > self.mtu:
-            self._write_fragments(packet, flow)
-            return
-        stats = self.stats
-        stats.packets_down += 1
-        stats.bytes_down += size
-        if flow is not None:
-            flow.packets_down += 1
-            flow.bytes_down += size
-        if self.device is not None:
-            self.device.write(packet)
+        leaves as IP fragments (:class:`~engine.device_output.DeviceOutput`, which hot paths call directly)."""
+        self.output.write(packet, flow)
 
     def _write_fragments(self, packet: bytes | bytearray | memoryview, flow: Flow | None) -> None:
         """The one place over-MTU packets are cut (the engine is their source host towards the device).
@@ -183,24 +175,11 @@ class Engine:
 
     def write_gso(self, packet: bytes | bytearray | memoryview, vnet: VnetHeader, flow: Flow | None = None) -> None:
         """Send one GSO super-packet (partial checksum); only valid when :attr:`offload` is true. A single
-        packet (no GSO type) larger than the MTU gets its checksum finished here and leaves as fragments."""
-        if not vnet.gso_type and len(packet) > self.mtu:
-            try:
-                whole = finish_checksum(packet, vnet)
-            except ValueError:
-                self.stats.counters["fragmentation.refused"] += 1
-                return
-            self._write_fragments(whole, flow)
-            return
-        segments = max(1, (len(packet) - vnet.hdr_len + vnet.gso_size - 1) // vnet.gso_size) if vnet.gso_size else 1
-        stats = self.stats
-        stats.packets_down += segments
-        stats.bytes_down += len(packet)
-        if flow is not None:
-            flow.packets_down += segments
-            flow.bytes_down += len(packet)
-        if self.device is not None:
-            self.device.write_gso(packet, vnet)
+        packet (no GSO type) larger than the MTU gets its checksum finished and leaves as fragments."""
+        self.output.write_gso(packet, vnet, flow)
+
+    def _fragmentation_refused(self) -> None:
+        self.stats.counters["fragmentation.refused"] += 1
 
     def reserve_descriptors(self, count: int) -> None:
         """A plugin that holds one socket per flow asks for room for ``count`` of them: the soft
@@ -282,6 +261,8 @@ class Engine:
         self.device = device
         self.offload = bool(device.offload)
         self.mtu = device.mtu or self.mtu
+        self.output.device = device
+        self.output.mtu = self.mtu
         fd = device.fileno()
         if fd is None:
             if not isinstance(device, CallbackDevice):

@@ -86,14 +86,14 @@ def write_datagrams(
     kernel completes checksums (a single datagram goes with ``NEEDS_CSUM``) and segments each run. Either
     way a datagram over the MTU leaves complete, as fragments.
     """
-    write = engine.write
+    write = engine.output.write
     if not engine.offload:
         for payload in payloads:
             write(build_udp(src, dst, sport, dport, payload), flow)
         return 0
     ip_len = 20 if len(src) == 4 else 40
     fits = engine.mtu - ip_len - 8  # the largest payload one packet on the link carries
-    write_gso = engine.write_gso
+    write_gso = engine.output.write_gso
     single = VnetHeader.csum_only(ip_len, UDP_CSUM_OFFSET)
     if len(payloads) == 1:
         payload = payloads[0]

@@ -299,10 +299,10 @@ class TcpConnection:
                 )
             else:
                 vnet = self._vnet_csum
-            engine.write_gso(packet, vnet, self.flow)
+            engine.output.write_gso(packet, vnet, self.flow)
             return
         if size <= mss:
-            engine.write(
+            engine.output.write(
                 build_tcp(
                     self._local, self._remote, self._lport, self._rport, segment.seq, segment.ack,
                     segment.flags, segment.window, segment.options, payload,
@@ -317,7 +317,7 @@ class TcpConnection:
         seq = segment.seq
         for offset in range(0, size, mss):
             end = offset + mss
-            engine.write(
+            engine.output.write(
                 build_tcp(
                     self._local, self._remote, self._lport, self._rport, (seq + offset) & 0xFFFFFFFF,
                     segment.ack, flags if end >= size else middle_flags, segment.window, segment.options,

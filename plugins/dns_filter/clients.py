@@ -111,7 +111,7 @@ class UdpDnsHandler:
                     batch.defer(self.flush)
                 outbox.append(message)
                 return
-        engine.write(self._build(message), None if self.closed else self.flow)
+        engine.output.write(self._build(message), None if self.closed else self.flow)
 
     def flush(self) -> None:
         """Write the replies queued during the batch that just ended, in the order they were answered."""
@@ -121,7 +121,7 @@ class UdpDnsHandler:
         self._outbox = []
         flow = self.flow
         if len(outbox) == 1:  # the idle case: the per-flow template is the cheapest single datagram
-            self.engine.write(self._build(outbox[0]), None if self.closed else flow)
+            self.engine.output.write(self._build(outbox[0]), None if self.closed else flow)
             return
         write_datagrams(self.engine, flow.dst, flow.src, flow.dport, flow.sport, outbox, None if self.closed else flow)
 
