@@ -20,6 +20,7 @@ from engine.batching import WriteBatch
 from engine.deadlines import DeadlineQueue
 from engine.decision import Decision
 from engine.device_output import DeviceOutput
+from engine.device_reader import DeviceReader
 from engine.flow import Flow
 from engine.fragment import Fragmenter
 from engine.net_policy import SocketPolicy
@@ -123,6 +124,7 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
         self._reader_fd: int | None = None
+        self._reader: DeviceReader | None = None  # made when reading starts (engine/device_reader.py)
         self._reading = False
         #: Why the engine stopped serving on its own (see :meth:`on_fatal`), else None.
         self.fatal: str | None = None
@@ -277,7 +279,9 @@ class Engine:
         """Watch the device's fd: from :meth:`start` on, after every plugin's ``dnsgate_start`` (the
         hookspec's promise); a memory device is fed by its owner and needs no watch."""
         if self._reader_fd is not None and not self._reading:
-            self.loop.add_reader(self._reader_fd, self._on_readable)
+            if self._reader is None or self._reader.device is not self.device:
+                self._reader = DeviceReader(self.device, self.pipeline.handle, self.batch, self._clock, self._device_lost)
+            self.loop.add_reader(self._reader_fd, self._reader.on_readable)
             self._reading = True
 
     def detach(self) -> None:
@@ -307,42 +311,10 @@ class Engine:
         self.pipeline.handle(data, vnet, self._clock())
 
     def _on_readable(self) -> None:
-        device = self.device
-        if device is None:
-            return
-        handle = self.pipeline.handle
-        clock = self._clock
-        # The packet that woke us is handled before we look for more: at idle it is alone, and the read
-        # that would only say EAGAIN then happens after its work (a DNS query already on its way
-        # upstream), not before. Nothing to coalesce its writes with, so they go out at once.
-        batch = device.read_batch(1)
-        if not batch:
-            lost = device.lost
-            if lost:
-                self._device_lost(lost)
-            return
-        data, vnet = batch[0]
-        handle(data, vnet, clock())
-        batch = device.read_batch(128)
-        if not batch:
-            return
-        writes = self.batch
-        writes.begin()
-        try:
-            for _ in range(8):  # bounded so timers and upstream sockets get their turn
-                now = clock()
-                for data, vnet in batch:
-                    handle(data, vnet, now)
-                if len(batch) < 128:
-                    # A short batch ended on EAGAIN (or a full arena): skip the read that would only say
-                    # EAGAIN again. The reader is level-triggered, so anything that arrived meanwhile wakes
-                    # us at once; at idle this saves a syscall on every packet's path.
-                    return
-                batch = device.read_batch(128)
-                if not batch:
-                    return
-        finally:
-            writes.end()  # coalesced writes the batch queued (DNS queries upstream, ...) go out now
+        """The device is readable: :class:`~engine.device_reader.DeviceReader` reads and dispatches (the
+        loop calls the reader's compiled method directly; this is for a caller holding the engine)."""
+        if self._reader is not None:
+            self._reader.on_readable()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
