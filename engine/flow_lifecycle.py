@@ -45,7 +45,7 @@ class FlowLifecycle:
     def opened(self, flow: Flow, now: float) -> None:
         """The flow got its handler: accepted and counted, and the plugins told."""
         self._stats.counters["flows_accepted"] += 1
-        self._hooks.call("dnsgate_flow_opened", flow, now)
+        self._hooks.call_for(flow.proto, "dnsgate_flow_opened", flow, now)
 
     def close(self, flow: Flow, now: float, reason: str) -> None:
         """The handler ended its own flow (it has already cleaned up its resources)."""
@@ -56,7 +56,7 @@ class FlowLifecycle:
         if flows.get(flow.key) is flow:
             del flows[flow.key]
         self._stats.counters["flows_closed"] += 1
-        self._hooks.call("dnsgate_flow_closed", flow, now, reason)
+        self._hooks.call_for(flow.proto, "dnsgate_flow_closed", flow, now, reason)
         # A handler usually points back at its flow: dropping the flow's side of that cycle lets reference
         # counting free both at once, instead of leaving every finished connection to the cyclic GC (which,
         # under connection churn, let dead connections pile up in the oldest generation: tens of MB and a

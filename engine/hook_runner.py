@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pluggy
 
+from engine.hookspecs import PROTOCOLS_ATTR
+
 if TYPE_CHECKING:
     from engine.stats import Stats
 
@@ -71,23 +73,48 @@ class PositionalHook:
         self._generation = -1
         self._impls: Optional[list[Any]] = None
         self._plan: Optional[list[_Step]] = None
+        self._step_protocols: list[Optional[frozenset[int]]] = []  # per plan step: engine.hookspecs.protocols
+        self._marked = False  # some step is limited to some protocols
+        self._by_proto: dict[int, list[_Step]] = {}  # the plan for each protocol seen, when marked
         self._planned = False
 
     def __call__(self, *args: Any) -> Any:
+        return self._run(self._current_plan(), args)
+
+    def for_protocol(self, proto: int, *args: Any) -> Any:
+        """The same call for a flow of IP protocol ``proto``: implementations marked with
+        :func:`engine.hookspecs.protocols` for other protocols are left out."""
+        plan = self._current_plan()
+        if plan is None or not self._marked:
+            return self._run(plan, args)
+        mine = self._by_proto.get(proto)
+        if mine is None:
+            mine = self._by_proto[proto] = [
+                step for step, only in zip(plan, self._step_protocols) if only is None or proto in only
+            ]
+        return self._run(mine, args)
+
+    def _current_plan(self) -> Optional[list[_Step]]:
         pm = self._pm
         if pm is not None:
             generation: int = pm.generation
             if generation != self._generation or not self._planned:
                 self._generation = generation
-                self._plan = self._make_plan(self.caller.get_hookimpls())
-                self._planned = True
+                self._replan(self.caller.get_hookimpls())
         else:
             impls = self.caller.get_hookimpls()
             if impls != self._impls or not self._planned:
                 self._impls = impls
-                self._plan = self._make_plan(impls)
-                self._planned = True
-        plan = self._plan
+                self._replan(impls)
+        return self._plan
+
+    def _replan(self, impls: list[Any]) -> None:
+        self._plan = self._make_plan(impls)
+        self._by_proto = {}
+        self._marked = any(only is not None for only in self._step_protocols)
+        self._planned = True
+
+    def _run(self, plan: Optional[list[_Step]], args: tuple[Any, ...]) -> Any:
         if plan is None:
             return self.caller(**dict(zip(self.argnames, args)))
         results: list[Any] = []
@@ -106,6 +133,7 @@ class PositionalHook:
         return None if self.firstresult else results
 
     def _make_plan(self, impls: list[Any]) -> Optional[list[_Step]]:
+        self._step_protocols = []
         calls = _direct_calls(impls)
         if calls is None:
             return None
@@ -113,10 +141,12 @@ class PositionalHook:
         everything = tuple(range(len(self.argnames)))
         for function, names in calls:
             order = tuple(self.argnames.index(name) for name in names)
+            only: Optional[frozenset[int]] = getattr(function, PROTOCOLS_ATTR, None)
             failed = getattr(function, "_dnsgate_failed", None)
             if failed is not None:
                 function = function.__wrapped__  # type: ignore[attr-defined]
             plan.append((function, None if order == everything else order, failed))
+            self._step_protocols.append(only)
         return plan
 
 
@@ -151,6 +181,19 @@ class HookRunner:
         """The registered implementations of hook ``name`` (pluggy's order): compare two answers to learn
         whether a reload changed who answers, without calling them."""
         return list(getattr(self.pm.hook, name).get_hookimpls())
+
+    def call_for(self, proto: int, name: str, *args: Any) -> Any:
+        """:meth:`call` for a flow of IP protocol ``proto`` (a per-flow hook): implementations marked for
+        other protocols (:func:`engine.hookspecs.protocols`) are skipped; never raises."""
+        direct = self._callers.get(name)
+        if direct is None:
+            direct = self._callers[name] = self.positional(name)
+        try:
+            return direct.for_protocol(proto, *args)
+        except Exception:
+            self.stats.counters[f"hook_errors.{name}"] += 1
+            log.exception("hook %s failed", name)
+            return None
 
     def call(self, name: str, *args: Any) -> Any:
         """Call hook ``name`` with ``args`` in the hookspec's argument order; never raises."""

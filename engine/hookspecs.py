@@ -7,14 +7,18 @@ starts a task with ``engine.spawn`` and answers later (docs/architecture.md §5,
 data-path rules).
 
 Lifecycle hooks ``dnsgate_start``/``dnsgate_stop`` may return an awaitable; the runtime awaits it.
-The engine calls every hook through one runner, ``engine.hooks`` (engine/plugin_manager.py
+The engine calls every hook through one runner, ``engine.hooks`` (engine/hook_runner.py
 ``HookRunner``): positional calls in the order the specs below declare their arguments.
+
+An implementation of a per-flow hook (classify, filter, track, forward, blocked, flow_opened, flow_closed)
+that only ever acts on some IP protocols may say so with :func:`protocols`: the engine then does not call
+it for a flow of another protocol (a call that would only return None costs a Python frame per new flow).
 Event hooks let plugins talk without importing each other (dns_filter -> ip_tracker).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import pluggy
 
@@ -31,6 +35,25 @@ PROJECT = "dnsgate"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: The attribute :func:`protocols` sets on an implementation (read when the runner plans a hook's calls).
+PROTOCOLS_ATTR = "dnsgate_protocols"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def protocols(*numbers: int) -> Callable[[_F], _F]:
+    """Mark a per-flow hook implementation as relevant only to flows of these IP protocol numbers
+    (``engine.packet.PROTO_UDP``, ``PROTO_TCP``, ``PROTO_ICMP``, ``PROTO_ICMPV6``); above or below
+    ``@hookimpl``. For any other flow the engine skips the call, as if it had returned None."""
+    if not numbers or not all(isinstance(number, int) and 0 <= number <= 255 for number in numbers):
+        raise ValueError(f"protocols() takes IP protocol numbers (0-255), not {numbers!r}")
+
+    def mark(function: _F) -> _F:
+        setattr(function, PROTOCOLS_ATTR, frozenset(numbers))
+        return function
+
+    return mark
 
 
 # -- lifecycle -----------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ class Pipeline:
         flow = self.lifecycle.open((proto, packet.src, packet.sport, packet.dst, packet.dport), packet.version, now)
         flow.packets_up = 1
         flow.bytes_up = len(packet.buf)
-        self.hooks.call("dnsgate_classify", packet, flow, now)
+        self.hooks.call_for(proto, "dnsgate_classify", packet, flow, now)
         # The gateway is the engine and the TUN subnet is not the host's LAN (engine/tun_subnet.py): judged
         # here, before any filter could accept it and a forwarder dial it on the host's network.
         own = self.tun_subnet.judge(flow)
@@ -275,17 +275,17 @@ class Pipeline:
                 # it by a lease (docs/architecture.md §12), so the records wait for the next other flow,
                 # tick or 0.1 s catch-up, replayed as one batch instead of one catch-up per query.
                 sharing.catch_up(now)
-            decision = self.hooks.call("dnsgate_filter", packet, flow, now)
+            decision = self.hooks.call_for(proto, "dnsgate_filter", packet, flow, now)
         if not isinstance(decision, Decision):
             decision = ACCEPT_BY_DEFAULT
         flow.decision = decision
-        self.hooks.call("dnsgate_track", packet, flow, decision, now)
+        self.hooks.call_for(proto, "dnsgate_track", packet, flow, decision, now)
         handler: FlowHandler | None = None
         if decision.allowed:
             if self.dry_run:
                 handler = DryRunHandler()
             else:
-                handler = self.hooks.call("dnsgate_forward", packet, flow, now)
+                handler = self.hooks.call_for(proto, "dnsgate_forward", packet, flow, now)
             if handler is None:
                 # Accepted, but nothing can carry it (e.g. no tcp_forward in the profile): refuse it
                 # cleanly instead of leaving the client to time out.
@@ -299,7 +299,7 @@ class Pipeline:
             return
         counters[f"blocked.{decision.plugin}"] += 1
         self._log_block(flow, decision)
-        self.hooks.call("dnsgate_blocked", packet, flow, decision, now)
+        self.hooks.call_for(proto, "dnsgate_blocked", packet, flow, decision, now)
         if decision.verdict is Verdict.REJECT:
             self.replies.reject(packet, now, decision)
 

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
-from engine.hookspecs import hookimpl
+from engine.hookspecs import hookimpl, protocols
 from engine.packet import PROTO_ICMP, PROTO_ICMPV6, build_icmp_too_big
 from engine.stats import TokenBucket
 
@@ -85,6 +85,7 @@ class IcmpEcho:
         return _ECHO_REQUEST.get(packet.proto) == packet.icmp_type
 
     @hookimpl(tryfirst=True)
+    @protocols(PROTO_ICMP, PROTO_ICMPV6)
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
         if not self._is_echo_request(packet):
             return None
@@ -95,6 +96,7 @@ class IcmpEcho:
         return Decision.reject(self.name, f"{reason} destination", icmp="admin-prohibited")
 
     @hookimpl
+    @protocols(PROTO_ICMP, PROTO_ICMPV6)
     def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> EchoSession | None:
         if not self._is_echo_request(packet):
             return None

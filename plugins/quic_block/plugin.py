@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.decision import Decision
-from engine.hookspecs import hookimpl
+from engine.hookspecs import hookimpl, protocols
 from engine.packet import PROTO_UDP
 
 from .config import Config as QuicBlockConfig
@@ -57,6 +57,7 @@ class QuicBlock:
         self._engine = engine
 
     @hookimpl
+    @protocols(PROTO_UDP)
     def dnsgate_classify(self, packet: Packet, flow: Flow, now: float) -> None:
         # Non-first fragments carry no UDP header (ports 0); the first fragment decides the flow.
         if packet.proto == PROTO_UDP and packet.dport in self._ports and "dns" not in flow.labels:

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
-from engine.hookspecs import hookimpl
+from engine.hookspecs import hookimpl, protocols
 from engine.packet import PROTO_UDP, PacketError, build_icmp_unreachable, parse
 from engine.stats import TokenBucket
 
@@ -78,6 +78,7 @@ class UdpForward:
         return packet.proto == PROTO_UDP and "dns" not in flow.labels
 
     @hookimpl(tryfirst=True)
+    @protocols(PROTO_UDP)
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
         """Refuse what no socket of ours may reach, before any other filter can accept it."""
         if not self._carries(packet, flow):
@@ -89,6 +90,7 @@ class UdpForward:
         return Decision.reject(self.name, f"{reason} destination", icmp="admin-prohibited")
 
     @hookimpl
+    @protocols(PROTO_UDP)
     def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> UdpSession | None:
         if not self._carries(packet, flow) or packet.is_fragment:
             return None

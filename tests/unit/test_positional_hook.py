@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.hookspecs import hookimpl
+from engine.hookspecs import hookimpl, protocols
 from engine.plugin_manager import GuardedPlugin, HookRunner, PositionalHook, new_plugin_manager
 from engine.stats import Stats
 
@@ -127,3 +127,47 @@ def test_argument_names_must_match_the_hook() -> None:
     pm = _manager(Stats())
     with pytest.raises(TypeError, match="dnsgate_dns_answer"):
         PositionalHook(pm.hook.dnsgate_dns_answer, "answer")
+
+
+class UdpOnly:
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    @protocols(17)
+    @hookimpl
+    def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+        self.log.append(("udp-only", packet))
+        return None
+
+
+class Everything:
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    @hookimpl
+    def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+        self.log.append(("everything", packet))
+        return "verdict" if packet == "last" else None
+
+
+def test_an_implementation_marked_for_some_protocols_is_skipped_for_the_others() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("udp", UdpOnly(log)), ("all", Everything(log)))
+    runner = HookRunner(pm, stats)
+    assert runner.call_for(6, "dnsgate_filter", "tcp", None, 0.0) is None
+    assert runner.call_for(17, "dnsgate_filter", "udp", None, 0.0) is None
+    assert runner.call_for(6, "dnsgate_filter", "last", None, 0.0) == "verdict"
+    runner.call("dnsgate_filter", "unscoped", None, 0.0)  # a call without a protocol calls everyone
+    assert log == [("everything", "tcp"), ("udp-only", "udp"), ("everything", "udp"), ("everything", "last"),
+                   ("udp-only", "unscoped"), ("everything", "unscoped")]
+    pm.unregister(name="all")  # a registration change re-plans every protocol's list
+    runner.call_for(6, "dnsgate_filter", "tcp again", None, 0.0)
+    runner.call_for(17, "dnsgate_filter", "udp again", None, 0.0)
+    assert log[-1:] == [("udp-only", "udp again")]
+
+
+@pytest.mark.parametrize("numbers", [(), (256,), ("udp",)])
+def test_protocols_takes_ip_protocol_numbers(numbers: tuple[Any, ...]) -> None:
+    with pytest.raises(ValueError, match="IP protocol numbers"):
+        protocols(*numbers)
