@@ -17,22 +17,22 @@ import asyncio
 import heapq
 import itertools
 import logging
-from typing import Callable
+from typing import Callable, Final
 
 log = logging.getLogger("dnsgate.engine")
 
 Ticket = list[Callable[[], None]]
 """``[callback]`` while the deadline is live, ``[]`` once cancelled or fired."""
-SLACK = 0.002
+SLACK: Final = 0.002
 """How late a deadline may fire rather than re-arming the loop timer (seconds)."""
-TIMER_GRAIN = 0.001
+TIMER_GRAIN: Final = 0.001
 """Added to every loop timer's delay (seconds): uvloop's timers are libuv's, in whole milliseconds from
 a clock cached at the start of the loop iteration, so a loop timer may run up to ~0.6 ms before the
 engine clock reaches its deadline. ``_fire`` then found nothing due and re-armed a timer of 0 ms, which
 libuv ran again at once: a busy loop until the deadline. Measured in bench/micro_connection.py, ~30
 empty fires per short TCP connection (bench/README.md, "CPU per connection"). One grain later, the
 first fire finds its deadline due; with SLACK the loop timer is at most ~3 ms late."""
-_COMPACT_MIN = 4096
+_COMPACT_MIN = 4096  # not Final: tests/unit/test_deadlines.py lowers it
 
 
 class DeadlineQueue:

@@ -9,7 +9,7 @@ a tuple of bytes is what makes the fast-path lookup cheap.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Iterator, Protocol, TypeVar, cast
+from typing import Any, Callable, cast, Dict, Final, Generic, Iterator, Protocol, TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from engine.decision import Decision
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 FlowKey = tuple[int, bytes, int, bytes, int]
 """``(proto, src, sport, dst, dport)``; ICMP echo uses ``sport`` = identifier and ``dport`` = 0."""
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+PROTO_NAMES: Final = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 
 T = TypeVar("T")
 

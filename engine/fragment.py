@@ -16,6 +16,8 @@ raises ``ValueError``, and the caller drops and counts it.
 
 from __future__ import annotations
 
+from typing import Final
+
 import random
 import struct
 
@@ -28,12 +30,12 @@ from engine.packet import (
     checksum,
 )
 
-_V4_HEADER = 20
-_V6_HEADER = 40
-_FRAGMENT_HEADER = 8
-_V4_MF = 0x2000
-_V4_FIELDS = struct.Struct("!HHH")  # total length, identification, flags + offset (bytes 2-8)
-_V6_FRAGMENT = struct.Struct("!BxHI")  # next header, reserved, offset + M flag, identification
+_V4_HEADER: Final = 20
+_V6_HEADER: Final = 40
+_FRAGMENT_HEADER: Final = 8
+_V4_MF: Final = 0x2000
+_V4_FIELDS: Final = struct.Struct("!HHH")  # total length, identification, flags + offset (bytes 2-8)
+_V6_FRAGMENT: Final = struct.Struct("!BxHI")  # next header, reserved, offset + M flag, identification
 
 
 class Fragmenter:

@@ -19,6 +19,8 @@ The API is deliberately small:
 
 from __future__ import annotations
 
+from typing import Final
+
 import socket
 import struct
 from collections.abc import Iterable
@@ -26,29 +28,29 @@ from collections.abc import Iterable
 __all__ = ["SocketPolicy", "read_host_addresses"]
 
 # Linux socket options the stdlib does not name on every Python version.
-SO_MARK = getattr(socket, "SO_MARK", 36)
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_MARK: Final = getattr(socket, "SO_MARK", 36)
+SO_BINDTODEVICE: Final = getattr(socket, "SO_BINDTODEVICE", 25)
 
 # rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h).
-_NONBLOCK = socket.SOCK_NONBLOCK  # Linux: non-blocking from socket() on
-_NETLINK_ROUTE = 0
-_RTM_NEWADDR = 20
-_RTM_GETADDR = 22
-_NLM_F_REQUEST = 0x1
-_NLM_F_DUMP = 0x300
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_IFA_ADDRESS = 1
-_IFA_LOCAL = 2
-_IFA_BROADCAST = 4
-_NLMSGHDR = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_RTATTR = struct.Struct("=HH")
+_NONBLOCK: Final = socket.SOCK_NONBLOCK  # Linux: non-blocking from socket() on
+_NETLINK_ROUTE: Final = 0
+_RTM_NEWADDR: Final = 20
+_RTM_GETADDR: Final = 22
+_NLM_F_REQUEST: Final = 0x1
+_NLM_F_DUMP: Final = 0x300
+_NLMSG_ERROR: Final = 2
+_NLMSG_DONE: Final = 3
+_IFA_ADDRESS: Final = 1
+_IFA_LOCAL: Final = 2
+_IFA_BROADCAST: Final = 4
+_NLMSGHDR: Final = struct.Struct("=IHHII")
+_IFADDRMSG: Final = struct.Struct("=BBBBI")
+_RTATTR: Final = struct.Struct("=HH")
 
-_V4_BROADCAST = b"\xff\xff\xff\xff"
-_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
-_V6_LOOPBACK = bytes(15) + b"\x01"
-_V6_UNSPECIFIED = bytes(16)
+_V4_BROADCAST: Final = b"\xff\xff\xff\xff"
+_V4_MAPPED_PREFIX: Final = bytes(10) + b"\xff\xff"
+_V6_LOOPBACK: Final = bytes(15) + b"\x01"
+_V6_UNSPECIFIED: Final = bytes(16)
 
 
 def _align4(n: int) -> int:

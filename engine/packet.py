@@ -19,102 +19,102 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Final, NamedTuple, Optional, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 
 # --- constants -------------------------------------------------------------------------------------------
 
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
+PROTO_ICMP: Final = 1
+PROTO_TCP: Final = 6
+PROTO_UDP: Final = 17
+PROTO_ICMPV6: Final = 58
 
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
-URG = 0x20
-ECE = 0x40
-CWR = 0x80
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
+URG: Final = 0x20
+ECE: Final = 0x40
+CWR: Final = 0x80
 
 # ICMPv4 (RFC 792, RFC 1812)
-ICMP_ECHO_REPLY = 0
-ICMP_DEST_UNREACH = 3
-ICMP_ECHO_REQUEST = 8
-ICMP_HOST_UNREACHABLE = 1
-ICMP_PORT_UNREACHABLE = 3
-ICMP_FRAG_NEEDED = 4
-ICMP_ADMIN_PROHIBITED = 13
+ICMP_ECHO_REPLY: Final = 0
+ICMP_DEST_UNREACH: Final = 3
+ICMP_ECHO_REQUEST: Final = 8
+ICMP_HOST_UNREACHABLE: Final = 1
+ICMP_PORT_UNREACHABLE: Final = 3
+ICMP_FRAG_NEEDED: Final = 4
+ICMP_ADMIN_PROHIBITED: Final = 13
 
 # ICMPv6 (RFC 4443)
-ICMPV6_DEST_UNREACH = 1
-ICMPV6_PACKET_TOO_BIG = 2
-ICMPV6_ECHO_REQUEST = 128
-ICMPV6_ECHO_REPLY = 129
-ICMPV6_NO_ROUTE = 0
-ICMPV6_ADMIN_PROHIBITED = 1
-ICMPV6_PORT_UNREACHABLE = 4
+ICMPV6_DEST_UNREACH: Final = 1
+ICMPV6_PACKET_TOO_BIG: Final = 2
+ICMPV6_ECHO_REQUEST: Final = 128
+ICMPV6_ECHO_REPLY: Final = 129
+ICMPV6_NO_ROUTE: Final = 0
+ICMPV6_ADMIN_PROHIBITED: Final = 1
+ICMPV6_PORT_UNREACHABLE: Final = 4
 
 # Size limits for ICMP errors: RFC 1812 4.3.2.3 (576 bytes) and RFC 4443 2.4(c) (the IPv6 minimum MTU).
-ICMP_ERROR_MAX_V4 = 576
-ICMP_ERROR_MAX_V6 = 1280
+ICMP_ERROR_MAX_V4: Final = 576
+ICMP_ERROR_MAX_V6: Final = 1280
 
 # virtio_net_hdr (include/uapi/linux/virtio_net.h)
-VNET_HDR_LEN = 10
-VNET_HDR_F_NEEDS_CSUM = 1
-VNET_HDR_F_DATA_VALID = 2
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_UDP = 3
-GSO_TCPV6 = 4
-GSO_UDP_L4 = 5
-GSO_ECN = 0x80
+VNET_HDR_LEN: Final = 10
+VNET_HDR_F_NEEDS_CSUM: Final = 1
+VNET_HDR_F_DATA_VALID: Final = 2
+GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+GSO_UDP: Final = 3
+GSO_TCPV6: Final = 4
+GSO_UDP_L4: Final = 5
+GSO_ECN: Final = 0x80
 
-TCP_CSUM_OFFSET = 16
-UDP_CSUM_OFFSET = 6
+TCP_CSUM_OFFSET: Final = 16
+UDP_CSUM_OFFSET: Final = 6
 
-_ICMP_ECHO_TYPES = frozenset((ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST))
-_ICMPV6_ECHO_TYPES = frozenset((ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY))
+_ICMP_ECHO_TYPES: Final = frozenset((ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST))
+_ICMPV6_ECHO_TYPES: Final = frozenset((ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY))
 # ICMPv4 error types (RFC 1122 3.2.2: unreachable, source quench, redirect, time exceeded, param problem).
-_ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
+_ICMP_ERROR_TYPES: Final = frozenset((3, 4, 5, 11, 12))
 
 # IPv6 extension headers we skip to find the upper layer. 44 (fragment) and 51 (AH) have their own
 # length rules; the others are "(hdr ext len + 1) * 8" (RFC 8200 4.3-4.6, RFC 6564 for 135/139/140).
-_V6_HOP_BY_HOP = 0
-_V6_ROUTING = 43
-_V6_FRAGMENT = 44
-_V6_AH = 51
-_V6_DEST_OPTS = 60
-_V6_EXTENSIONS = frozenset((_V6_HOP_BY_HOP, _V6_ROUTING, _V6_FRAGMENT, _V6_AH, _V6_DEST_OPTS, 135, 139, 140))
+_V6_HOP_BY_HOP: Final = 0
+_V6_ROUTING: Final = 43
+_V6_FRAGMENT: Final = 44
+_V6_AH: Final = 51
+_V6_DEST_OPTS: Final = 60
+_V6_EXTENSIONS: Final = frozenset((_V6_HOP_BY_HOP, _V6_ROUTING, _V6_FRAGMENT, _V6_AH, _V6_DEST_OPTS, 135, 139, 140))
 #: Next-header values that are IPv6 extension headers, and the fragment header's (RFC 8200 4.5).
-IPV6_EXTENSION_HEADERS = _V6_EXTENSIONS
-IPV6_FRAGMENT_HEADER = _V6_FRAGMENT
+IPV6_EXTENSION_HEADERS: Final = _V6_EXTENSIONS
+IPV6_FRAGMENT_HEADER: Final = _V6_FRAGMENT
 
-_V4_HDR = struct.Struct("!BxHxxHBBxx4s4s")  # ver/ihl, total length, flags/frag offset, ttl, proto, src, dst
-_V6_HDR = struct.Struct("!4xHBB16s16s")  # payload length, next header, hop limit, src, dst
-_TCP_HDR = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, flags, window
+_V4_HDR: Final = struct.Struct("!BxHxxHBBxx4s4s")  # ver/ihl, total length, flags/frag offset, ttl, proto, src, dst
+_V6_HDR: Final = struct.Struct("!4xHBB16s16s")  # payload length, next header, hop limit, src, dst
+_TCP_HDR: Final = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, flags, window
 # IPv4 (no options) or IPv6 with TCP or UDP in one unpack, for the fast paths of parse().
-_V4_TCP = struct.Struct("!2xHxxHBxxx4s4sHHIIBBH")
-_V6_TCP = struct.Struct("!4xHxB16s16sHHIIBBH")
-_V4_UDP = struct.Struct("!2xHxxHBxxx4s4sHHH")
+_V4_TCP: Final = struct.Struct("!2xHxxHBxxx4s4sHHIIBBH")
+_V6_TCP: Final = struct.Struct("!4xHxB16s16sHHIIBBH")
+_V4_UDP: Final = struct.Struct("!2xHxxHBxxx4s4sHHH")
 #: IPv4 (no options) + UDP header fields: total length, fragment field, TTL, src, dst, ports, UDP length.
-V4_UDP_HEADERS = _V4_UDP
-_V6_UDP = struct.Struct("!4xHxB16s16sHHH")
+V4_UDP_HEADERS: Final = _V4_UDP
+_V6_UDP: Final = struct.Struct("!4xHxB16s16sHHH")
 #: IPv6 (UDP as the next header) + UDP header fields: payload length, hop limit, src, dst, ports, UDP length.
-V6_UDP_HEADERS = _V6_UDP
-_UDP_HDR = struct.Struct("!HHH")  # sport, dport, length
-_ICMP_HDR = struct.Struct("!BBxxH")  # type, code, identifier (meaningful for echo only)
-_U16 = struct.Struct("!H")
+V6_UDP_HEADERS: Final = _V6_UDP
+_UDP_HDR: Final = struct.Struct("!HHH")  # sport, dport, length
+_ICMP_HDR: Final = struct.Struct("!BBxxH")  # type, code, identifier (meaningful for echo only)
+_U16: Final = struct.Struct("!H")
 
-_V4_BUILD = struct.Struct("!BBHHHBBH4s4s")
-_V6_BUILD = struct.Struct("!IHBB16s16s")
-_TCP_BUILD = struct.Struct("!HHIIBBHHH")
-_UDP_BUILD = struct.Struct("!HHHH")
-_ICMP_BUILD = struct.Struct("!BBHHH")
+_V4_BUILD: Final = struct.Struct("!BBHHHBBH4s4s")
+_V6_BUILD: Final = struct.Struct("!IHBB16s16s")
+_TCP_BUILD: Final = struct.Struct("!HHIIBBHHH")
+_UDP_BUILD: Final = struct.Struct("!HHHH")
+_ICMP_BUILD: Final = struct.Struct("!BBHHH")
 
-_IPV4_DF = 0x4000
+_IPV4_DF: Final = 0x4000
 
 
 class PacketError(ValueError):
@@ -137,17 +137,17 @@ class TcpOptions(NamedTuple):
     timestamp: Optional[tuple[int, int]] = None
 
 
-_NO_OPTIONS = TcpOptions()
-_OPT_EOL = 0
-_OPT_NOP = 1
-_OPT_MSS = 2
-_OPT_WSCALE = 3
-_OPT_SACK_PERMITTED = 4
-_OPT_SACK = 5
-_OPT_TIMESTAMP = 8
-_MAX_TCP_OPTIONS = 40
-_TS_VALUES = struct.Struct("!II")
-_SACK_EDGES = {2 + 8 * n: struct.Struct(f"!{2 * n}I") for n in range(1, 5)}  # by option length
+_NO_OPTIONS: Final = TcpOptions()
+_OPT_EOL: Final = 0
+_OPT_NOP: Final = 1
+_OPT_MSS: Final = 2
+_OPT_WSCALE: Final = 3
+_OPT_SACK_PERMITTED: Final = 4
+_OPT_SACK: Final = 5
+_OPT_TIMESTAMP: Final = 8
+_MAX_TCP_OPTIONS: Final = 40
+_TS_VALUES: Final = struct.Struct("!II")
+_SACK_EDGES: Final = {2 + 8 * n: struct.Struct(f"!{2 * n}I") for n in range(1, 5)}  # by option length
 
 
 def _parse_tcp_options(opts: Buffer) -> TcpOptions:
@@ -573,8 +573,8 @@ def _v6_extension_length(buf: Buffer, off: int, proto: int) -> int:
     return (buf[off + 1] + 2) * 4 if proto == _V6_AH else (buf[off + 1] + 1) * 8
 
 
-_V4_ID_FRAG = struct.Struct("!HH")  # identification, flags + fragment offset (at byte 4)
-_V6_FRAG_FIELDS = struct.Struct("!HI")  # fragment offset + M flag, identification (at byte 2 of the header)
+_V4_ID_FRAG: Final = struct.Struct("!HH")  # identification, flags + fragment offset (at byte 4)
+_V6_FRAG_FIELDS: Final = struct.Struct("!HI")  # fragment offset + M flag, identification (at byte 2 of the header)
 
 
 class Fragment(NamedTuple):
@@ -628,7 +628,7 @@ def fragment_fields(packet: Packet) -> Fragment:
 # the two cross near 2 KB); below it the numpy call overhead loses. numpy is imported with this module,
 # not on first use: a first use inside the packet loop (say a 3 KB DNS reply) would stall it for the
 # 100-300 ms numpy takes to import. Without numpy everything works, large checksums are just slower.
-_NUMPY_THRESHOLD = 2048
+_NUMPY_THRESHOLD: Final = 2048
 _np: Any
 try:
     import numpy as _np
@@ -1026,7 +1026,7 @@ def build_icmp_too_big(original: Packet, mtu: int) -> bytes:
 
 # --- virtio_net_hdr --------------------------------------------------------------------------------------
 
-_VNET = struct.Struct("<BBHHHH")
+_VNET: Final = struct.Struct("<BBHHHH")
 
 
 class VnetHeader(NamedTuple):
@@ -1076,4 +1076,4 @@ class VnetHeader(NamedTuple):
         return cls(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, ip_header_len, csum_offset)
 
 
-VNET_NONE = VnetHeader()
+VNET_NONE: Final = VnetHeader()

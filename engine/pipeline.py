@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final, TYPE_CHECKING
 
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowHandler, replaceable_by
@@ -38,12 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dnsgate.pipeline")
 
-ICMP_ECHO_REQUEST_V4 = 8
-ICMP_ECHO_REQUEST_V6 = 128
+ICMP_ECHO_REQUEST_V4: Final = 8
+ICMP_ECHO_REQUEST_V6: Final = 128
 
-ACCEPT_BY_DEFAULT = Decision.accept("engine", "no filter objected")
-NO_FORWARDER = Decision.reject("engine", "no forwarder takes this flow")
-GATEWAY_ACCEPT = Decision.accept("engine", "ping to the gateway: answered by the engine")
+ACCEPT_BY_DEFAULT: Final = Decision.accept("engine", "no filter objected")
+NO_FORWARDER: Final = Decision.reject("engine", "no forwarder takes this flow")
+GATEWAY_ACCEPT: Final = Decision.accept("engine", "ping to the gateway: answered by the engine")
 
 
 class SourceGuard:

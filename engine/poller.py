@@ -36,18 +36,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 log = logging.getLogger("dnsgate.engine")
 
 Callback = Callable[[], None]
 
-_READ = select.EPOLLIN
-_WRITE = select.EPOLLOUT
-_WAKE_READER = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
-_WAKE_WRITER = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_READ: Final = select.EPOLLIN
+_WRITE: Final = select.EPOLLOUT
+_WAKE_READER: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WAKE_WRITER: Final = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 #: Events taken per readiness of the set; more wait for the next loop iteration (timers get a turn).
-MAX_EVENTS = 256
+MAX_EVENTS: Final = 256
 
 
 class Poller:

@@ -31,13 +31,13 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import MutableMapping
-from typing import Optional
+from typing import Final, Optional
 
 from engine.packet import Packet, PacketError, checksum, fragment_fields
 
-MAX_IPV4_TOTAL = 0xFFFF
-MAX_IPV6_PAYLOAD = 0xFFFF
-_U16 = struct.Struct("!H")
+MAX_IPV4_TOTAL: Final = 0xFFFF
+MAX_IPV6_PAYLOAD: Final = 0xFFFF
+_U16: Final = struct.Struct("!H")
 
 FragmentKey = tuple[bytes, bytes, int, int]
 """``(src, dst, protocol, identification)``."""

@@ -19,7 +19,7 @@ import errno
 import socket
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from engine.packet import UDP_CSUM_OFFSET, Buffer, VnetHeader, build_udp
 
@@ -27,15 +27,15 @@ if TYPE_CHECKING:
     from engine.flow import Flow
     from engine.runtime import Engine
 
-MAX_GSO_SEGMENTS = 64
+MAX_GSO_SEGMENTS: Final = 64
 """The kernel's ``UDP_MAX_SEGMENTS`` was 64 before 6.x raised it to 128; 64 is accepted everywhere."""
 
-SOL_UDP = 17
-UDP_SEGMENT = 103
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
 """``sendmsg`` control message level and type of UDP GSO (linux/udp.h; Python 3.11's socket lacks them)."""
-_U16 = struct.Struct("=H")  # control message data is a native u16
+_U16: Final = struct.Struct("=H")  # control message data is a native u16
 
-GSO_REFUSED = frozenset((errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE))
+GSO_REFUSED: Final = frozenset((errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE))
 """errnos of a ``UDP_SEGMENT`` send the path cannot do (no UDP GSO there): fall back to one send each."""
 
 

@@ -10,6 +10,8 @@ path of a real TUN (the kernel does it there), so clarity beats speed.
 
 from __future__ import annotations
 
+from typing import Final
+
 import struct
 
 from engine.packet import (
@@ -28,8 +30,8 @@ from engine.packet import (
     pseudo_header_sum,
 )
 
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
+_U16: Final = struct.Struct("!H")
+_U32: Final = struct.Struct("!I")
 
 
 def complete_checksum(packet: Buffer, vnet: VnetHeader) -> bytes:

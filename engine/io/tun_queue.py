@@ -13,7 +13,7 @@ import errno
 import io
 import logging
 import os
-from typing import Optional, Union
+from typing import Final, Optional, Union
 
 from engine.io.base import QUEUE_FULL_ERRNOS, DeviceCounters, ReadBatch
 from engine.packet import VNET_HDR_LEN, VnetHeader
@@ -22,10 +22,10 @@ __all__ = ["TunQueueIO", "READ_SLOT", "ARENA_MAX"]
 
 log = logging.getLogger("engine.io.tun")  # the device's logger (engine/io/tun.py)
 
-READ_SLOT = VNET_HDR_LEN + 65535  # one read can never be larger than this
-ARENA_MAX = 2 * 1024 * 1024
-_HEADER_CACHE_MAX = 1024
-_ZERO_VNET = bytes(VNET_HDR_LEN)
+READ_SLOT: Final = VNET_HDR_LEN + 65535  # one read can never be larger than this
+ARENA_MAX: Final = 2 * 1024 * 1024
+_HEADER_CACHE_MAX: Final = 1024
+_ZERO_VNET: Final = bytes(VNET_HDR_LEN)
 
 Buffer = Union[bytes, bytearray, memoryview]
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import NamedTuple, Optional, Protocol, Union
+from typing import Final, NamedTuple, Optional, Protocol, Union
 
 from engine.packet import ACK, FIN, PSH, RST, SYN  # the wire's flag bits: one definition
 from engine.random_pool import RandomPool
@@ -62,14 +62,14 @@ from engine.tcp.state import (
 
 __all__ = ["TcpEndpoint", "OutSegment", "SegmentIn", "TcpOptionsView"]
 
-_S = TcpState
-_DEFAULT_PEER_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
-_CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7: rate-limit challenge ACKs
-_MAX_CWND = 64 << 20
-_TLP_MIN = 0.01  # RFC 8985 / Linux: never probe sooner than 10 ms
-_TLP_DELAYED_ACK = 0.04  # allowance for a delayed ACK when a single segment is in flight (Linux ato min)
-_TS_PREFIX = 0x0101080A  # NOP NOP TS len=10: Linux's layout on every established segment
-_TS_BLOCK = struct.Struct("!III")
+_S: Final = TcpState
+_DEFAULT_PEER_MSS: Final = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: what to assume without an MSS option
+_CHALLENGE_ACKS_PER_SECOND: Final = 10  # RFC 5961 7: rate-limit challenge ACKs
+_MAX_CWND: Final = 64 << 20
+_TLP_MIN: Final = 0.01  # RFC 8985 / Linux: never probe sooner than 10 ms
+_TLP_DELAYED_ACK: Final = 0.04  # allowance for a delayed ACK when a single segment is in flight (Linux ato min)
+_TS_PREFIX: Final = 0x0101080A  # NOP NOP TS len=10: Linux's layout on every established segment
+_TS_BLOCK: Final = struct.Struct("!III")
 
 
 #: ISS and timestamp offsets (RFC 6528, RFC 7323 §7.1): one getrandom call per 1024 values, reset after fork.
@@ -133,9 +133,41 @@ class OutSegment(NamedTuple):
     segment_size: int = 0
 
 
+# Compiled, a Final module constant is a C static: these members, event classes and the segment type are
+# read without a globals lookup (and an Enum member without its metaclass's attribute lookup) on every segment.
+_S_CLOSED: Final = TcpState.CLOSED
+_S_SYN_PENDING: Final = TcpState.SYN_PENDING
+_S_SYN_RECEIVED: Final = TcpState.SYN_RECEIVED
+_S_TIME_WAIT: Final = TcpState.TIME_WAIT
+_T_ABORT: Final = Trigger.ABORT
+_T_ACCEPT: Final = Trigger.ACCEPT
+_T_FIN_ACKED: Final = Trigger.FIN_ACKED
+_T_RECV_FIN: Final = Trigger.RECV_FIN
+_T_RECV_RST: Final = Trigger.RECV_RST
+_T_REFUSE: Final = Trigger.REFUSE
+_T_SEND_FIN: Final = Trigger.SEND_FIN
+_T_SYN_ACKED: Final = Trigger.SYN_ACKED
+_T_TIMEOUT: Final = Trigger.TIMEOUT
+_ev_CLOSE_ABORTED: Final = ev.CLOSE_ABORTED
+_ev_CLOSE_HALF_CLOSE_TIMEOUT: Final = ev.CLOSE_HALF_CLOSE_TIMEOUT
+_ev_CLOSE_HANDSHAKE_TIMEOUT: Final = ev.CLOSE_HANDSHAKE_TIMEOUT
+_ev_CLOSE_KEEPALIVE: Final = ev.CLOSE_KEEPALIVE
+_ev_CLOSE_NORMAL: Final = ev.CLOSE_NORMAL
+_ev_CLOSE_REFUSED: Final = ev.CLOSE_REFUSED
+_ev_CLOSE_RESET: Final = ev.CLOSE_RESET
+_ev_CLOSE_TIMEOUT: Final = ev.CLOSE_TIMEOUT
+_ev_Closed: Final = ev.Closed
+_ev_ConnectionReset: Final = ev.ConnectionReset
+_ev_DataReceived: Final = ev.DataReceived
+_ev_Established: Final = ev.Established
+_ev_PeerFinished: Final = ev.PeerFinished
+_ev_SendSpaceAvailable: Final = ev.SendSpaceAvailable
+_OutSegment: Final = OutSegment
+
+
 def _with_flags(segment: OutSegment, flags: int) -> OutSegment:
     """``segment`` with ``flags`` added (what ``_replace`` does, without namedtuple's interpreted keyword path)."""
-    return OutSegment(segment.seq, segment.ack, segment.flags | flags, segment.window, segment.options,
+    return _OutSegment(segment.seq, segment.ack, segment.flags | flags, segment.window, segment.options,
                       segment.payload, segment.segment_size)
 
 
@@ -168,7 +200,7 @@ class TcpEndpoint:
         """Same as :meth:`from_syn` (the named constructor reads better at the call site)."""
         self.config = config
         self.version = syn.version
-        self.state = _S.SYN_PENDING
+        self.state = _S_SYN_PENDING
         self._events: list[ev.TcpEvent] = []
         self._out: list[OutSegment] = []
         self._sbuf = bytearray()
@@ -281,19 +313,19 @@ class TcpEndpoint:
 
     def accept(self, now: float) -> None:
         """The upstream dial succeeded: answer the SYN with a SYN-ACK (retransmitted on timeout)."""
-        if self.state is not _S.SYN_PENDING:
+        if self.state is not _S_SYN_PENDING:
             return
-        self._transition(Trigger.ACCEPT)
+        self._transition(_T_ACCEPT)
         self._synack_needed = True
         self._last_recv = self._last_progress = now
         self._rtx_deadline = now + self._rtt.rto
 
     def refuse(self, now: float) -> None:
         """The upstream dial failed: answer the SYN with RST|ACK (RFC 9293 3.10.7.1) and close."""
-        if self.state is not _S.SYN_PENDING:
+        if self.state is not _S_SYN_PENDING:
             return
-        self._out.append(OutSegment(0, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
-        self._close(Trigger.REFUSE, ev.CLOSE_REFUSED)
+        self._out.append(_OutSegment(0, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
+        self._close(_T_REFUSE, _ev_CLOSE_REFUSED)
 
     def send(self, data: Union[bytes, bytearray, memoryview]) -> int:
         """Queue bytes for the peer; returns how many were taken (0 when the buffer is full, after
@@ -316,21 +348,21 @@ class TcpEndpoint:
         self._fin_queued = True
         self._fin_seq = self._sbuf_seq + len(self._sbuf)
         if self.state in CAN_SEND_FIN:
-            self._transition(Trigger.SEND_FIN)
+            self._transition(_T_SEND_FIN)
             self._last_progress = now
         # In SYN_PENDING/SYN_RECEIVED the FIN waits for the handshake (see _on_handshake_ack).
 
     def abort(self, now: float) -> None:
         """Reset the connection now (RST to the peer unless it is already gone)."""
         state = self.state
-        if state is _S.CLOSED:
+        if state is _S_CLOSED:
             return
-        if state is _S.SYN_PENDING:
+        if state is _S_SYN_PENDING:
             self.refuse(now)
             return
-        if state is not _S.TIME_WAIT:
-            self._out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
-        self._close(Trigger.ABORT, ev.CLOSE_ABORTED)
+        if state is not _S_TIME_WAIT:
+            self._out.append(_OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
+        self._close(_T_ABORT, _ev_CLOSE_ABORTED)
 
     def consumed(self, n: int, now: float) -> None:
         """The application has taken ``n`` delivered bytes off our hands: reopen the window, and say so at
@@ -360,7 +392,7 @@ class TcpEndpoint:
         state = self.state
         if state in TIMERLESS:
             return None
-        if state is _S.TIME_WAIT:
+        if state is _S_TIME_WAIT:
             return self._tw_deadline
         best = self._rtx_deadline
         if self._tlp_deadline is not None and (best is None or self._tlp_deadline < best):
@@ -381,32 +413,32 @@ class TcpEndpoint:
         state = self.state
         if state in TIMERLESS:
             return
-        if state is _S.TIME_WAIT:
+        if state is _S_TIME_WAIT:
             if self._tw_deadline is not None and now >= self._tw_deadline:
-                self._close(Trigger.TIMEOUT, ev.CLOSE_NORMAL)
+                self._close(_T_TIMEOUT, _ev_CLOSE_NORMAL)
             return
         if state in HALF_CLOSED and now >= self._last_progress + self.config.half_close_timeout:
-            self._give_up(ev.CLOSE_HALF_CLOSE_TIMEOUT)
+            self._give_up(_ev_CLOSE_HALF_CLOSE_TIMEOUT)
             return
         if self._rtx_deadline is not None and now >= self._rtx_deadline:
             self._on_rto(now)
-            if self.state is _S.CLOSED:
+            if self.state is _S_CLOSED:
                 return
         elif self._tlp_deadline is not None and now >= self._tlp_deadline:
             self._on_tail_loss_probe(now)
         if self._persist_deadline is not None and now >= self._persist_deadline:
             self._on_persist(now)
-            if self.state is _S.CLOSED:
+            if self.state is _S_CLOSED:
                 return
         ka = self._keepalive_deadline()
         if ka is not None and now >= ka:
             if self._ka_probes >= self.config.keepalive_probes:
-                self._give_up(ev.CLOSE_KEEPALIVE)
+                self._give_up(_ev_CLOSE_KEEPALIVE)
                 return
             self._ka_probes += 1
             # RFC 9293 3.8.4: an ACK with SEG.SEQ = SND.NXT-1 and no data; the peer must answer with an ACK.
             self._out.append(
-                OutSegment((self._snd_una - 1) & MASK, self._rcv_nxt & MASK, ACK, self._window_field(),
+                _OutSegment((self._snd_una - 1) & MASK, self._rcv_nxt & MASK, ACK, self._window_field(),
                            self._ts_opt(now), b"")
             )
 
@@ -423,15 +455,15 @@ class TcpEndpoint:
         self._retries += 1
         self._rtt.on_timeout()
         self._rtt_seq = None  # Karn: never time a retransmitted segment
-        if self.state is _S.SYN_RECEIVED:
+        if self.state is _S_SYN_RECEIVED:
             if self._retries > self.config.syn_retries:
-                self._give_up(ev.CLOSE_HANDSHAKE_TIMEOUT)
+                self._give_up(_ev_CLOSE_HANDSHAKE_TIMEOUT)
                 return
             self._synack_needed = True
             self._rtx_deadline = now + self._rtt.rto
             return
         if self._retries > self.config.max_retries:
-            self._give_up(ev.CLOSE_TIMEOUT)
+            self._give_up(_ev_CLOSE_TIMEOUT)
             return
         flight = self._snd_nxt - self._snd_una
         self._ssthresh = max(flight // 2, 2 * self._smss)
@@ -450,7 +482,7 @@ class TcpEndpoint:
         even when the window update was lost. Unanswered probes count like retransmissions."""
         self._persist_deadline = None
         if self._retries >= self.config.max_retries:
-            self._give_up(ev.CLOSE_TIMEOUT)
+            self._give_up(_ev_CLOSE_TIMEOUT)
             return
         self._retries += 1
         data_end = self._sbuf_seq + len(self._sbuf)
@@ -468,7 +500,7 @@ class TcpEndpoint:
         else:
             return
         self.retransmits += 1
-        self._out.append(OutSegment(nxt & MASK, self._rcv_nxt & MASK, flags, self._window_field(),
+        self._out.append(_OutSegment(nxt & MASK, self._rcv_nxt & MASK, flags, self._window_field(),
                                     self._ts_opt(now), payload, self._smss))
         self._persist_backoff += 1
         self._persist_deadline = now + self._persist_interval()
@@ -484,13 +516,13 @@ class TcpEndpoint:
         """Process one segment from the peer (a GRO super-segment is fine)."""
         state = self.state
         flags = packet.tcp_flags
-        if state is _S.SYN_PENDING:
+        if state is _S_SYN_PENDING:
             # Retransmitted SYNs wait for the dial; an RST means the client gave up.
             if flags & RST and packet.seq == self._rcv_nxt & MASK:
-                self._events.append(ev.ConnectionReset())
-                self._close(Trigger.RECV_RST, ev.CLOSE_RESET)
+                self._events.append(_ev_ConnectionReset())
+                self._close(_T_RECV_RST, _ev_CLOSE_RESET)
             return
-        if state is _S.CLOSED:
+        if state is _S_CLOSED:
             if not flags & RST:
                 self._reply_reset(packet, now)
             return
@@ -522,12 +554,12 @@ class TcpEndpoint:
             self._on_rst(seq, now)
             return
         if flags & SYN:
-            if state is _S.SYN_RECEIVED and seq == self._irs:
+            if state is _S_SYN_RECEIVED and seq == self._irs:
                 self._synack_needed = True  # our SYN-ACK was lost: say it again now
             else:
                 self._challenge_ack(now)  # RFC 5961 4
             return
-        if state is _S.TIME_WAIT:
+        if state is _S_TIME_WAIT:
             if plen or flags & FIN:  # a retransmitted FIN: re-ACK and restart TIME_WAIT (RFC 9293)
                 self._ack_pending = True
                 self._tw_deadline = now + self.config.time_wait
@@ -550,10 +582,10 @@ class TcpEndpoint:
             return
         snd_una = self._snd_una
         ack = snd_una + ((packet.ack - snd_una + HALF) & MASK) - HALF
-        if state is _S.SYN_RECEIVED:
+        if state is _S_SYN_RECEIVED:
             if not self._snd_una < ack <= self._snd_max:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED draws <SEQ=SEG.ACK><CTL=RST>.
-                self._out.append(OutSegment(packet.ack, 0, RST, 0, b"", b""))
+                self._out.append(_OutSegment(packet.ack, 0, RST, 0, b"", b""))
                 return
             self._on_handshake_ack(seq, ack, packet.window, now)
         if not self._on_ack(ack, seq, packet.window, plen, flags, sack_blocks, ts, now):
@@ -562,32 +594,32 @@ class TcpEndpoint:
             self._on_data(seq, payload, plen, flags & FIN, now)
 
     def _on_handshake_ack(self, seq: int, ack: int, window: int, now: float) -> None:
-        self._transition(Trigger.SYN_ACKED)
+        self._transition(_T_SYN_ACKED)
         self._synack_needed = False
         self._snd_wnd = window << self._snd_wscale
         self._max_snd_wnd = max(self._max_snd_wnd, self._snd_wnd)
         self._snd_wl1 = seq
         self._snd_wl2 = ack
         self._retries = 0
-        self._events.append(ev.Established())
+        self._events.append(_ev_Established())
         if self._fin_queued:
             self._fin_seq = self._sbuf_seq + len(self._sbuf)
-            self._transition(Trigger.SEND_FIN)
+            self._transition(_T_SEND_FIN)
 
     def _on_rst(self, seq: int, now: float) -> None:
         """RFC 5961 3.2: only an RST exactly at RCV.NXT resets; one elsewhere in the window draws a
         challenge ACK (a genuine peer answers it with an exact RST); outside the window it is ignored."""
         rcv_nxt = self._rcv_nxt
-        if self.state is _S.SYN_RECEIVED:
+        if self.state is _S_SYN_RECEIVED:
             exact = rcv_nxt <= seq < max(self._rcv_adv, rcv_nxt + 1)
         else:
             exact = seq == rcv_nxt
         if exact:
-            if self.state is _S.TIME_WAIT:
-                self._close(Trigger.RECV_RST, ev.CLOSE_NORMAL)
+            if self.state is _S_TIME_WAIT:
+                self._close(_T_RECV_RST, _ev_CLOSE_NORMAL)
                 return
-            self._events.append(ev.ConnectionReset())
-            self._close(Trigger.RECV_RST, ev.CLOSE_RESET)
+            self._events.append(_ev_ConnectionReset())
+            self._close(_T_RECV_RST, _ev_CLOSE_RESET)
         elif rcv_nxt < seq < self._rcv_adv:
             self._challenge_ack(now)
         else:
@@ -611,11 +643,11 @@ class TcpEndpoint:
             return
         self._challenge_count += 1
         if packet.tcp_flags & ACK:
-            self._out.append(OutSegment(packet.ack, 0, RST, 0, b"", b""))
+            self._out.append(_OutSegment(packet.ack, 0, RST, 0, b"", b""))
         else:
             flags = packet.tcp_flags
             seg_len = len(packet.payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
-            self._out.append(OutSegment(0, (packet.seq + seg_len) & MASK, RST | ACK, 0, b"", b""))
+            self._out.append(_OutSegment(0, (packet.seq + seg_len) & MASK, RST | ACK, 0, b"", b""))
 
     def _on_ack(self, ack: int, seq: int, window: int, plen: int, flags: int,
                 blocks: tuple[tuple[int, int], ...], ts: Optional[tuple[int, int]], now: float) -> bool:
@@ -732,17 +764,17 @@ class TcpEndpoint:
         self._tlp_deadline = None  # re-armed by segments() if data is still outstanding
         self._tlp_fired = False
         if self._fin_queued and ack == self._fin_seq + 1 and self.state in FIN_UNACKED:
-            self._transition(Trigger.FIN_ACKED)
-            if self.state is _S.CLOSED:
-                self._emit_closed(ev.CLOSE_NORMAL)
+            self._transition(_T_FIN_ACKED)
+            if self.state is _S_CLOSED:
+                self._emit_closed(_ev_CLOSE_NORMAL)
                 return
-            if self.state is _S.TIME_WAIT:
+            if self.state is _S_TIME_WAIT:
                 self._enter_time_wait(now)
         if self._send_blocked:
             space = self.send_space
             if space >= self.config.send_buffer >> 2:
                 self._send_blocked = False
-                self._events.append(ev.SendSpaceAvailable(space))
+                self._events.append(_ev_SendSpaceAvailable(space))
 
     def _on_data(self, seq: int, payload: memoryview, plen: int, fin: int, now: float) -> None:
         if self.state not in RECEIVING:
@@ -764,7 +796,7 @@ class TcpEndpoint:
                 self._unconsumed += n
                 self.bytes_up += n
                 self._last_progress = now
-                self._events.append(ev.DataReceived(data))
+                self._events.append(_ev_DataReceived(data))
             if fin:
                 self._on_fin(now)
             return
@@ -801,7 +833,7 @@ class TcpEndpoint:
             self._unconsumed += n
             self.bytes_up += n
             self._last_progress = now
-            self._events.append(ev.DataReceived(data))
+            self._events.append(_ev_DataReceived(data))
 
     def _drain_reassembly(self, now: float) -> None:
         reasm = self._reasm
@@ -816,9 +848,9 @@ class TcpEndpoint:
         self._reasm = Reassembly(self.config.max_ooo_blocks) if self._reasm else self._reasm
         self._ack_pending = True
         self._last_progress = now
-        self._events.append(ev.PeerFinished())
-        self._transition(Trigger.RECV_FIN)
-        if self.state is _S.TIME_WAIT:
+        self._events.append(_ev_PeerFinished())
+        self._transition(_T_RECV_FIN)
+        if self.state is _S_TIME_WAIT:
             self._enter_time_wait(now)
 
     def _enter_time_wait(self, now: float) -> None:
@@ -835,7 +867,7 @@ class TcpEndpoint:
         out = self._out
         self._out = []
         state = self.state
-        if state is _S.SYN_RECEIVED:
+        if state is _S_SYN_RECEIVED:
             if self._synack_needed:
                 self._emit_synack(now, out)
             return out
@@ -857,7 +889,7 @@ class TcpEndpoint:
             # SACK blocks go on a pure ACK so that data segments keep a fixed header (GSO-friendly).
             blocks = self._reasm.sack_blocks(max_sack_blocks(self._ts_ok))
             opt = tsopt + sack_option([(s & MASK, e & MASK) for s, e in blocks])
-            out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, opt, b""))
+            out.append(_OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, opt, b""))
         if state in SENDING:
             if self._in_recovery and self._rtx_budget > 0:
                 self._retransmit_holes(out, window, tsopt)
@@ -865,7 +897,7 @@ class TcpEndpoint:
             if self._state_is_sending_fin():
                 self._send_fin(now, out, window, tsopt)
         if self._ack_pending and len(out) == n_before:
-            out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, b""))
+            out.append(_OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, b""))
         if len(out) > n_before:
             self._last_ack_sent = self._rcv_nxt
             if edge > self._rcv_adv:
@@ -911,7 +943,7 @@ class TcpEndpoint:
             self._emit_range(begin, end, self._out, window, tsopt, retransmission=True)
         elif self._fin_queued and self._snd_max == self._fin_seq + 1:
             self.retransmits += 1
-            self._out.append(OutSegment(self._fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
+            self._out.append(_OutSegment(self._fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
 
     def _emit_synack(self, now: float, out: list[OutSegment]) -> None:
         self._synack_needed = False
@@ -920,7 +952,7 @@ class TcpEndpoint:
         self._rcv_adv = max(self._rcv_adv, self._rcv_nxt + window)
         ts = (self._ts_now(now), self._ts_recent) if self._ts_ok else None
         opts = syn_ack_options(self._mss_ours, self._rcv_wscale if self._ws_ok else None, self._sack_ok, ts)
-        out.append(OutSegment(self._iss & MASK, self._rcv_nxt & MASK, SYN | ACK, window, opts, b""))
+        out.append(_OutSegment(self._iss & MASK, self._rcv_nxt & MASK, SYN | ACK, window, opts, b""))
         self._snd_nxt = self._snd_max = self._iss + 1
         if self._rtx_deadline is None:
             self._rtx_deadline = now + self._rtt.rto
@@ -1001,7 +1033,7 @@ class TcpEndpoint:
         payload = bytes(self._sbuf[off : off + (end - begin)])
         if retransmission:
             self.retransmits += 1
-        out.append(OutSegment(begin & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, payload, self._smss))
+        out.append(_OutSegment(begin & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, payload, self._smss))
 
     def _send_data(self, now: float, out: list[OutSegment], window: int, tsopt: bytes) -> None:
         """New data (and, after an RTO, go-back retransmissions) within min(peer window, cwnd)."""
@@ -1042,7 +1074,7 @@ class TcpEndpoint:
                 elif length < smss and run_end == limit and limit < data_end and length < self._max_snd_wnd >> 1:
                     break  # sender SWS avoidance: wait for a full segment's worth of window
                 off = nxt - sbuf_seq
-                out.append(OutSegment(nxt & MASK, ack, ACK, window, tsopt, bytes(view[off : off + length]), smss))
+                out.append(_OutSegment(nxt & MASK, ack, ACK, window, tsopt, bytes(view[off : off + length]), smss))
                 nxt += length
         if len(out) == first:
             self._arm_persist_if_stuck(now, data_end)
@@ -1082,7 +1114,7 @@ class TcpEndpoint:
             last = out[-1]
             out[-1] = _with_flags(last, FIN)  # ride on the last data segment
         else:
-            out.append(OutSegment(fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
+            out.append(_OutSegment(fin_seq & MASK, self._rcv_nxt & MASK, ACK | FIN, window, tsopt, b""))
         if self._snd_max > fin_seq:
             self.retransmits += 1
         self._snd_nxt = fin_seq + 1
@@ -1110,12 +1142,12 @@ class TcpEndpoint:
         self._reasm = Reassembly(1)
         self._scoreboard.clear()
         self._ack_pending = False
-        self._events.append(ev.Closed(reason))
+        self._events.append(_ev_Closed(reason))
 
     def _give_up(self, reason: str) -> None:
-        """A timer ran out of patience: reset the peer and close through :attr:`Trigger.TIMEOUT` with the
-        timer's own ``reason``. Not :meth:`abort`: that is the application's reset (``Trigger.ABORT``,
+        """A timer ran out of patience: reset the peer and close through :attr:`_T_TIMEOUT` with the
+        timer's own ``reason``. Not :meth:`abort`: that is the application's reset (``_T_ABORT``,
         ``CLOSE_ABORTED``), and the table and the ``Closed`` event should both say what really happened.
         Timers never run in TIME_WAIT or the timerless states, so there is always a peer to reset."""
-        self._out.append(OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
-        self._close(Trigger.TIMEOUT, reason)
+        self._out.append(_OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, RST | ACK, 0, b"", b""))
+        self._close(_T_TIMEOUT, reason)

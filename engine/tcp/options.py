@@ -8,13 +8,13 @@ Linux uses (NOPs so that every 32-bit value is aligned).
 from __future__ import annotations
 
 import struct
-from typing import Optional, Sequence
+from typing import Final, Optional, Sequence
 
 __all__ = ["syn_ack_options", "ts_option", "sack_option", "TS_OPTION_LEN", "max_sack_blocks"]
 
-TS_OPTION_LEN = 12
-_TS = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
-_SACK_FORMATS = [struct.Struct(f"!BBBB{2 * n}I") for n in range(5)]
+TS_OPTION_LEN: Final = 12
+_TS: Final = struct.Struct("!BBBBII")  # NOP NOP kind=8 len=10 TSval TSecr
+_SACK_FORMATS: Final = [struct.Struct(f"!BBBB{2 * n}I") for n in range(5)]
 
 
 def ts_option(tsval: int, tsecr: int) -> bytes:

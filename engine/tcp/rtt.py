@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Final, Optional
 
 __all__ = ["RttEstimator"]
 
-_CLOCK_GRANULARITY = 0.001  # G in RFC 6298: our timestamp clock ticks in milliseconds
+_CLOCK_GRANULARITY: Final = 0.001  # G in RFC 6298: our timestamp clock ticks in milliseconds
 
 
 class RttEstimator:

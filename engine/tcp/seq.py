@@ -9,11 +9,13 @@ boundary instead of in each comparison of the hot path.
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["MOD", "MASK", "HALF", "wire", "unwrap", "seq_lt", "seq_diff"]
 
-MOD = 1 << 32
-MASK = MOD - 1
-HALF = 1 << 31
+MOD: Final = 1 << 32
+MASK: Final = MOD - 1
+HALF: Final = 1 << 31
 
 
 def wire(value: int) -> int:

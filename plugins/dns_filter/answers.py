@@ -11,6 +11,8 @@ typical reply costs tens of microseconds; this walk costs a few.
 
 from __future__ import annotations
 
+from typing import Final
+
 import struct
 
 from plugins.dns_filter.wire import (
@@ -26,13 +28,13 @@ from plugins.dns_filter.wire import (
     skip_name,
 )
 
-_HEADER = struct.Struct("!HHHHHH")
-_RR_FIXED = struct.Struct("!HHIH")
-_MAX_CHAIN = 16
+_HEADER: Final = struct.Struct("!HHHHHH")
+_RR_FIXED: Final = struct.Struct("!HHIH")
+_MAX_CHAIN: Final = 16
 #: A compression pointer to offset 12, where the question name starts.
-_POINTER_TO_QUESTION = b"\xc0\x0c"
-_SVC_IPV4HINT = 4
-_SVC_IPV6HINT = 6
+_POINTER_TO_QUESTION: Final = b"\xc0\x0c"
+_SVC_IPV4HINT: Final = 4
+_SVC_IPV6HINT: Final = 6
 
 
 class ParsedAnswer:

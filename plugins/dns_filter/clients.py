@@ -9,7 +9,7 @@ fragment). TCP (RFC 7766): the engine's user-space TCP endpoint terminates the c
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol, TYPE_CHECKING
 
 from engine.packet import UdpFlowBuilder
 from engine.udp_out import write_datagrams
@@ -42,16 +42,16 @@ class DnsClient(Protocol):
 #: ``handle_query(flow, query_bytes, client, now)`` — the plugin's entry point.
 QuerySink = Callable[["Flow", bytes, DnsClient, float], None]
 
-_IPV4_UDP_HEADERS = 28
-_IPV6_UDP_HEADERS = 48
+_IPV4_UDP_HEADERS: Final = 28
+_IPV6_UDP_HEADERS: Final = 48
 #: Queries in flight on one TCP connection before we stop reading it (RFC 7766 pipelining bound).
-MAX_TCP_INFLIGHT = 64
+MAX_TCP_INFLIGHT: Final = 64
 #: The TCP receive window of a DNS connection: the endpoint never delivers more unconsumed bytes, and we
 #: consume only messages we took, so a client pipelining faster than the upstream answers is slowed by
 #: TCP flow control rather than buffered without bound.
-TCP_RECV_BUFFER = 128 * 1024
+TCP_RECV_BUFFER: Final = 128 * 1024
 #: Buffered bytes beyond which the connection is aborted (only a broken peer gets here).
-MAX_TCP_BUFFER = TCP_RECV_BUFFER + 2 + 65535
+MAX_TCP_BUFFER: Final = TCP_RECV_BUFFER + 2 + 65535
 
 
 class UdpDnsHandler:

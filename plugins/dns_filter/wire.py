@@ -11,41 +11,43 @@ can count and drop bad messages with one ``except``.
 
 from __future__ import annotations
 
+from typing import Final
+
 import struct
 
-HEADER_LEN = 12
-FLAG_QR = 0x8000
-FLAG_AA = 0x0400
-FLAG_TC = 0x0200
-FLAG_RD = 0x0100
-FLAG_RA = 0x0080
-OPCODE_MASK = 0x7800
-RCODE_MASK = 0x000F
+HEADER_LEN: Final = 12
+FLAG_QR: Final = 0x8000
+FLAG_AA: Final = 0x0400
+FLAG_TC: Final = 0x0200
+FLAG_RD: Final = 0x0100
+FLAG_RA: Final = 0x0080
+OPCODE_MASK: Final = 0x7800
+RCODE_MASK: Final = 0x000F
 
-RCODE_NOERROR = 0
-RCODE_FORMERR = 1
-RCODE_SERVFAIL = 2
-RCODE_NXDOMAIN = 3
-RCODE_REFUSED = 5
+RCODE_NOERROR: Final = 0
+RCODE_FORMERR: Final = 1
+RCODE_SERVFAIL: Final = 2
+RCODE_NXDOMAIN: Final = 3
+RCODE_REFUSED: Final = 5
 
-TYPE_A = 1
-TYPE_CNAME = 5
-TYPE_AAAA = 28
-TYPE_OPT = 41
-TYPE_SVCB = 64
-TYPE_HTTPS = 65
-CLASS_IN = 1
+TYPE_A: Final = 1
+TYPE_CNAME: Final = 5
+TYPE_AAAA: Final = 28
+TYPE_OPT: Final = 41
+TYPE_SVCB: Final = 64
+TYPE_HTTPS: Final = 65
+CLASS_IN: Final = 1
 
 #: Without EDNS a UDP DNS message may not exceed 512 bytes (RFC 1035 §4.2.1).
-CLASSIC_UDP_SIZE = 512
+CLASSIC_UDP_SIZE: Final = 512
 #: The UDP payload size we advertise in our own OPT records (DNS flag day 2020 recommendation).
-OUR_EDNS_SIZE = 1232
+OUR_EDNS_SIZE: Final = 1232
 
-_HEADER = struct.Struct("!HHHHHH")
-_QUERY_FIXED = struct.Struct("!HHHHH")  # the header after the id: flags and the four counts
-_TYPE_CLASS = struct.Struct("!HH")
-_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
-_MAX_POINTER_HOPS = 32
+_HEADER: Final = struct.Struct("!HHHHHH")
+_QUERY_FIXED: Final = struct.Struct("!HHHHH")  # the header after the id: flags and the four counts
+_TYPE_CLASS: Final = struct.Struct("!HH")
+_RR_FIXED: Final = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_MAX_POINTER_HOPS: Final = 32
 
 
 class WireError(ValueError):

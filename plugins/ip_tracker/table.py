@@ -20,6 +20,8 @@ Rules (docs/architecture.md §8, with Cilium's toFQDNs lessons):
 
 from __future__ import annotations
 
+from typing import Final
+
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,9 +29,9 @@ from collections.abc import Iterator
 Key = tuple[bytes, bytes]  # (client or b"", address)
 
 #: Names remembered per address: CDN addresses serve many names; a few are enough for logs.
-MAX_NAMES_PER_ADDRESS = 8
+MAX_NAMES_PER_ADDRESS: Final = 8
 #: Expired entries remembered for "was ..., expired N s ago" in block logs.
-GRAVEYARD_SIZE = 4096
+GRAVEYARD_SIZE: Final = 4096
 
 
 class Entry:

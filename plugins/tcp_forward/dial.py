@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.net_policy import SocketPolicy
     from plugins.tcp_forward.config import Config
 
-_IN_PROGRESS = frozenset((0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR))
+_IN_PROGRESS: Final = frozenset((0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR))
 
 
 def open_upstream_socket(policy: SocketPolicy, family: int, nodelay: bool) -> socket.socket:

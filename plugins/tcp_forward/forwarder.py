@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Final, Optional, TYPE_CHECKING
 
 from engine.packet import ACK, PROTO_TCP, SYN, Packet
 from engine.tcp.adapter import TcpConnection
@@ -32,7 +32,7 @@ __all__ = ["Forwarder", "KEEPALIVE_AFTER"]
 log = logging.getLogger("dnsgate.tcp_forward")
 
 # Connections still open this long after their connect get upstream keepalive (the plugin's dnsgate_tick).
-KEEPALIVE_AFTER = 1.0
+KEEPALIVE_AFTER: Final = 1.0
 
 
 class Forwarder:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Final, TYPE_CHECKING
 
 from engine.deadlines import Ticket
 from engine.decision import Decision
@@ -84,22 +84,22 @@ __all__ = ["Relay", "DIAL_OK", "DIAL_FAILED", "DIAL_TIMEOUT", "DIAL_CANCELLED"]
 
 log = logging.getLogger("dnsgate.tcp_forward")
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # Bytes asked for per readable callback. recv(n) allocates an n-byte object first and shrinks it to what
 # arrived; glibc serves an allocation above its mmap threshold (128 KiB) with mmap, so every 256 KiB read
 # costs mmap + page fault + mremap + munmap, ~9 us against ~1 us for a 64 KiB one (bench/README.md, "The
 # read size"). A short response (HTTP/1.0's page) fits in the first read; a read that fills its buffer
 # says a bulk transfer is under way, and the relay then reads 256 KiB at a time (what asyncio's transports
 # read), where the mapping is paid once per 256 KiB.
-_FIRST_READ = 64 * 1024
-_FULL_READ = 256 * 1024
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_WOULD_BLOCK = (BlockingIOError, InterruptedError)
-_UP_OPEN = Up.OPEN
-_UP_HELD = Up.HELD
-_FIRST_BYTES = "dnsgate_first_bytes"
-_DOWN_OPEN = Down.OPEN
-_DIALING = Phase.DIALING
+_FIRST_READ: Final = 64 * 1024
+_FULL_READ: Final = 256 * 1024
+_PEEK_FLAGS: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
+_UP_OPEN: Final = Up.OPEN
+_UP_HELD: Final = Up.HELD
+_FIRST_BYTES: Final = "dnsgate_first_bytes"
+_DOWN_OPEN: Final = Down.OPEN
+_DIALING: Final = Phase.DIALING
 
 
 class Relay:
