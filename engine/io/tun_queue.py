@@ -26,6 +26,8 @@ READ_SLOT: Final = VNET_HDR_LEN + 65535  # one read can never be larger than thi
 ARENA_MAX: Final = 2 * 1024 * 1024
 _HEADER_CACHE_MAX: Final = 1024
 _ZERO_VNET: Final = bytes(VNET_HDR_LEN)
+_writev: Final = os.writev  # compiled: a C static, not an attribute lookup on the os module per packet
+_write: Final = os.write
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -107,9 +109,9 @@ class TunQueueIO:
         """One complete packet; with vnet headers a zero header goes first (``writev``: no copy)."""
         try:
             if self.vnet_hdr:
-                os.writev(self.fd, (_ZERO_VNET, packet))
+                _writev(self.fd, (_ZERO_VNET, packet))
             else:
-                os.write(self.fd, packet)
+                _write(self.fd, packet)
         except OSError as exc:
             self.write_failed(exc)
             return
@@ -122,7 +124,7 @@ class TunQueueIO:
         if not self.offload:
             raise RuntimeError(f"TUN {self.name}: write_gso needs offloads (vnet_hdr with TUNSETOFFLOAD)")
         try:
-            os.writev(self.fd, (vnet.pack(), packet))
+            _writev(self.fd, (vnet.pack(), packet))
         except OSError as exc:
             self.write_failed(exc)
             return

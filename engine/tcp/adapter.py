@@ -46,6 +46,7 @@ from engine.tcp.events import (
 )
 
 if TYPE_CHECKING:
+    from engine.device_output import DeviceOutput
     from engine.flow import Flow
     from engine.runtime import Engine
     from engine.tcp.endpoint import OutSegment, TcpEndpoint
@@ -112,6 +113,8 @@ class TcpConnection:
         "_ip_header_len",
         "_gso_type",
         "_vnet_csum",
+        "_output",
+        "_offload",
         "_timer",
         "_deadlines",
         "_timer_at",
@@ -137,6 +140,10 @@ class TcpConnection:
         # One MSS or less: only the checksum is left to the kernel; the header is the same every time.
         self._vnet_csum = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, self._ip_header_len, TCP_CSUM_OFFSET)
         self._deadlines = engine.deadlines
+        # The engine's write path and its offload setting, read once (both are fixed once the device is
+        # attached, before any flow exists): per segment they would be two attribute lookups on the Engine.
+        self._output: DeviceOutput = engine.output
+        self._offload: bool = engine.offload
         self._timer: Ticket | None = None  # our ticket in the engine's DeadlineQueue
         self._timer_at: float | None = None
         self._flushing = False
@@ -292,8 +299,7 @@ class TcpConnection:
         payload = segment.payload
         size = len(payload)
         mss = segment.segment_size or self.endpoint.mss
-        engine = self.engine
-        if engine.offload:
+        if self._offload:
             # The kernel finishes the checksum (and segments when size > mss): no checksum in Python.
             packet = build_tcp(
                 self._local, self._remote, self._lport, self._rport, segment.seq, segment.ack,
@@ -307,10 +313,10 @@ class TcpConnection:
                 )
             else:
                 vnet = self._vnet_csum
-            engine.output.write_gso(packet, vnet, self.flow)
+            self._output.write_gso(packet, vnet, self.flow)
             return
         if size <= mss:
-            engine.output.write(
+            self._output.write(
                 build_tcp(
                     self._local, self._remote, self._lport, self._rport, segment.seq, segment.ack,
                     segment.flags, segment.window, segment.options, payload,
@@ -325,7 +331,7 @@ class TcpConnection:
         seq = segment.seq
         for offset in range(0, size, mss):
             end = offset + mss
-            engine.output.write(
+            self._output.write(
                 build_tcp(
                     self._local, self._remote, self._lport, self._rport, (seq + offset) & 0xFFFFFFFF,
                     segment.ack, flags if end >= size else middle_flags, segment.window, segment.options,

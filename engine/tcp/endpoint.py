@@ -34,7 +34,7 @@ import functools
 import struct
 from typing import Final, NamedTuple, Optional, Protocol, Union
 
-from engine.packet import ACK, FIN, PSH, RST, SYN  # the wire's flag bits: one definition
+from engine.packet import ACK, FIN, PSH, RST, SYN, Packet, TcpOptions  # flag bits: one definition
 from engine.random_pool import RandomPool
 from engine.tcp import events as ev
 from engine.tcp.config import TcpConfig
@@ -98,7 +98,9 @@ class TcpOptionsView(Protocol):
 
 
 class SegmentIn(Protocol):
-    """What the endpoint reads from an incoming segment (``engine.packet.Packet`` satisfies it).
+    """What the endpoint reads from an incoming segment. The endpoint takes :class:`engine.packet.Packet`
+    itself (compiled, its fields are then read as C struct members, not by attribute lookup); this names
+    the part of it the endpoint uses.
     ``buf``/``l4_offset``/``payload_offset`` let the hot path decode the common timestamp-only option
     block itself instead of building a full options object per segment."""
 
@@ -196,7 +198,7 @@ class TcpEndpoint:
 
     # --- construction -------------------------------------------------------------------------------
 
-    def __init__(self, syn: SegmentIn, config: TcpConfig, now: float, iss: Optional[int] = None) -> None:
+    def __init__(self, syn: Packet, config: TcpConfig, now: float, iss: Optional[int] = None) -> None:
         """Same as :meth:`from_syn` (the named constructor reads better at the call site)."""
         self.config = config
         self.version = syn.version
@@ -239,7 +241,7 @@ class TcpEndpoint:
         self.retransmits = 0
         self.dropped = 0
         try:
-            opts: Optional[TcpOptionsView] = syn.tcp_options()
+            opts: Optional[TcpOptions] = syn.tcp_options()
         except ValueError:  # malformed options on a SYN: negotiate nothing rather than fail the flow
             opts = None
         self._iss = _random32() if iss is None else iss & MASK
@@ -273,7 +275,7 @@ class TcpEndpoint:
         self._ssthresh = _MAX_CWND
 
     @classmethod
-    def from_syn(cls, syn: SegmentIn, config: TcpConfig, now: float, iss: Optional[int] = None) -> "TcpEndpoint":
+    def from_syn(cls, syn: Packet, config: TcpConfig, now: float, iss: Optional[int] = None) -> "TcpEndpoint":
         """Passive open from the client's SYN. Records the peer's MSS, window scale, SACK-permitted and
         timestamp; sends nothing until :meth:`accept` or :meth:`refuse`."""
         return cls(syn, config, now, iss)
@@ -302,7 +304,7 @@ class TcpEndpoint:
         """Bytes queued with send() and not yet acknowledged by the peer."""
         return len(self._sbuf)
 
-    def accepts_new_syn(self, syn: SegmentIn) -> bool:
+    def accepts_new_syn(self, syn: Packet) -> bool:
         """True when a new SYN on this 4-tuple may replace this endpoint (RFC 6191 spirit): in TIME_WAIT
         or CLOSED. Our TIME_WAIT only exists to re-ACK a retransmitted FIN from the local peer, so any SYN
         means the client has moved on; refusing it is the gVisor stall of docs/architecture.md §7 (TCP in
@@ -512,7 +514,7 @@ class TcpEndpoint:
 
     # --- incoming segments ----------------------------------------------------------------------------
 
-    def receive(self, packet: SegmentIn, now: float) -> None:
+    def receive(self, packet: Packet, now: float) -> None:
         """Process one segment from the peer (a GRO super-segment is fine)."""
         state = self.state
         flags = packet.tcp_flags
@@ -633,7 +635,7 @@ class TcpEndpoint:
             self._challenge_count += 1
             self._ack_pending = True
 
-    def _reply_reset(self, packet: SegmentIn, now: float) -> None:
+    def _reply_reset(self, packet: Packet, now: float) -> None:
         """RFC 9293 3.10.7.1: what a CLOSED endpoint answers to anything but an RST (rate-limited like
         challenge ACKs, so a flood cannot grow the output queue)."""
         if now - self._challenge_window >= 1.0:
