@@ -32,6 +32,9 @@ engine clock reaches its deadline. ``_fire`` then found nothing due and re-armed
 libuv ran again at once: a busy loop until the deadline. Measured in bench/micro_connection.py, ~30
 empty fires per short TCP connection (bench/README.md, "CPU per connection"). One grain later, the
 first fire finds its deadline due; with SLACK the loop timer is at most ~3 ms late."""
+_heappush: Final = heapq.heappush  # compiled: C statics, not an attribute lookup on heapq per deadline
+_heappop: Final = heapq.heappop
+_heapify: Final = heapq.heapify
 _COMPACT_MIN = 4096  # not Final: tests/unit/test_deadlines.py lowers it
 
 
@@ -56,7 +59,7 @@ class DeadlineQueue:
 
     def add(self, deadline: float, callback: Callable[[], None]) -> Ticket:
         ticket: Ticket = [callback]
-        heapq.heappush(self._heap, (deadline, next(self._sequence), ticket))
+        _heappush(self._heap, (deadline, next(self._sequence), ticket))
         if deadline < self._timer_at - SLACK:
             self._arm(deadline)
         return ticket
@@ -68,7 +71,7 @@ class DeadlineQueue:
             heap = self._heap
             if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(heap):
                 self._heap = [entry for entry in heap if entry[2]]
-                heapq.heapify(self._heap)
+                _heapify(self._heap)
                 self._cancelled = 0
 
     def _arm(self, deadline: float) -> None:
@@ -85,7 +88,7 @@ class DeadlineQueue:
         now = self._clock()
         heap = self._heap
         while heap and heap[0][0] <= now:
-            ticket = heapq.heappop(heap)[2]
+            ticket = _heappop(heap)[2]
             if not ticket:
                 self._cancelled -= 1
                 continue
@@ -96,7 +99,7 @@ class DeadlineQueue:
                 self.errors += 1
                 log.exception("deadline callback %r failed", callback)
         while heap and not heap[0][2]:
-            heapq.heappop(heap)
+            _heappop(heap)
             self._cancelled -= 1
         if heap and heap[0][0] < self._timer_at - SLACK:  # (a callback may have armed it already)
             self._arm(heap[0][0])

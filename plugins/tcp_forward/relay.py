@@ -439,7 +439,7 @@ class Relay:
 
 
 # Command class -> the method that executes it (one dict lookup per command instead of a chain of tests).
-_EXECUTE: dict[type[Command], Callable[..., None]] = {
+_EXECUTE: Final[dict[type[Command], Callable[..., None]]] = {
     WatchUpstream: Relay._watch,
     ConsumeClient: Relay._consume,
     SendUpstream: Relay._send_upstream,
