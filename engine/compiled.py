@@ -64,6 +64,7 @@ PER_PACKET_EDGES: tuple[str, ...] = (
     "engine/flow_lifecycle.py",
     "engine/fragment.py",
     "engine/hook_runner.py",
+    "engine/io/counters.py",
     "engine/io/gso.py",
     "engine/io/tun_queue.py",
     "engine/net_policy.py",

@@ -28,6 +28,7 @@ import errno
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from engine.io.counters import DeviceCounters
 from engine.packet import VnetHeader
 
 __all__ = ["CallbackDevice", "DeviceCounters", "PacketDevice", "PacketHandler", "ReadBatch", "VnetHeader"]
@@ -37,41 +38,6 @@ PacketHandler = Callable[[memoryview, "VnetHeader | None"], None]
 
 # Full queue: drop like a congested link would.
 QUEUE_FULL_ERRNOS = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
-
-
-class DeviceCounters:
-    """Per-device counters (plain ints: incremented on the hot path, read by stats/dashboard)."""
-
-    __slots__ = (
-        "rx_packets",
-        "rx_bytes",
-        "rx_batches",
-        "rx_errors",
-        "tx_packets",
-        "tx_bytes",
-        "tx_gso_packets",
-        "tx_dropped",
-        "tx_errors",
-        "last_tx_error",
-    )
-
-    def __init__(self) -> None:
-        self.rx_packets = 0
-        self.rx_bytes = 0
-        self.rx_batches = 0
-        self.rx_errors = 0
-        self.tx_packets = 0
-        self.tx_bytes = 0
-        self.tx_gso_packets = 0
-        self.tx_dropped = 0  # queue full (EAGAIN/ENOBUFS): expected under load
-        self.tx_errors = 0  # anything else (EINVAL for a bad packet, EIO when the link is down, ...)
-        self.last_tx_error = ""
-
-    def as_dict(self) -> dict[str, int | str]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return f"DeviceCounters({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
 
 
 @runtime_checkable
