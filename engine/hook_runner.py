@@ -76,7 +76,6 @@ class PositionalHook:
         self._step_protocols: list[Optional[frozenset[int]]] = []  # per plan step: engine.hookspecs.protocols
         self._marked = False  # some step is limited to some protocols
         self._by_proto: dict[int, list[_Step]] = {}  # the plan for each protocol seen, when marked
-        self._planned = False
 
     def __call__(self, *args: Any) -> Any:
         return self._run(self._current_plan(), args)
@@ -98,12 +97,12 @@ class PositionalHook:
         pm = self._pm
         if pm is not None:
             generation: int = pm.generation
-            if generation != self._generation or not self._planned:
+            if generation != self._generation:  # -1 at first: no manager's generation is negative
                 self._generation = generation
                 self._replan(self.caller.get_hookimpls())
         else:
             impls = self.caller.get_hookimpls()
-            if impls != self._impls or not self._planned:
+            if impls != self._impls:  # None at first: never equal to pluggy's list
                 self._impls = impls
                 self._replan(impls)
         return self._plan
@@ -112,7 +111,6 @@ class PositionalHook:
         self._plan = self._make_plan(impls)
         self._by_proto = {}
         self._marked = any(only is not None for only in self._step_protocols)
-        self._planned = True
 
     def _run(self, plan: Optional[list[_Step]], args: tuple[Any, ...]) -> Any:
         if plan is None:
@@ -182,12 +180,17 @@ class HookRunner:
         whether a reload changed who answers, without calling them."""
         return list(getattr(self.pm.hook, name).get_hookimpls())
 
-    def call_for(self, proto: int, name: str, *args: Any) -> Any:
-        """:meth:`call` for a flow of IP protocol ``proto`` (a per-flow hook): implementations marked for
-        other protocols (:func:`engine.hookspecs.protocols`) are skipped; never raises."""
+    def _caller(self, name: str) -> PositionalHook:
+        """The cached :class:`PositionalHook` of hook ``name``, in the hookspec's argument order."""
         direct = self._callers.get(name)
         if direct is None:
             direct = self._callers[name] = self.positional(name)
+        return direct
+
+    def call_for(self, proto: int, name: str, *args: Any) -> Any:
+        """:meth:`call` for a flow of IP protocol ``proto`` (a per-flow hook): implementations marked for
+        other protocols (:func:`engine.hookspecs.protocols`) are skipped; never raises."""
+        direct = self._caller(name)
         try:
             return direct.for_protocol(proto, *args)
         except Exception:
@@ -197,9 +200,7 @@ class HookRunner:
 
     def call(self, name: str, *args: Any) -> Any:
         """Call hook ``name`` with ``args`` in the hookspec's argument order; never raises."""
-        direct = self._callers.get(name)
-        if direct is None:
-            direct = self._callers[name] = self.positional(name)
+        direct = self._caller(name)
         try:
             return direct(*args)
         except Exception:

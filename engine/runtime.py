@@ -79,16 +79,14 @@ class Engine:
         #: The engine clock: CLOCK_MONOTONIC, which is asyncio's loop.time() too. Not uvloop's loop.time():
         #: that is libuv's cached millisecond tick, so every DNS upstream latency read 0 or 1 ms and the
         #: dashboard's and Prometheus' sub-millisecond figures meant nothing on the loop users run. Timers
-        #: stay correct: the deadline queue schedules by delay.
-        self._clock = clock or time.monotonic
-        #: The same clock for the compiled hot paths (relay, TCP adapter): a direct C call where ``now()``
-        #: would add an interpreted frame (7 per short connection).
-        self.clock: Callable[[], float] = self._clock
+        #: stay correct: the deadline queue schedules by delay. Public so the compiled hot paths (relay, TCP
+        #: adapter) call it directly where ``now()`` would add an interpreted frame (7 per short connection).
+        self.clock: Callable[[], float] = clock or time.monotonic
         #: Readiness callbacks for every socket plugins watch: unlike loop.add_reader on uvloop, it keeps
         #: watching a descriptor after an error (an ICMP unreachable), and it is cheaper (engine/poller.py).
         self.poller = Poller(self.loop)
         #: Per-connection deadlines (TCP timers) behind one loop timer.
-        self.deadlines = DeadlineQueue(self.loop, self._clock)
+        self.deadlines = DeadlineQueue(self.loop, self.clock)
         self.pm, self.plugins = load_plugins(profile, self.stats)
         #: Name rules changed live (``ctl allow``/``ctl deny``, engine/live_rules.py): owned here, not by a
         #: plugin, so a reload that rebuilds dns_filter or ip_tracker keeps them.
@@ -145,7 +143,7 @@ class Engine:
 
     def now(self) -> float:
         """The engine clock (the loop's monotonic time). For the edges; the packet path gets ``now``."""
-        return self._clock()
+        return self.clock()
 
     def write(self, packet: bytes | bytearray | memoryview, flow: Flow | None = None) -> None:
         """Send one complete IP packet (valid checksums) to the device; one larger than the device's MTU
@@ -280,7 +278,7 @@ class Engine:
         hookspec's promise); a memory device is fed by its owner and needs no watch."""
         if self._reader_fd is not None and not self._reading:
             if self._reader is None or self._reader.device is not self.device:
-                self._reader = DeviceReader(self.device, self.pipeline.handle, self.batch, self._clock, self._device_lost)
+                self._reader = DeviceReader(self.device, self.pipeline.handle, self.batch, self.clock, self._device_lost)
             self.loop.add_reader(self._reader_fd, self._reader.on_readable)
             self._reading = True
 
@@ -308,13 +306,7 @@ class Engine:
                 log.exception("fatal-error listener failed")
 
     def handle_packet(self, data: Any, vnet: VnetHeader | None = None) -> None:
-        self.pipeline.handle(data, vnet, self._clock())
-
-    def _on_readable(self) -> None:
-        """The device is readable: :class:`~engine.device_reader.DeviceReader` reads and dispatches (the
-        loop calls the reader's compiled method directly; this is for a caller holding the engine)."""
-        if self._reader is not None:
-            self._reader.on_readable()
+        self.pipeline.handle(data, vnet, self.clock())
 
     # -- lifecycle -------------------------------------------------------------------------------
 
