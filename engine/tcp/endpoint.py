@@ -30,7 +30,6 @@ Internals worth knowing before editing:
 
 from __future__ import annotations
 
-import functools
 import struct
 from typing import Final, NamedTuple, Optional, Protocol, Union
 
@@ -55,9 +54,10 @@ from engine.tcp.state import (
     SYNCHRONIZED,
     TIMERLESS,
     WINDOW_UPDATES,
+    TRANSITIONS,
     TcpState,
     Trigger,
-    next_state,
+    invalid_transition,
 )
 
 __all__ = ["TcpEndpoint", "OutSegment", "SegmentIn", "TcpOptionsView"]
@@ -72,14 +72,46 @@ _TS_PREFIX: Final = 0x0101080A  # NOP NOP TS len=10: Linux's layout on every est
 _TS_BLOCK: Final = struct.Struct("!III")
 
 
-#: ISS and timestamp offsets (RFC 6528, RFC 7323 §7.1): one getrandom call per 1024 values, reset after fork.
-_random32 = RandomPool().next32
+#: ISS and timestamp offsets (RFC 6528, RFC 7323 §7.1): one getrandom call per 1024 pairs, reset after fork.
+_POOL: Final = RandomPool()
 
 
-@functools.lru_cache(maxsize=16)
-def _our_wscale(config: TcpConfig) -> int:
-    """``config.our_wscale()`` once per (frozen, hashable) config instead of a loop per connection."""
-    return config.our_wscale()
+def _random_pair() -> tuple[int, int]:
+    """Two unpredictable 32-bit values (the ISS and the timestamp offset) in one step: the pool's fast path
+    inlined as its module docstring allows, so a connection costs no interpreted ``next32`` frames."""
+    pool = _POOL
+    offset = pool._offset
+    block = pool._block
+    if offset + 8 > len(block):
+        return pool.next32(), pool.next32()
+    pool._offset = offset + 8
+    return int.from_bytes(block[offset:offset + 4], "big"), int.from_bytes(block[offset + 4:offset + 8], "big")
+
+
+class _Derived:
+    """What the endpoint derives from a :class:`TcpConfig` for every connection, computed once per config."""
+
+    __slots__ = ("config", "mss4", "mss6", "wscale")
+
+    def __init__(self, config: TcpConfig) -> None:
+        self.config = config
+        self.mss4 = config.mss_for(4)
+        self.mss6 = config.mss_for(6)
+        self.wscale = config.our_wscale()
+
+
+#: id(config) -> its _Derived (which keeps the config alive, so the id cannot be reused while it is here).
+#: Not a functools cache: that hashes the config, and an attrs hash over every field is Python code.
+_DERIVED: Final[dict[int, _Derived]] = {}
+
+
+def _derived(config: TcpConfig) -> _Derived:
+    derived = _DERIVED.get(id(config))
+    if derived is None or derived.config is not config:
+        if len(_DERIVED) >= 64:  # configs are per engine or per test; never let a leak of them grow this
+            _DERIVED.clear()
+        derived = _DERIVED[id(config)] = _Derived(config)
+    return derived
 
 
 class TcpOptionsView(Protocol):
@@ -159,12 +191,29 @@ _ev_CLOSE_REFUSED: Final = ev.CLOSE_REFUSED
 _ev_CLOSE_RESET: Final = ev.CLOSE_RESET
 _ev_CLOSE_TIMEOUT: Final = ev.CLOSE_TIMEOUT
 _ev_Closed: Final = ev.Closed
-_ev_ConnectionReset: Final = ev.ConnectionReset
 _ev_DataReceived: Final = ev.DataReceived
-_ev_Established: Final = ev.Established
-_ev_PeerFinished: Final = ev.PeerFinished
 _ev_SendSpaceAvailable: Final = ev.SendSpaceAvailable
-_OutSegment: Final = OutSegment
+_tuple_new: Final = tuple.__new__
+
+
+def _OutSegment(seq: int, ack: int, flags: int, window: int, options: bytes, payload: Union[bytes, memoryview],
+                segment_size: int = 0) -> OutSegment:
+    """``OutSegment(...)`` through the C tuple constructor: a NamedTuple's own ``__new__`` is an eval'd
+    lambda, an interpreted frame per segment (six per short connection)."""
+    return _tuple_new(OutSegment, (seq, ack, flags, window, options, payload, segment_size))
+
+
+_TRANSITIONS: Final = TRANSITIONS
+# Events without fields are values: one shared instance each instead of an attrs __init__ (Python code)
+# per connection. So is a Closed for each of the fixed reasons.
+_EV_ESTABLISHED: Final = ev.Established()
+_EV_PEER_FINISHED: Final = ev.PeerFinished()
+_EV_CONNECTION_RESET: Final = ev.ConnectionReset()
+_EV_CLOSED: Final[dict[str, ev.Closed]] = {
+    reason: ev.Closed(reason)
+    for reason in (ev.CLOSE_NORMAL, ev.CLOSE_RESET, ev.CLOSE_ABORTED, ev.CLOSE_REFUSED, ev.CLOSE_TIMEOUT,
+                   ev.CLOSE_HANDSHAKE_TIMEOUT, ev.CLOSE_KEEPALIVE, ev.CLOSE_HALF_CLOSE_TIMEOUT)
+}
 
 
 def _with_flags(segment: OutSegment, flags: int) -> OutSegment:
@@ -177,7 +226,7 @@ class TcpEndpoint:
     """The server side of one client connection. See the package docstring for the API contract."""
 
     __slots__ = (
-        "config", "version", "state", "_events", "_out",
+        "config", "version", "state", "transitions", "last_trigger", "_events", "_out",
         # handshake / options
         "_iss", "_irs", "_mss_ours", "_smss", "_gso_cap", "_rcv_wscale", "_snd_wscale", "_ws_ok",
         "_sack_ok", "_ts_ok", "_ts_recent", "_ts_offset", "_synack_needed",
@@ -203,6 +252,10 @@ class TcpEndpoint:
         self.config = config
         self.version = syn.version
         self.state = _S_SYN_PENDING
+        #: How many times the state changed, and the last trigger that changed it (for ``ctl`` and tests:
+        #: which edge of the table ended a connection).
+        self.transitions = 0
+        self.last_trigger: Optional[Trigger] = None
         self._events: list[ev.TcpEvent] = []
         self._out: list[OutSegment] = []
         self._sbuf = bytearray()
@@ -244,7 +297,8 @@ class TcpEndpoint:
             opts: Optional[TcpOptions] = syn.tcp_options()
         except ValueError:  # malformed options on a SYN: negotiate nothing rather than fail the flow
             opts = None
-        self._iss = _random32() if iss is None else iss & MASK
+        random_iss, self._ts_offset = _random_pair()
+        self._iss = random_iss if iss is None else iss & MASK
         self._irs = syn.seq
         self._rcv_nxt = syn.seq + 1
         self._rcv_adv = self._rcv_nxt
@@ -255,17 +309,17 @@ class TcpEndpoint:
         self._sbuf_seq = self._iss + 1
         self._snd_wl1 = syn.seq
         self._snd_wl2 = self._iss
-        self._mss_ours = config.mss_for(syn.version)
+        derived = _derived(config)
+        self._mss_ours = derived.mss6 if syn.version == 6 else derived.mss4
         peer_mss = opts.mss if opts is not None and opts.mss else _DEFAULT_PEER_MSS.get(syn.version, 536)
         peer_wscale = opts.wscale if opts is not None else None
         self._ws_ok = peer_wscale is not None
         self._snd_wscale = min(peer_wscale, 14) if peer_wscale is not None else 0
-        self._rcv_wscale = _our_wscale(config) if self._ws_ok else 0
+        self._rcv_wscale = derived.wscale if self._ws_ok else 0
         self._sack_ok = config.sack and opts is not None and opts.sack_permitted
         ts = opts.timestamp if opts is not None else None
         self._ts_ok = config.timestamps and ts is not None
         self._ts_recent = ts[0] if ts is not None else 0
-        self._ts_offset = _random32()
         self._smss = max(min(self._mss_ours, peer_mss) - (12 if self._ts_ok else 0), 64)
         gso = config.max_gso_bytes
         self._gso_cap = max(gso - gso % self._smss, self._smss) if gso else self._smss
@@ -521,7 +575,7 @@ class TcpEndpoint:
         if state is _S_SYN_PENDING:
             # Retransmitted SYNs wait for the dial; an RST means the client gave up.
             if flags & RST and packet.seq == self._rcv_nxt & MASK:
-                self._events.append(_ev_ConnectionReset())
+                self._events.append(_EV_CONNECTION_RESET)
                 self._close(_T_RECV_RST, _ev_CLOSE_RESET)
             return
         if state is _S_CLOSED:
@@ -603,7 +657,7 @@ class TcpEndpoint:
         self._snd_wl1 = seq
         self._snd_wl2 = ack
         self._retries = 0
-        self._events.append(_ev_Established())
+        self._events.append(_EV_ESTABLISHED)
         if self._fin_queued:
             self._fin_seq = self._sbuf_seq + len(self._sbuf)
             self._transition(_T_SEND_FIN)
@@ -620,7 +674,7 @@ class TcpEndpoint:
             if self.state is _S_TIME_WAIT:
                 self._close(_T_RECV_RST, _ev_CLOSE_NORMAL)
                 return
-            self._events.append(_ev_ConnectionReset())
+            self._events.append(_EV_CONNECTION_RESET)
             self._close(_T_RECV_RST, _ev_CLOSE_RESET)
         elif rcv_nxt < seq < self._rcv_adv:
             self._challenge_ack(now)
@@ -850,7 +904,7 @@ class TcpEndpoint:
         self._reasm = Reassembly(self.config.max_ooo_blocks) if self._reasm else self._reasm
         self._ack_pending = True
         self._last_progress = now
-        self._events.append(_ev_PeerFinished())
+        self._events.append(_EV_PEER_FINISHED)
         self._transition(_T_RECV_FIN)
         if self.state is _S_TIME_WAIT:
             self._enter_time_wait(now)
@@ -1129,7 +1183,13 @@ class TcpEndpoint:
     # --- state changes ----------------------------------------------------------------------------------
 
     def _transition(self, trigger: Trigger) -> None:
-        self.state = next_state(self.state, trigger)
+        state = self.state
+        try:
+            self.state = _TRANSITIONS[(state, trigger)]
+        except KeyError:
+            raise invalid_transition(state, trigger) from None
+        self.transitions += 1
+        self.last_trigger = trigger
 
     def _close(self, trigger: Trigger, reason: str) -> None:
         self._transition(trigger)
@@ -1144,7 +1204,8 @@ class TcpEndpoint:
         self._reasm = Reassembly(1)
         self._scoreboard.clear()
         self._ack_pending = False
-        self._events.append(_ev_Closed(reason))
+        event = _EV_CLOSED.get(reason)
+        self._events.append(_ev_Closed(reason) if event is None else event)
 
     def _give_up(self, reason: str) -> None:
         """A timer ran out of patience: reset the peer and close through :attr:`_T_TIMEOUT` with the

@@ -1,7 +1,7 @@
 """TCP connection states and every transition between them, in one table (h11 ``_state.py`` style).
 
 The endpoint never assigns a state directly: it names what happened (a :class:`Trigger`) and
-:func:`next_state` looks the pair up. A pair that is not in the table is a bug in the caller, so it raises;
+looks the pair up in :data:`TRANSITIONS` (:func:`next_state` is that lookup as a function). A pair that is not in the table is a bug in the caller, so it raises;
 the endpoint only fires triggers that are legal in the current state.
 
 ``SYN_PENDING`` is the forwarder addition to RFC 9293: the client's SYN has been seen, the upstream dial is in
@@ -22,10 +22,13 @@ fires :attr:`Trigger.TIMEOUT` and names its own reason in the ``Closed`` event; 
 from __future__ import annotations
 
 import enum
+from types import MappingProxyType
+from typing import Mapping
 
 __all__ = [
     "TcpState",
     "Trigger",
+    "TRANSITIONS",
     "next_state",
     "InvalidTransition",
     "SYNCHRONIZED",
@@ -126,10 +129,19 @@ TIMERLESS = frozenset({S.SYN_PENDING, S.CLOSED})
 # States a new SYN on the same 4-tuple may replace (RFC 6191 spirit): our TIME_WAIT only re-ACKs a FIN.
 REPLACEABLE = frozenset({S.TIME_WAIT, S.CLOSED})
 
+#: The table, read-only. The compiled endpoint looks pairs up here itself (a C dict lookup, where a call
+#: to :func:`next_state` would be an interpreted frame: six per short connection).
+TRANSITIONS: Mapping[tuple[TcpState, Trigger], TcpState] = MappingProxyType(_TRANSITIONS)
+
 
 def next_state(state: TcpState, trigger: Trigger) -> TcpState:
     """The state after ``trigger`` in ``state``; raises :class:`InvalidTransition` if not allowed."""
     try:
         return _TRANSITIONS[(state, trigger)]
     except KeyError:
-        raise InvalidTransition(f"{trigger.value!r} is not allowed in {state.value}") from None
+        raise invalid_transition(state, trigger) from None
+
+
+def invalid_transition(state: TcpState, trigger: Trigger) -> InvalidTransition:
+    """The error for a pair the table does not allow (one wording for every caller)."""
+    return InvalidTransition(f"{trigger.value!r} is not allowed in {state.value}")
