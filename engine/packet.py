@@ -138,6 +138,9 @@ class TcpOptions(NamedTuple):
 
 
 _NO_OPTIONS: Final = TcpOptions()
+#: The C constructor of every tuple: a NamedTuple's own ``__new__`` is an eval'd lambda, an interpreted
+#: frame per TcpOptions (one per SYN and per SACK-carrying segment).
+_tuple_new: Final = tuple.__new__
 _OPT_EOL: Final = 0
 _OPT_NOP: Final = 1
 _OPT_MSS: Final = 2
@@ -199,7 +202,7 @@ def _parse_tcp_options(opts: Buffer) -> TcpOptions:
         i += length
     if mss is None and wscale is None and not sack_permitted and not sack_blocks and timestamp is None:
         return _NO_OPTIONS
-    return TcpOptions(mss, wscale, sack_permitted, sack_blocks, timestamp)
+    return _tuple_new(TcpOptions, (mss, wscale, sack_permitted, sack_blocks, timestamp))
 
 
 def encode_tcp_options(

@@ -64,6 +64,11 @@ __all__ = ["TcpApplication", "TcpConnection"]
 log = logging.getLogger("dnsgate.tcp")
 
 _NOT_FIN_PSH: Final = ~(FIN | PSH) & 0xFF
+# A NamedTuple's own __new__ is an eval'd lambda (an interpreted frame): the two checksum-only headers are
+# built once, a GSO header through the C tuple constructor.
+_tuple_new: Final = tuple.__new__
+_VNET_CSUM_V4: Final = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, TCP_CSUM_OFFSET)
+_VNET_CSUM_V6: Final = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 40, TCP_CSUM_OFFSET)
 
 
 class TcpApplication(Protocol):
@@ -138,7 +143,7 @@ class TcpConnection:
         self._ip_header_len = 20 if flow.version == 4 else 40
         self._gso_type = GSO_TCPV4 if flow.version == 4 else GSO_TCPV6
         # One MSS or less: only the checksum is left to the kernel; the header is the same every time.
-        self._vnet_csum = VnetHeader(VNET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, self._ip_header_len, TCP_CSUM_OFFSET)
+        self._vnet_csum = _VNET_CSUM_V4 if flow.version == 4 else _VNET_CSUM_V6
         self._deadlines = engine.deadlines
         # The engine's write path and its offload setting, read once (both are fixed once the device is
         # attached, before any flow exists): per segment they would be two attribute lookups on the Engine.
@@ -293,7 +298,8 @@ class TcpConnection:
             except Exception:
                 log.exception("application of %s failed in on_closed", self.flow.describe())
         if not self._engine_closing:
-            self.engine.close_flow(self.flow, now, reason)
+            # Engine.close_flow's own body, called here: that method is interpreted (one frame per connection).
+            self.engine.lifecycle.close(self.flow, now, reason)
 
     def _write_segment(self, segment: OutSegment) -> None:
         payload = segment.payload
@@ -307,10 +313,10 @@ class TcpConnection:
             )
             ip_len = self._ip_header_len
             if size > mss:
-                vnet = VnetHeader(
+                vnet = _tuple_new(VnetHeader, (
                     VNET_HDR_F_NEEDS_CSUM, self._gso_type, ip_len + 20 + len(segment.options), mss, ip_len,
                     TCP_CSUM_OFFSET,
-                )
+                ))
             else:
                 vnet = self._vnet_csum
             self._output.write_gso(packet, vnet, self.flow)
