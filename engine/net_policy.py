@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Final
 
+import _socket
 import socket
 import struct
 from collections.abc import Iterable
@@ -207,7 +208,7 @@ class SocketPolicy:
                 return "host address"
         return None
 
-    def prepare(self, sock: socket.socket) -> None:
+    def prepare(self, sock: _socket.socket) -> None:
         """Stamp an outbound socket with the profile's fwmark and bound interface, before connect.
 
         Both need CAP_NET_ADMIN/CAP_NET_RAW; an ``OSError`` propagates because a socket that cannot be
@@ -224,12 +225,26 @@ class SocketPolicy:
         Non-blocking from ``socket()`` itself (``SOCK_NONBLOCK``): Python then needs no ``ioctl(FIONBIO)``,
         one system call less per dialed connection (the socket's timeout is 0.0 either way)."""
         sock = socket.socket(family, type_ | _NONBLOCK, proto)
+        self._prepare_or_close(sock)
+        return sock
+
+    def open_plain_socket(self, family: int, type_: int, proto: int = 0) -> _socket.socket:
+        """:meth:`open_socket` without the ``socket`` module's Python class around the C socket.
+
+        For a caller that only uses the C methods (``recv``, ``send``, ``connect_ex``, ``close``, ...): the
+        wrapper's ``__init__``, ``close`` and ``_real_close`` are three interpreted frames per socket, which
+        tcp_forward pays on every dialed connection. The C type still sets a zero timeout for
+        ``SOCK_NONBLOCK`` and warns about a socket left unclosed."""
+        sock = _socket.socket(family, type_ | _NONBLOCK, proto)
+        self._prepare_or_close(sock)
+        return sock
+
+    def _prepare_or_close(self, sock: _socket.socket) -> None:
         try:
             self.prepare(sock)
         except BaseException:
             sock.close()
             raise
-        return sock
 
     def __repr__(self) -> str:
         return (

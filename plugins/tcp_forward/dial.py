@@ -12,6 +12,7 @@ shared :class:`~engine.deadlines.DeadlineQueue`.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 from typing import Final, TYPE_CHECKING
@@ -23,10 +24,11 @@ if TYPE_CHECKING:
 _IN_PROGRESS: Final = frozenset((0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR))
 
 
-def open_upstream_socket(policy: SocketPolicy, family: int, nodelay: bool) -> socket.socket:
+def open_upstream_socket(policy: SocketPolicy, family: int, nodelay: bool) -> _socket.socket:
     """A prepared, non-blocking TCP socket with (by default) Nagle off. Keepalive comes later
-    (:func:`enable_keepalive`), only for connections that outlive the first second."""
-    sock = policy.open_socket(family, socket.SOCK_STREAM)
+    (:func:`enable_keepalive`), only for connections that outlive the first second. The plain C socket
+    (:meth:`~engine.net_policy.SocketPolicy.open_plain_socket`): the relay uses only its C methods."""
+    sock = policy.open_plain_socket(family, socket.SOCK_STREAM)
     if nodelay:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -36,7 +38,7 @@ def open_upstream_socket(policy: SocketPolicy, family: int, nodelay: bool) -> so
     return sock
 
 
-def enable_keepalive(sock: socket.socket, config: Config) -> None:
+def enable_keepalive(sock: _socket.socket, config: Config) -> None:
     """Keepalive on the upstream side mirrors the endpoint's on the client side, so a dead server is
     noticed (and the client reset) instead of the connection sitting idle forever.
 
@@ -50,13 +52,13 @@ def enable_keepalive(sock: socket.socket, config: Config) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, config.keepalive_count)
 
 
-def start_connect(sock: socket.socket, address: tuple[str, int]) -> int:
+def start_connect(sock: _socket.socket, address: tuple[str, int]) -> int:
     """Begin a non-blocking connect; 0 while it is in progress (wait for writability), else the errno
     of an immediate failure. The outcome is read afterwards with :func:`connect_result`."""
     code = sock.connect_ex(address)
     return 0 if code in _IN_PROGRESS else code
 
 
-def connect_result(sock: socket.socket) -> int:
+def connect_result(sock: _socket.socket) -> int:
     """The connect's outcome once the socket is writable: 0 or an errno (SO_ERROR)."""
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -40,6 +40,7 @@ upstream EOF -> FIN to the client), and resets are passed through as resets (``S
 
 from __future__ import annotations
 
+import _socket
 import logging
 import socket
 import struct
@@ -137,7 +138,7 @@ class Relay:
         self._poller = engine.poller
         self.core = RelayCore(*buffer_limits)  # the upstream write buffer's high / low water marks
         self.conn: TcpConnection | None = None
-        self.sock: socket.socket | None = None  # the upstream socket while it is open
+        self.sock: _socket.socket | None = None  # the upstream socket while it is open (the plain C socket)
         self._fd = -1
         self.created = now
         self._on_dialed = on_dialed
@@ -161,7 +162,7 @@ class Relay:
 
     # -- dialing ---------------------------------------------------------------------------------
 
-    def dial(self, sock: socket.socket, address: tuple[str, int], deadline: float) -> None:
+    def dial(self, sock: _socket.socket, address: tuple[str, int], deadline: float) -> None:
         """Start connecting ``sock`` (now owned by the relay); the outcome goes to ``on_dialed`` from a
         loop callback, never from inside this call (the flow's handler is not set yet). The connect timeout
         is a deadline in the engine's shared queue."""
@@ -426,7 +427,7 @@ class Relay:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _peek_eof(self, sock: socket.socket) -> bool:
+    def _peek_eof(self, sock: _socket.socket) -> bool:
         """True when the server's FIN is already queued behind the data we just read (one cheap
         non-blocking MSG_PEEK)."""
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import os
 import socket
 
@@ -95,6 +96,29 @@ def test_prepare_applies_mark_and_bound_interface() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x2022
         bound = sock.getsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, 16)
         assert bound.rstrip(b"\0") == b"lo"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and SO_BINDTODEVICE need CAP_NET_ADMIN / CAP_NET_RAW")
+def test_a_plain_socket_is_the_c_type_non_blocking_and_prepared() -> None:
+    policy = SocketPolicy(fwmark=0x2022, outbound_interface="lo", host_addresses=[])
+    sock = policy.open_plain_socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        assert type(sock) is _socket.socket  # no socket.socket wrapper around it
+        assert sock.gettimeout() == 0.0  # SOCK_NONBLOCK: the C type sets the zero timeout itself
+        assert sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x2022
+        assert sock.getsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, 16).rstrip(b"\0") == b"lo"
+    finally:
+        sock.close()
+    assert sock.fileno() == -1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs CAP_NET_RAW")
+def test_a_plain_socket_that_cannot_be_prepared_is_closed_and_the_error_raised() -> None:
+    policy = SocketPolicy(outbound_interface="dnsgate-none0", host_addresses=[])  # no such interface
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        policy.open_plain_socket(socket.AF_INET, socket.SOCK_STREAM)
+    assert set(os.listdir("/proc/self/fd")) <= before  # the socket did not leak
 
 
 def test_prepare_without_options_leaves_the_socket_alone() -> None:
