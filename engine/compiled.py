@@ -56,6 +56,7 @@ PER_PACKET_CORE: tuple[str, ...] = (
 # but more DNS queries/s and bulk TCP in every alternating run.
 PER_PACKET_EDGES: tuple[str, ...] = (
     "engine/batching.py",
+    "engine/cidr.py",
     "engine/deadlines.py",
     "engine/decision.py",
     "engine/device_output.py",
@@ -71,6 +72,7 @@ PER_PACKET_EDGES: tuple[str, ...] = (
     "engine/poller.py",
     "engine/reassembly.py",
     "engine/stats.py",
+    "engine/tun_subnet.py",
     "engine/udp_out.py",
     "plugins/dns_filter/answers.py",
     "plugins/dns_filter/clients.py",
@@ -80,8 +82,7 @@ PER_PACKET_EDGES: tuple[str, ...] = (
     "plugins/tcp_forward/forwarder.py",
 )
 # Left pure Python: engine/tcp/state.py and engine/io/tun.py subclass builtin exceptions (mypyc cannot),
-# engine/runtime.py is monkeypatched by tests (a compiled method is read-only), engine/tun_subnet.py is
-# given duck-typed flows by its tests (compiled code checks argument types), the plugin classes are pluggy
+# engine/runtime.py is monkeypatched by tests (a compiled method is read-only), the plugin classes are pluggy
 # hookimpls, and engine/plugin_manager.py trips a mypyc internal error (its hook runner, engine/hook_runner.py,
 # is compiled).
 COMPILED_SOURCES: tuple[str, ...] = tuple(sorted(PER_PACKET_CORE + PER_PACKET_EDGES))

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 from typing import Any, Final, TYPE_CHECKING
 
+from engine.cidr import CidrSet
 from engine.decision import Decision, Verdict
 from engine.flow import Flow, FlowHandler, replaceable_by
 from engine.owner import log_fields, owner_slot
@@ -55,20 +56,17 @@ class SourceGuard:
 
     def __init__(self, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network], enabled: bool = True) -> None:
         self.enabled = enabled
-        self._networks = [(net.version, int(net.network_address), int(net.netmask)) for net in networks]
+        self._networks = CidrSet(networks)
         #: Sources already found inside a device network (the pipeline looks here first, inline).
         self.good: set[bytes] = set()
 
     def allows(self, src: bytes) -> bool:
         if not self.enabled or src in self.good:
             return True
-        version = 4 if len(src) == 4 else 6
-        value = int.from_bytes(src, "big")
-        for net_version, network, mask in self._networks:
-            if net_version == version and value & mask == network:
-                if len(self.good) < 4096:
-                    self.good.add(src)
-                return True
+        if src in self._networks:
+            if len(self.good) < 4096:
+                self.good.add(src)
+            return True
         return False
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from engine.cidr import CidrSet
 from engine.decision import Decision
 from engine.packet import ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, build_icmp_echo
 
@@ -33,12 +34,12 @@ if TYPE_CHECKING:
     from engine.packet import Packet
     from engine.runtime import Engine
 
-DNS_LABEL = "dns"
+DNS_LABEL: Final = "dns"
 
-GATEWAY_REFUSED = Decision.reject(
+GATEWAY_REFUSED: Final = Decision.reject(
     "engine", "gateway port not served", detail="(the gateway answers only DNS and ping)", icmp="port-unreachable"
 )
-SUBNET_REFUSED = Decision.reject(
+SUBNET_REFUSED: Final = Decision.reject(
     "engine",
     "TUN subnet not forwarded",
     detail="(set [engine] forward_tun_subnet = true to dial it on the host's network)",
@@ -55,22 +56,13 @@ class TunSubnetGuard:
         interfaces = [ipaddress.ip_interface(item) for item in tun_addresses]
         self.gateways: frozenset[bytes] = frozenset(iface.ip.packed for iface in interfaces)
         self.forward_subnet = forward_subnet
-        self._networks = [
-            (iface.version, int(iface.network.network_address), int(iface.network.netmask))
-            for iface in interfaces
-            if iface.network.prefixlen < iface.network.max_prefixlen
-        ]
+        self._networks = CidrSet(
+            iface.network for iface in interfaces if iface.network.prefixlen < iface.network.max_prefixlen
+        )
 
     def in_subnet(self, address: bytes) -> bool:
         """The address is a gateway or inside one of the TUN networks."""
-        if address in self.gateways:
-            return True
-        version = 4 if len(address) == 4 else 6
-        value = int.from_bytes(address, "big")
-        for net_version, network, mask in self._networks:
-            if net_version == version and value & mask == network:
-                return True
-        return False
+        return address in self.gateways or address in self._networks
 
     def judge(self, flow: Flow) -> Decision | GatewayEcho | None:
         """None: not the guard's business (outside the subnet, DNS, or forwarding allowed). A
@@ -91,7 +83,7 @@ class GatewayEcho:
     """Marker: the flow is ping to the gateway, answered by :class:`GatewayEchoHandler`."""
 
 
-GATEWAY_ECHO = GatewayEcho()
+GATEWAY_ECHO: Final = GatewayEcho()
 
 
 class GatewayEchoHandler:

@@ -32,6 +32,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from engine.cidr import CidrSet
 from engine.decision import Decision
 from engine.flow import StashKey
 from engine.hookspecs import hookimpl
@@ -62,30 +63,6 @@ _PORT_REASON = "port not allowed"
 _LIVE_REASON = "denied live"
 
 
-class _Networks:
-    """Exempt CIDRs checked on raw address bytes (int compare, no ipaddress objects per flow)."""
-
-    __slots__ = ("_v4", "_v6")
-
-    def __init__(self, cidrs: tuple[str, ...]) -> None:
-        self._v4: list[tuple[int, int]] = []
-        self._v6: list[tuple[int, int]] = []
-        for cidr in cidrs:
-            network = ipaddress.ip_network(cidr, strict=False)
-            target = self._v4 if network.version == 4 else self._v6
-            target.append((int(network.network_address), int(network.netmask)))
-
-    def __contains__(self, address: bytes) -> bool:
-        networks = self._v4 if len(address) == 4 else self._v6
-        if not networks:
-            return False
-        value = int.from_bytes(address, "big")
-        for base, mask in networks:
-            if value & mask == base:
-                return True
-        return False
-
-
 class IpTracker:
     """Allow new flows only to addresses resolved through the engine's DNS; see the module docstring."""
 
@@ -103,7 +80,7 @@ class IpTracker:
             per_client=config.per_client,
             grace=config.grace,
         )
-        self._exempt = _Networks(config.exempt)
+        self._exempt = CidrSet(config.exempt)
         #: None without destination rules: the filter is then only the lease lookup.
         self.destinations: DestinationRules | None = DestinationRules(config.destinations) if config.destinations else None
         self._engine: Engine | None = None

@@ -4,7 +4,8 @@ the rest of the subnet is not dialed on the host's network unless the profile sa
 from __future__ import annotations
 
 from engine.decision import Verdict
-from engine.packet import ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, RST, parse
+from engine.flow import Flow
+from engine.packet import ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RST, parse
 from engine.testing import PluginHarness, ping, syn, udp
 from engine.tun_subnet import TunSubnetGuard
 
@@ -60,9 +61,6 @@ def test_the_guard_leaves_dns_and_the_outside_alone() -> None:
         outside = harness.feed(syn("10.0.0.2", 40003, "192.0.2.7", 80))
         assert outside.decision is not None and outside.decision.verdict is Verdict.ACCEPT
 
-        class Flow:
-            labels = {"dns"}
-            dst = bytes([10, 0, 0, 1])
-            proto = 17
-
-        assert guard.judge(Flow()) is None  # type: ignore[arg-type]
+        to_gateway = Flow((PROTO_UDP, bytes([10, 0, 0, 2]), 5000, bytes([10, 0, 0, 1]), 53), 4, 0.0)
+        to_gateway.labels.add("dns")
+        assert guard.judge(to_gateway) is None
