@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pluggy
 
-from engine.hookspecs import PROTOCOLS_ATTR
+from engine.hookspecs import LABEL_ATTR, PROTOCOLS_ATTR
 
 if TYPE_CHECKING:
     from engine.stats import Stats
@@ -39,8 +39,9 @@ def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str,
 
 
 #: One implementation in a :class:`PositionalHook` plan: the function, which of the caller's arguments it
-#: takes (None: all of them, in order), and the guard's error handler (None: exceptions propagate).
-_Step = tuple[Callable[..., Any], Optional[tuple[int, ...]], Optional[Callable[[], Any]]]
+#: takes (None: all of them, in order), the guard's error handler (None: exceptions propagate), and the
+#: flow label it needs (:func:`engine.hookspecs.labelled`; None: every flow).
+_Step = tuple[Callable[..., Any], Optional[tuple[int, ...]], Optional[Callable[[], Any]], Optional[str]]
 
 
 class PositionalHook:
@@ -76,6 +77,7 @@ class PositionalHook:
         self._step_protocols: list[Optional[frozenset[int]]] = []  # per plan step: engine.hookspecs.protocols
         self._marked = False  # some step is limited to some protocols
         self._by_proto: dict[int, list[_Step]] = {}  # the plan for each protocol seen, when marked
+        self._flow_index = argnames.index("flow") if "flow" in argnames else -1  # for labelled() steps
 
     def __call__(self, *args: Any) -> Any:
         return self._run(self._current_plan(), args)
@@ -116,7 +118,9 @@ class PositionalHook:
         if plan is None:
             return self.caller(**dict(zip(self.argnames, args)))
         results: list[Any] = []
-        for function, order, failed in plan:
+        for function, order, failed, label in plan:
+            if label is not None and label not in args[self._flow_index].labels:
+                continue
             if failed is None:
                 result = function(*args) if order is None else function(*[args[i] for i in order])
             else:
@@ -140,10 +144,13 @@ class PositionalHook:
         for function, names in calls:
             order = tuple(self.argnames.index(name) for name in names)
             only: Optional[frozenset[int]] = getattr(function, PROTOCOLS_ATTR, None)
+            label: Optional[str] = getattr(function, LABEL_ATTR, None)
+            if label is not None and self._flow_index < 0:
+                raise TypeError(f"{self.caller.name} takes no flow: @labelled({label!r}) cannot apply to it")
             failed = getattr(function, "_dnsgate_failed", None)
             if failed is not None:
                 function = function.__wrapped__  # type: ignore[attr-defined]
-            plan.append((function, None if order == everything else order, failed))
+            plan.append((function, None if order == everything else order, failed, label))
             self._step_protocols.append(only)
         return plan
 

@@ -56,6 +56,27 @@ def protocols(*numbers: int) -> Callable[[_F], _F]:
     return mark
 
 
+#: The attribute :func:`labelled` sets on an implementation (read when the runner plans a hook's calls).
+LABEL_ATTR = "dnsgate_label"
+
+
+def labelled(label: str) -> Callable[[_F], _F]:
+    """Mark a per-flow hook implementation as relevant only to flows carrying ``label`` in ``flow.labels``
+    (set by a ``dnsgate_classify`` hook; the hooks after classify see every label); above or below
+    ``@hookimpl``. For any other flow the engine skips the call, as if it had returned None: the check runs
+    in the (compiled) hook runner, where the call would be an interpreted frame per new flow. The
+    implementation should still check the label itself: with a pluggy wrapper among a hook's
+    implementations the engine calls every implementation, as it does for :func:`protocols`."""
+    if not isinstance(label, str) or not label:
+        raise ValueError(f"labelled() takes a flow label (a non-empty string), not {label!r}")
+
+    def mark(function: _F) -> _F:
+        setattr(function, LABEL_ATTR, label)
+        return function
+
+    return mark
+
+
 # -- lifecycle -----------------------------------------------------------------------------------
 
 

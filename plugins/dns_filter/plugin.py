@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
 from engine.events import DnsAnswer
-from engine.hookspecs import hookimpl
+from engine.hookspecs import hookimpl, labelled
 from engine.tcp.config import DeviceTcpConfig, TcpConfig
 from engine.packet import PROTO_TCP, PROTO_UDP
 from engine.plugin_manager import PluginCheckError, PositionalHook
@@ -229,12 +229,14 @@ class DnsFilter:
         if packet.dport == DNS_PORT and (packet.proto == PROTO_UDP or packet.proto == PROTO_TCP):
             flow.labels.add(DNS_LABEL)
 
+    @labelled(DNS_LABEL)  # the runner skips the other flows in C; the check below stays for a wrapper's call
     @hookimpl
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
         if DNS_LABEL in flow.labels:
             return _ACCEPT_DNS
         return None
 
+    @labelled(DNS_LABEL)
     @hookimpl
     def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> FlowHandler | None:
         if DNS_LABEL not in flow.labels or self._engine is None:

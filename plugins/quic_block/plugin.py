@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.decision import Decision
-from engine.hookspecs import hookimpl, protocols
+from engine.hookspecs import hookimpl, labelled, protocols
 from engine.packet import PROTO_UDP
 
 from .config import Config as QuicBlockConfig
@@ -63,6 +63,7 @@ class QuicBlock:
         if packet.proto == PROTO_UDP and packet.dport in self._ports and "dns" not in flow.labels:
             flow.labels.add(QUIC_LABEL)
 
+    @labelled(QUIC_LABEL)  # skipped in the runner for every other flow (the check stays for a wrapper's call)
     @hookimpl
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
         if QUIC_LABEL not in flow.labels:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.hookspecs import hookimpl, protocols
+from engine.hookspecs import hookimpl, labelled, protocols
 from engine.plugin_manager import GuardedPlugin, HookRunner, PositionalHook, new_plugin_manager
 from engine.stats import Stats
 
@@ -171,3 +171,68 @@ def test_an_implementation_marked_for_some_protocols_is_skipped_for_the_others()
 def test_protocols_takes_ip_protocol_numbers(numbers: tuple[Any, ...]) -> None:
     with pytest.raises(ValueError, match="IP protocol numbers"):
         protocols(*numbers)
+
+
+class DnsOnly:
+    """Answers DNS flows only, and says so twice: the mark (the runner's skip) and its own check."""
+
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    @labelled("dns")
+    @hookimpl
+    def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+        self.log.append(("dns-only", packet))
+        return "dns verdict" if "dns" in flow.labels else None
+
+
+class Labels:
+    def __init__(self, *labels: str) -> None:
+        self.labels = set(labels)
+
+
+def test_an_implementation_marked_for_a_label_is_skipped_for_flows_without_it() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("dns", DnsOnly(log)), ("all", Everything(log)))
+    runner = HookRunner(pm, stats)
+    assert runner.call_for(6, "dnsgate_filter", "http", Labels(), 0.0) is None
+    assert runner.call_for(17, "dnsgate_filter", "query", Labels("dns", "x"), 0.0) == "dns verdict"
+    assert runner.call("dnsgate_filter", "quic", Labels("quic"), 0.0) is None  # call() honours labels too
+    assert log == [("everything", "http"), ("dns-only", "query"), ("everything", "quic")]
+    assert stats.counters == {}  # a skip is not a failure
+
+
+def test_a_guarded_plugin_keeps_its_label_mark_and_a_wrapper_calls_everyone() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("dns", DnsOnly(log)))
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+            return (yield)
+
+    runner = HookRunner(pm, stats)
+    runner.call_for(6, "dnsgate_filter", "skipped", Labels(), 0.0)
+    pm.register(Wrapper(), name="wrapper")  # pluggy's own call from now on: the marks are not consulted
+    assert runner.call_for(6, "dnsgate_filter", "called", Labels(), 0.0) is None
+    assert log == [("dns-only", "called")]
+
+
+def test_a_label_mark_on_a_hook_without_a_flow_is_refused_when_planned() -> None:
+    class Misplaced:
+        @labelled("dns")
+        @hookimpl
+        def dnsgate_dns_answer(self, answer: Any, now: float) -> None: ...
+
+    stats = Stats()
+    pm = _manager(stats, ("misplaced", Misplaced()))
+    with pytest.raises(TypeError, match="takes no flow"):
+        PositionalHook(pm.hook.dnsgate_dns_answer, "answer", "now")("A", 1.0)
+
+
+@pytest.mark.parametrize("label", ["", 7, None])
+def test_labelled_takes_a_label(label: Any) -> None:
+    with pytest.raises(ValueError, match="flow label"):
+        labelled(label)
