@@ -1,8 +1,9 @@
 """TCP connection states and every transition between them, in one table (h11 ``_state.py`` style).
 
-The endpoint never assigns a state directly: it names what happened (a :class:`Trigger`) and
-looks the pair up in :data:`TRANSITIONS` (:func:`next_state` is that lookup as a function). A pair that is not in the table is a bug in the caller, so it raises;
-the endpoint only fires triggers that are legal in the current state.
+The endpoint never assigns a state directly: it names what happened (a :class:`Trigger`) and looks the
+pair up in :data:`TRANSITIONS` (:func:`next_state` is that lookup as a function). A pair that is not in
+the table is a bug in the caller, so it raises; the endpoint only fires triggers that are legal in the
+current state.
 
 ``SYN_PENDING`` is the forwarder addition to RFC 9293: the client's SYN has been seen, the upstream dial is in
 progress and nothing has been sent yet (gVisor's ``tcp.NewForwarder`` equivalent). ``accept`` moves on to
