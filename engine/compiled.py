@@ -41,6 +41,7 @@ PER_PACKET_CORE: tuple[str, ...] = (
     "engine/packet.py",
     "engine/pipeline.py",
     "engine/tcp/adapter.py",
+    "engine/tcp/device_config.py",
     "engine/tcp/endpoint.py",
     "engine/tcp/options.py",
     "engine/tcp/reassembly.py",

@@ -9,7 +9,7 @@ duplicate from an old incarnation cannot plausibly arrive seconds later.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import attrs
 
@@ -96,27 +96,3 @@ class TcpConfig:
 #: The largest GSO super-segment a plugin asks the endpoint for: an IP packet is at most 64 KB, with up to
 #: 60 bytes of IP and 60 of TCP header around the payload.
 MAX_GSO_BYTES = 65535 - 60 - 60
-
-
-class DeviceTcpConfig:
-    """A plugin's :class:`TcpConfig` for the device as attached now, rebuilt only when the MTU or the
-    offloads change (both are known only once a device is attached, and a reload may re-attach).
-
-    ``options`` are the plugin's own settings (buffers, keepalive, timeouts); the MTU and the GSO size
-    come from the engine. One place for what tcp_forward and dns_filter's TCP server both need.
-    """
-
-    __slots__ = ("_options", "_key", "_config")
-
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._key: tuple[int, bool] | None = None
-        self._config: TcpConfig | None = None
-
-    def for_device(self, mtu: int, offload: bool) -> TcpConfig:
-        key = (mtu, offload)
-        config = self._config
-        if config is None or key != self._key:
-            config = self._config = TcpConfig(mtu=mtu, max_gso_bytes=MAX_GSO_BYTES if offload else 0, **self._options)
-            self._key = key
-        return config

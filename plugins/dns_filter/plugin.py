@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 from engine.decision import Decision
 from engine.events import DnsAnswer
 from engine.hookspecs import hookimpl, labelled
-from engine.tcp.config import DeviceTcpConfig, TcpConfig
+from engine.tcp.config import TcpConfig
+from engine.tcp.device_config import DeviceTcpConfig
 from engine.packet import PROTO_TCP, PROTO_UDP
 from engine.plugin_manager import PluginCheckError, PositionalHook
 

@@ -16,7 +16,8 @@ from typing import Any, Final, Optional, TYPE_CHECKING
 
 from engine.packet import ACK, PROTO_TCP, SYN, Packet
 from engine.tcp.adapter import TcpConnection
-from engine.tcp.config import DeviceTcpConfig, TcpConfig
+from engine.tcp.config import TcpConfig
+from engine.tcp.device_config import DeviceTcpConfig
 from engine.tcp.endpoint import TcpEndpoint
 
 from .config import Config
@@ -59,11 +60,6 @@ class Forwarder:
         self.closed = 0
         self.bytes_up = 0  # payload of closed connections; open ones are summed by the plugin's snapshot
         self.bytes_down = 0
-        # The endpoint config for the device as last seen (mtu, offload): compared here, compiled, instead
-        # of an interpreted DeviceTcpConfig.for_device call per connection.
-        self._endpoint_config: Optional[TcpConfig] = None
-        self._config_mtu = 0
-        self._config_offload = False
 
     def forward(self, packet: Packet, flow: Flow, now: float) -> Optional[TcpConnection]:
         if packet.proto != PROTO_TCP or packet.tcp_flags & (SYN | ACK) != SYN:
@@ -134,11 +130,4 @@ class Forwarder:
     def endpoint_config(self) -> TcpConfig:
         """The endpoint settings for the device as attached now (offload is known only after attach)."""
         engine = self.engine
-        mtu: int = engine.mtu
-        offload: bool = engine.offload
-        config = self._endpoint_config
-        if config is None or mtu != self._config_mtu or offload != self._config_offload:
-            config = self._endpoint_config = self.tcp_config.for_device(mtu, offload)
-            self._config_mtu = mtu
-            self._config_offload = offload
-        return config
+        return self.tcp_config.for_device(engine.mtu, engine.offload)

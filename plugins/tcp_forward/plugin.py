@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.hookspecs import hookimpl
 from engine.tcp.adapter import TcpConnection
-from engine.tcp.config import DeviceTcpConfig
+from engine.tcp.device_config import DeviceTcpConfig
 
 from .config import Config as TcpForwardConfig
 from .dial import enable_keepalive
