@@ -77,7 +77,78 @@ def test_cancelled_entries_are_compacted(loop: asyncio.AbstractEventLoop, monkey
     tickets = [queue.add(now + 60 + i, lambda: None) for i in range(40)]
     for ticket in tickets[:30]:
         queue.cancel(ticket)
-    assert len(queue) == 10 and len(queue._heap) < 40  # rebuilt without most cancelled entries
+    assert len(queue) == 10 and queue._stored < 40  # rebuilt without most cancelled entries
+    assert len(queue._slot_heap) == len(queue._slots) <= 30  # and without the slots left empty
+    queue.close()
+
+
+class _FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_slot_fires_only_once_its_deadlines_have_passed(loop: asyncio.AbstractEventLoop) -> None:
+    """Slots are milliseconds; the boundaries must never let a callback run before its deadline."""
+    clock = _FakeClock(100.0)
+    queue = DeadlineQueue(loop, clock)
+    fired: list[float] = []
+    deadlines = [100.0005, 100.001, 100.0019999, 100.002, 100.00200001]
+    for deadline in deadlines:
+        queue.add(deadline, lambda deadline=deadline: fired.append(deadline))
+    for now in (100.0, 100.0005, 100.001, 100.0015, 100.0019999, 100.002, 100.0025, 100.003, 100.004):
+        clock.now = now
+        queue._fire()
+        assert all(deadline < now for deadline in fired), (now, fired)
+    assert sorted(fired) == deadlines and len(queue) == 0
+    queue.close()
+
+
+def test_same_millisecond_deadlines_fire_in_the_order_they_were_added(loop: asyncio.AbstractEventLoop) -> None:
+    clock = _FakeClock(10.0)
+    queue = DeadlineQueue(loop, clock)
+    fired: list[str] = []
+    queue.add(10.0107, lambda: fired.append("first"))
+    queue.add(10.0101, lambda: fired.append("second"))
+    queue.add(10.0105, lambda: fired.append("third"))
+    clock.now = 10.02
+    queue._fire()
+    assert fired == ["first", "second", "third"]
+    queue.close()
+
+
+def test_a_callback_may_cancel_or_add_in_the_slot_being_fired(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a slot's tickets run they are out of the queue: a cancel of a later one must skip it, an add
+    that is already due must run in the same pass, and a compaction must wait until the pass is over
+    (else the counts behind ``len`` drift)."""
+    monkeypatch.setattr(deadlines_module, "_COMPACT_MIN", 2)
+    clock = _FakeClock(0.0)
+    queue = DeadlineQueue(loop, clock)
+    fired: list[str] = []
+    spare = [queue.add(50.0 + i, lambda: None) for i in range(3)]
+    later: list[list[object]] = []
+
+    def first() -> None:
+        fired.append("first")
+        queue.cancel(later[0])  # type: ignore[arg-type]
+        for ticket in spare:
+            queue.cancel(ticket)  # over the (lowered) compaction threshold, during the pass
+        queue.add(0.0012, lambda: fired.append("added, due"))
+
+    queue.add(0.0011, first)
+    later.append(queue.add(0.0013, lambda: fired.append("cancelled")))
+    queue.add(0.0014, lambda: fired.append("last"))
+    clock.now = 0.005
+    queue._fire()
+    assert fired == ["first", "last", "added, due"]
+    assert len(queue) == 0 and queue._cancelled == len(spare) == queue._stored
+    keep = queue.add(60.0, lambda: None)
+    queue.cancel(queue.add(61.0, lambda: None))  # the next cancel compacts
+    assert len(queue) == 1 and queue._stored == 1 and queue._cancelled == 0 and keep
     queue.close()
 
 
