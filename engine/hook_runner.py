@@ -4,7 +4,9 @@ so the compiled build can compile it; engine/plugin_manager.py, which loads and 
 Compiled, a new flow's six or seven hook calls (classify, filter, track, forward, flow opened and closed)
 no longer run interpreted frames of their own between the compiled pipeline and the plugins: the plan
 (who to call, with which arguments) is checked against the plugin manager's ``generation`` (an int) and
-walked in C (bench/README.md, "Interpreted frames per connection").
+walked in C (bench/README.md, "Interpreted frames per connection"). The marks of engine/hookspecs.py
+take out the plugins' own frames too: ``@protocols`` and ``@labelled`` skip a call, ``@delegated`` calls
+the plugin's compiled object in place of its method, or nothing when the plugin set that to None.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Final, Optional
 
 import pluggy
 
-from engine.hookspecs import LABEL_ATTR, PROTOCOLS_ATTR
+from engine.hookspecs import DELEGATE_ATTR, LABEL_ATTR, PROTOCOLS_ATTR
 
 if TYPE_CHECKING:
     from engine.stats import Stats
@@ -24,16 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["HookRunner", "PositionalHook"]
 
 log = logging.getLogger("dnsgate.plugins")
+_MISSING: Final = object()
 
 
-def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str, ...]]] | None:
-    """``(function, argnames)`` in pluggy's call order (last registered first), or None when a wrapper is
-    among the implementations."""
-    calls: list[tuple[Callable[..., Any], tuple[str, ...]]] = []
+def _direct_calls(impls: list[Any]) -> list[tuple[Callable[..., Any], tuple[str, ...], Any]] | None:
+    """``(function, argnames, plugin)`` in pluggy's call order (last registered first), or None when a
+    wrapper is among the implementations."""
+    calls: list[tuple[Callable[..., Any], tuple[str, ...], Any]] = []
     for impl in impls:
         if impl.wrapper or impl.hookwrapper:
             return None
-        calls.append((impl.function, tuple(impl.argnames)))
+        calls.append((impl.function, tuple(impl.argnames), impl.plugin))
     calls.reverse()
     return calls
 
@@ -141,7 +144,7 @@ class PositionalHook:
             return None
         plan: list[_Step] = []
         everything = tuple(range(len(self.argnames)))
-        for function, names in calls:
+        for function, names, plugin in calls:
             order = tuple(self.argnames.index(name) for name in names)
             only: Optional[frozenset[int]] = getattr(function, PROTOCOLS_ATTR, None)
             label: Optional[str] = getattr(function, LABEL_ATTR, None)
@@ -150,6 +153,19 @@ class PositionalHook:
             failed = getattr(function, "_dnsgate_failed", None)
             if failed is not None:
                 function = function.__wrapped__  # type: ignore[attr-defined]
+            attribute: Optional[str] = getattr(function, DELEGATE_ATTR, None)
+            if attribute is not None:
+                # The guard's __wrapped__ is the real plugin's bound method: its __self__ owns the attribute.
+                owner = getattr(function, "__self__", plugin)
+                target = getattr(owner, attribute, _MISSING)
+                if target is None:
+                    continue  # @delegated: nothing to do in this configuration
+                if target is _MISSING or not callable(target):
+                    raise TypeError(
+                        f"{self.caller.name} of {owner!r}: @delegated({attribute!r}) needs that attribute to be a "
+                        f"callable or None, not {'nothing' if target is _MISSING else repr(target)}"
+                    )
+                function = target
             plan.append((function, None if order == everything else order, failed, label))
             self._step_protocols.append(only)
         return plan

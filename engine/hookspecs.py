@@ -77,6 +77,32 @@ def labelled(label: str) -> Callable[[_F], _F]:
     return mark
 
 
+#: The attribute :func:`delegated` sets on an implementation (read when the runner plans a hook's calls).
+DELEGATE_ATTR = "dnsgate_delegate"
+
+
+def delegated(attribute: str) -> Callable[[_F], _F]:
+    """Mark a hook implementation whose whole job is ``self.<attribute>(...)`` with its own arguments, in
+    its own order; above or below ``@hookimpl``. The hook runner then calls that attribute's value
+    directly, without the implementation's frame: a plugin keeps a hot hook's work in a compiled object
+    (ip_tracker's gate, tcp_forward's forwarder) and the new flow pays no interpreted call for it. When the
+    attribute is None the runner skips the implementation, as if it had returned None: the plugin's
+    configuration leaves the hook nothing to do (programs without attribution or rules).
+
+    The attribute is read when the runner plans the hook (its first call after plugins were registered or
+    unregistered): set it in ``__init__`` (or at the latest in ``dnsgate_configure``) and do not rebind
+    it. Write the implementation's body as exactly that call (``None`` -> return None): with a pluggy
+    wrapper among a hook's implementations the engine calls the body, as it does for :func:`labelled`."""
+    if not isinstance(attribute, str) or not attribute.isidentifier():
+        raise ValueError(f"delegated() takes an attribute name, not {attribute!r}")
+
+    def mark(function: _F) -> _F:
+        setattr(function, DELEGATE_ATTR, attribute)
+        return function
+
+    return mark
+
+
 # -- lifecycle -----------------------------------------------------------------------------------
 
 

@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
 from engine.events import DnsAnswer
-from engine.hookspecs import hookimpl, labelled
+from engine.hookspecs import delegated, hookimpl, labelled
 from engine.tcp.config import TcpConfig
 from engine.tcp.device_config import DeviceTcpConfig
 from engine.packet import PROTO_TCP, PROTO_UDP
 from engine.plugin_manager import PluginCheckError, PositionalHook
 
 from .answers import parse_answer
+from .classify import DNS_LABEL, label_dns_flow
 from .blocklist import DENIALS, NOT_A_QUERY, DomainPolicy
 from .clients import TCP_RECV_BUFFER, DnsClient, TcpDnsServer, UdpDnsHandler
 from .config import Config as DnsFilterConfig
@@ -69,8 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dnsgate.dns_filter")
 
-DNS_LABEL = "dns"
-DNS_PORT = 53
 
 
 class DnsCounters:
@@ -108,6 +107,7 @@ class DnsFilter:
 
     def __init__(self, config: DnsFilterConfig) -> None:
         self.config = config
+        self._classify = label_dns_flow  # compiled (classify.py); dnsgate_classify is delegated to it
         self.policy = DomainPolicy.from_sources(
             config.blocklist, config.allowlist, config.blocklist_files, config.allowlist_files,
             deny_by_default=config.default == "deny", contributed=self._contributed_names,
@@ -225,10 +225,10 @@ class DnsFilter:
 
     # -- the pipeline ----------------------------------------------------------------------------
 
+    @delegated("_classify")
     @hookimpl
     def dnsgate_classify(self, packet: Packet, flow: Flow, now: float) -> None:
-        if packet.dport == DNS_PORT and (packet.proto == PROTO_UDP or packet.proto == PROTO_TCP):
-            flow.labels.add(DNS_LABEL)
+        self._classify(packet, flow, now)
 
     @labelled(DNS_LABEL)  # the runner skips the other flows in C; the check below stays for a wrapper's call
     @hookimpl

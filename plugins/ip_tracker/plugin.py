@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from engine.cidr import CidrSet
 from engine.decision import Decision
-from engine.flow import StashKey
-from engine.hookspecs import hookimpl
+from engine.hookspecs import delegated, hookimpl
 from engine.live_rules import LiveRules
 from engine.name_rules import MATCHED_RULE, DestinationRules
-from engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from engine.packet import PROTO_TCP, PROTO_UDP
 
 from . import persistence
 from .config import Config as IpTrackerConfig
+from .gate import FlowGate
 from .table import TrackerTable
 
 if TYPE_CHECKING:
@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dnsgate.ip_tracker")
 
-_JUDGED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
-_COUNTED = StashKey[bool]("ip_tracker.counted")
 #: The pipeline logs every block as "BLOCKED <reason> <flow> <detail> [plugin verdict]", which makes
 #: "BLOCKED hardcoded IP 10.0.0.2:54322 -> 1.2.3.4:443 (was example.com, expired 12 s ago)".
 _REASON = "hardcoded IP"
@@ -85,6 +83,13 @@ class IpTracker:
         self.destinations: DestinationRules | None = DestinationRules(config.destinations) if config.destinations else None
         self._engine: Engine | None = None
         self._live: LiveRules | None = None
+        #: The per-new-flow hooks' work, compiled (gate.py): the hooks below are delegated to it.
+        self.gate = FlowGate(
+            self.table, self._exempt, self._judge_leased, self._refuse, has_destinations=self.destinations is not None
+        )
+        self._filter = self.gate.filter
+        self._flow_opened = self.gate.opened
+        self._flow_closed = self.gate.closed
         self._next_cleanup = 0.0
         self._next_save = 0.0
         self.blocked = 0
@@ -95,7 +100,7 @@ class IpTracker:
     @hookimpl
     def dnsgate_configure(self, engine: Engine) -> None:
         self._engine = engine
-        self._live = engine.live_rules
+        self._live = self.gate.live = engine.live_rules
 
     def _wall_offset(self) -> float:
         """wall = loop + offset; measured only at the edges (start, stop, periodic save)."""
@@ -164,17 +169,20 @@ class IpTracker:
 
     # -- the policy ----------------------------------------------------------------------------------
 
+    @delegated("_filter")
     @hookimpl
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
-        if "dns" in flow.labels or flow.proto not in _JUDGED_PROTOCOLS:
-            return None
-        if flow.dst in self._exempt:
-            return None
-        if self.table.allowed(flow.dst, flow.src, now):
-            live = self._live
-            if live is not None and live.active:
-                return self._judge_live(flow, live)
-            return None if self.destinations is None else self._judge_destination(flow)
+        return self._filter(packet, flow, now)
+
+    def _judge_leased(self, flow: Flow) -> Decision | None:
+        """A leased address while live or destination rules exist (the gate answers the rest)."""
+        live = self._live
+        if live is not None and live.active:
+            return self._judge_live(flow, live)
+        return None if self.destinations is None else self._judge_destination(flow)
+
+    def _refuse(self, flow: Flow, now: float) -> Decision:
+        """An address without a lease for this client: count it and say what it was, if anything."""
         self.blocked += 1
         detail = self._history(flow.dst, flow.src, now)
         if self._engine is not None:
@@ -241,18 +249,15 @@ class IpTracker:
 
     # -- open flows keep their address allowed -------------------------------------------------------
 
+    @delegated("_flow_opened")
     @hookimpl
     def dnsgate_flow_opened(self, flow: Flow, now: float) -> None:
-        if "dns" in flow.labels or flow.proto not in _JUDGED_PROTOCOLS:
-            return
-        if self.table.flow_opened(flow.dst, flow.src):
-            flow.stash[_COUNTED] = True
+        self._flow_opened(flow, now)
 
+    @delegated("_flow_closed")
     @hookimpl
     def dnsgate_flow_closed(self, flow: Flow, now: float, reason: str) -> None:
-        if flow.stash.get(_COUNTED, False):
-            flow.stash[_COUNTED] = False
-            self.table.flow_closed(flow.dst, flow.src, now)
+        self._flow_closed(flow, now, reason)
 
     # -- views for logs, the dashboard and the control socket ------------------------------------
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.decision import Decision
-from engine.hookspecs import hookimpl
+from engine.hookspecs import delegated, hookimpl
 from engine.name_rules import DestinationRules
 from engine.owner import OWNER, Owner, log_fields, owner_of
 from engine.packet import PROTO_TCP, PROTO_UDP
@@ -62,6 +62,12 @@ class Programs:
     def __init__(self, config: ProgramsConfig) -> None:
         self.config = config
         self.rules = ProgramRules(compile_rules(config.rules, config.policies))
+        # The hooks below are delegated to these; None (the engine skips the hook) when the configuration
+        # leaves them nothing to do: no attribution asked for, no rules to judge.
+        self._classify: Callable[[Packet, Flow, float], None] | None = self._attribute if config.attribution else None
+        self._filter: Callable[[Packet, Flow, float], Decision | None] | None = (
+            self._judge_rules if self.rules.rules else None
+        )
         self.policies = {name: DestinationRules(entries) for name, entries in config.policies.items()}
         self._names: collections.OrderedDict[bytes, tuple[str, ...]] = collections.OrderedDict()
         self._engine: Engine | None = None
@@ -76,10 +82,15 @@ class Programs:
 
     # -- attribution -------------------------------------------------------------------------------
 
+    @delegated("_classify")
     @hookimpl
     def dnsgate_classify(self, packet: Packet, flow: Flow, now: float) -> None:
+        if self._classify is not None:
+            self._classify(packet, flow, now)
+
+    def _attribute(self, packet: Packet, flow: Flow, now: float) -> None:
         engine = self._engine
-        if engine is None or not self.config.attribution:
+        if engine is None:
             return
         source = engine.owner_source
         if source is None:
@@ -112,10 +123,14 @@ class Programs:
 
     # -- rules -------------------------------------------------------------------------------------
 
+    @delegated("_filter")
     @hookimpl
     def dnsgate_filter(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
+        return None if self._filter is None else self._filter(packet, flow, now)
+
+    def _judge_rules(self, packet: Packet, flow: Flow, now: float) -> Decision | None:
         rules = self.rules
-        if not rules.rules or "dns" in flow.labels:
+        if "dns" in flow.labels:
             return None
         owner = owner_of(flow)
         rule = rules.judge(owner)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from engine.hookspecs import hookimpl
+from engine.hookspecs import delegated, hookimpl
 from engine.tcp.adapter import TcpConnection
 from engine.tcp.device_config import DeviceTcpConfig
 
@@ -62,6 +62,7 @@ class TcpForward:
         self.forwarder.engine = engine
         engine.reserve_descriptors(self.config.max_connections)
 
+    @delegated("_forward")
     @hookimpl(trylast=True)
     def dnsgate_forward(self, packet: Packet, flow: Flow, now: float) -> TcpConnection | None:
         return self._forward(packet, flow, now)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.hookspecs import hookimpl, labelled, protocols
+from engine.hookspecs import delegated, hookimpl, labelled, protocols
 from engine.plugin_manager import GuardedPlugin, HookRunner, PositionalHook, new_plugin_manager
 from engine.stats import Stats
 
@@ -236,3 +236,85 @@ def test_a_label_mark_on_a_hook_without_a_flow_is_refused_when_planned() -> None
 def test_labelled_takes_a_label(label: Any) -> None:
     with pytest.raises(ValueError, match="flow label"):
         labelled(label)
+
+
+class Delegating:
+    """A filter whose body only calls ``self.judge``; ``judge`` None means the hook has nothing to do."""
+
+    def __init__(self, log: list[Any], judge: Any) -> None:
+        self.log = log
+        self.judge = judge
+
+    @delegated("judge")
+    @hookimpl
+    def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+        self.log.append(("body", packet))
+        return None if self.judge is None else self.judge(packet, flow, now)
+
+
+def test_a_delegated_implementation_calls_its_attribute_in_place_of_its_body() -> None:
+    log: list[Any] = []
+    stats = Stats()
+
+    def judge(packet: Any, flow: Any, now: float) -> Any:
+        log.append(("judge", packet, now))
+        return "judged" if packet == "mine" else None
+
+    pm = _manager(stats, ("delegating", Delegating(log, judge)), ("all", Everything(log)))
+    runner = HookRunner(pm, stats)
+    assert runner.call_for(6, "dnsgate_filter", "other", Labels(), 1.0) is None
+    assert runner.call("dnsgate_filter", "mine", Labels(), 2.0) == "judged"
+    assert log == [("judge", "other", 1.0), ("everything", "other"), ("judge", "mine", 2.0)]  # never the body
+
+
+def test_a_delegated_implementation_set_to_none_is_skipped() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("idle", Delegating(log, None)), ("all", Everything(log)))
+    runner = HookRunner(pm, stats)
+    assert runner.call_for(6, "dnsgate_filter", "last", Labels(), 0.0) == "verdict"
+    assert log == [("everything", "last")]
+
+
+def test_a_failing_delegate_is_contained_by_its_plugin_guard() -> None:
+    log: list[Any] = []
+    stats = Stats()
+
+    def judge(packet: Any, flow: Any, now: float) -> Any:
+        raise RuntimeError("compiled gate bug")
+
+    pm = _manager(stats, ("delegating", Delegating(log, judge)), ("all", Everything(log)))
+    assert HookRunner(pm, stats).call_for(6, "dnsgate_filter", "last", Labels(), 0.0) == "verdict"
+    assert stats.counters["plugin_errors.delegating"] == 1 and log == [("everything", "last")]
+
+
+def test_with_a_wrapper_the_delegated_body_runs() -> None:
+    log: list[Any] = []
+    stats = Stats()
+    pm = _manager(stats, ("delegating", Delegating(log, lambda packet, flow, now: "judged")))
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def dnsgate_filter(self, packet: Any, flow: Any, now: float) -> Any:
+            return (yield)
+
+    pm.register(Wrapper(), name="wrapper")
+    assert HookRunner(pm, stats).call_for(6, "dnsgate_filter", "p", Labels(), 0.0) == "judged"
+    assert log == [("body", "p")]
+
+
+def test_a_delegate_that_is_not_callable_is_refused_when_planned() -> None:
+    stats = Stats()
+    for judge, missing in (("not callable", False), (None, True)):
+        plugin = Delegating([], judge)
+        if missing:
+            del plugin.judge
+        pm = _manager(stats, ("delegating", plugin))
+        with pytest.raises(TypeError, match="callable or None"):
+            PositionalHook(pm.hook.dnsgate_filter, "packet", "flow", "now")("p", Labels(), 0.0)
+
+
+@pytest.mark.parametrize("attribute", ["", "a.b", 3])
+def test_delegated_takes_an_attribute_name(attribute: Any) -> None:
+    with pytest.raises(ValueError, match="attribute name"):
+        delegated(attribute)

@@ -15,6 +15,7 @@ import pytest
 from engine.decision import Verdict
 from engine.packet import PROTO_ICMP, PROTO_TCP, RST
 from engine.testing import PluginHarness, Sink, addr, ping, syn, udp
+from plugins.ip_tracker.gate import COUNTED
 
 
 
@@ -175,3 +176,20 @@ def test_snapshot() -> None:
         assert entry["address"] == "192.0.2.4" and entry["names"] == ["example.test"]
         assert 299 <= entry["expires_in"] <= 300
         assert harness.engine.snapshot()["plugins"]["ip_tracker"]["size"] == 1
+
+
+def test_the_engine_calls_the_compiled_gate_for_the_per_flow_hooks() -> None:
+    """filter, flow opened and flow closed are @delegated: the runner's plan holds the gate's methods, not
+    the plugin's, and the gate still counts an open flow against its lease (and releases it)."""
+    with tracker() as harness:
+        plugin = harness.engine.pm.get_plugin("ip_tracker").plugin
+        for hook, method in (("dnsgate_filter", "filter"), ("dnsgate_flow_opened", "opened"),
+                             ("dnsgate_flow_closed", "closed")):
+            plan = harness.engine.hooks._caller(hook)._current_plan()
+            assert plan is not None and [step[0] for step in plan] == [getattr(plugin.gate, method)]
+        harness.emit_dns_answer("example.test", ["198.51.100.7"])
+        assert harness.feed(syn("10.0.0.2", 40000, "198.51.100.7", 443)).decision is not None
+        (flow,) = list(harness.engine.flows)
+        assert flow.stash.get(COUNTED, False)
+        harness.engine.end_flow(flow, harness.now(), "test")
+        assert not flow.stash.get(COUNTED, True)

@@ -190,3 +190,23 @@ def test_rules_reload_live() -> None:
         assert result["rebuilt"] == ["programs"]
         second = h.feed(syn("10.0.0.2", 5001, SERVER, 443))
         assert second.decision is not None and second.decision.allowed and second.decision.plugin == "programs"
+
+
+def _planned(harness: PluginHarness, hook: str) -> list[Any]:
+    """Who the engine's hook runner calls for ``hook`` (its plan's functions)."""
+    plan = harness.engine.hooks._caller(hook)._current_plan()
+    assert plan is not None
+    return [function for function, _order, _failed, _label in plan]
+
+
+def test_without_attribution_or_rules_the_engine_never_calls_programs_per_flow() -> None:
+    """classify and filter are @delegated to attributes left None: a new flow costs programs nothing."""
+    with PluginHarness("programs", {"attribution": False}) as idle:
+        plugin = idle.engine.pm.get_plugin("programs").plugin
+        assert all(getattr(function, "__self__", None) is not plugin
+                   for hook in ("dnsgate_classify", "dnsgate_filter") for function in _planned(idle, hook))
+        assert idle.feed(syn("10.0.0.2", 40000, "192.0.2.7", 443)).decision is not None
+    with PluginHarness("programs", {"rules": [{"user": "root", "action": "reject"}]}) as judging:
+        plugin = judging.engine.pm.get_plugin("programs").plugin
+        assert plugin._attribute in _planned(judging, "dnsgate_classify")
+        assert plugin._judge_rules in _planned(judging, "dnsgate_filter")
