@@ -33,7 +33,13 @@ trap finish EXIT INT TERM
 for _ in $(seq 90); do grep -q '"engine"' "$LOG" && break; kill -0 "$UP" 2>/dev/null || { cat "$LOG" >&2; exit 1; }; sleep 1; done
 grep -q '"engine"' "$LOG" || { echo "the project slot did not come up" >&2; cat "$LOG" >&2; exit 1; }
 sleep 2
-ENGINE_PIDS="$(for p in $(pgrep -f 'engine.cli serve'); do echo "$p"; pgrep -P "$p" || true; done | sort -un | tr '\n' ' ')"
+descendants() { local c; for c in $(pgrep -P "$1" || true); do echo "$c"; descendants "$c"; done; }
+# the engine's processes: the `engine.cli serve` below the harness started here and its workers (forked
+# children, which need not carry that command line); another dnsgate running on the host is not counted
+ENGINE_PIDS="$(for p in $(descendants "$UP"); do
+  if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q 'engine.cli serve'; then echo "$p"; pgrep -P "$p" || true; fi
+done | sort -un | tr '\n' ' ')"
+[ -n "$ENGINE_PIDS" ] || { echo "no engine process under the harness" >&2; exit 1; }
 snapshot() {  # one line per process: pid voluntary involuntary utime stime (clock ticks)
   for p in $ENGINE_PIDS; do
     printf '%s %s %s\n' "$p" \
