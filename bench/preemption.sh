@@ -3,6 +3,7 @@
 #
 #   bash bench/preemption.sh 1        # one worker
 #   bash bench/preemption.sh 2        # two workers (ENGINE_TUN=self: the engine opens the multi-queue TUN)
+#   AB_KEEPALIVE=1 bash bench/preemption.sh 1   # keep-alive (ab -k): figures per request, not per connection
 #
 # Why: the side-by-side harness gives an engine's CPU per connection but not why two workers cost more
 # per connection than one on a small machine. This holds the `project` slot up with the shared harness
@@ -18,6 +19,9 @@ WORKERS="${1:?usage: preemption.sh WORKERS}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PEERS_PY="$(dirname "${PEERS_SH:-$ROOT/../shared/bench/peers.sh}")/peers.py"
 SECONDS_OF_LOAD="${LOAD_SECONDS:-8}"
+KEEPALIVE=()
+UNIT=connection
+if [ "${AB_KEEPALIVE:-0}" = 1 ]; then KEEPALIVE=(-k); UNIT=request; fi
 LOG="$(mktemp)"
 AB_DIR="$(mktemp -d)"
 cd "$ROOT"
@@ -50,22 +54,23 @@ snapshot() {  # one line per process: pid voluntary involuntary utime stime (clo
 BEFORE="$(snapshot)"
 AB=()
 for i in $(seq 10 17); do
-  ip netns exec cli ab -q -r -s 10 -c 2 -t "$SECONDS_OF_LOAD" -n 500000 "http://198.51.100.$i/" >"$AB_DIR/$i.txt" 2>&1 &
+  ip netns exec cli ab "${KEEPALIVE[@]}" -q -r -s 10 -c 2 -t "$SECONDS_OF_LOAD" -n 5000000 "http://198.51.100.$i/" \
+    >"$AB_DIR/$i.txt" 2>&1 &
   AB+=($!)
 done
 wait "${AB[@]}"
 AFTER="$(snapshot)"
 CONNS="$(cat "$AB_DIR"/*.txt | awk '/Complete requests/ {s+=$3} END {print s+0}')"
-python3 - "$WORKERS" "$CONNS" "$SECONDS_OF_LOAD" "$BEFORE" "$AFTER" <<'PY'
+python3 - "$WORKERS" "$CONNS" "$SECONDS_OF_LOAD" "$BEFORE" "$AFTER" "$UNIT" <<'PY'
 import os
 import sys
 
-workers, conns, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+workers, conns, seconds, unit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[6]
 if conns == 0:
-    sys.exit("no connection completed")
+    sys.exit(f"no {unit} completed")
 hz = os.sysconf("SC_CLK_TCK")
 before = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in sys.argv[4].splitlines()}
-print(f"workers {workers}: {conns} connections, {conns / seconds:.0f}/s")
+print(f"workers {workers}: {conns} {unit}s, {conns / seconds:.0f}/s")
 total = 0.0
 for line in sys.argv[5].splitlines():
     pid, *after = line.split()
@@ -73,7 +78,7 @@ for line in sys.argv[5].splitlines():
     if user + system == 0:
         continue  # the supervisor of several workers: it only watches them
     total += (user + system) / hz
-    print(f"  pid {pid}: {sleeps / conns:.2f} sleeps and {preempted / conns:.2f} preemptions per connection, "
-          f"user {user / hz * 1e6 / conns:.0f} + system {system / hz * 1e6 / conns:.0f} µs per connection")
-print(f"  engine CPU per connection: {total * 1e6 / conns:.0f} µs")
+    print(f"  pid {pid}: {sleeps / conns:.2f} sleeps and {preempted / conns:.2f} preemptions per {unit}, "
+          f"user {user / hz * 1e6 / conns:.1f} + system {system / hz * 1e6 / conns:.1f} µs per {unit}")
+print(f"  engine CPU per {unit}: {total * 1e6 / conns:.1f} µs")
 PY

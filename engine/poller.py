@@ -29,6 +29,9 @@ call: ~0.8 µs on either loop, which is why the TUN stays on the loop). Here the
 and called directly when the set is readable. Semantics are asyncio's: level-triggered, one reader and
 one writer per descriptor, an error or hang-up wakes both, and a callback's exception is reported and
 does not stop the others.
+Two things asyncio does not offer: a running callback can ask which events woke it (``woken_events``:
+tcp_forward's relay reads the server's FIN from EPOLLRDHUP instead of peeking after every short read),
+and a descriptor its owner closes next can be dropped without an ``epoll_ctl`` (``forget_closing``).
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ log = logging.getLogger("dnsgate.engine")
 
 Callback = Callable[[], None]
 
-_READ: Final = select.EPOLLIN
+#: A reader also asks for EPOLLRDHUP (the peer's FIN: it always comes with EPOLLIN, so it wakes no one more
+#: often); a TCP reader then learns from :meth:`Poller.woken_events` that a short read drained everything
+#: up to the FIN, without a second ``recv``. Descriptors that have no such state ignore the bit.
+_READ: Final = select.EPOLLIN | select.EPOLLRDHUP
 _WRITE: Final = select.EPOLLOUT
-_WAKE_READER: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WAKE_READER: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _WAKE_WRITER: Final = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 #: Events taken per readiness of the set; more wait for the next loop iteration (timers get a turn).
 MAX_EVENTS: Final = 256
@@ -53,7 +59,7 @@ MAX_EVENTS: Final = 256
 class Poller:
     """``set_reader``/``set_writer``/``clear_*`` per file descriptor, dispatched from one loop reader."""
 
-    __slots__ = ("_loop", "_epoll", "_entries", "errors")
+    __slots__ = ("_loop", "_epoll", "_entries", "errors", "_woken_fd", "_woken_events")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -61,6 +67,8 @@ class Poller:
         #: fd -> [registered event mask, reader or None, writer or None]
         self._entries: dict[int, list[Any]] = {}
         self.errors = 0
+        self._woken_fd = -1  # the descriptor whose callback runs now (see woken_events), else -1
+        self._woken_events = 0
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def __len__(self) -> int:
@@ -116,6 +124,20 @@ class Poller:
             except OSError:
                 pass  # already closed by its owner: the kernel dropped it from the set
 
+    def forget_closing(self, fd: int) -> None:
+        """Drop both callbacks of ``fd`` without an ``epoll_ctl``: the caller closes ``fd`` next and holds
+        the only reference to its socket, and closing the last descriptor of a file takes it out of every
+        epoll set. One system call less per short connection than :meth:`forget`. Not for a descriptor
+        that was duplicated or may be held by another process: its registration would outlive the close,
+        and a later descriptor with the same number could be woken by the old socket's events."""
+        self._entries.pop(fd, None)
+
+    def woken_events(self, fd: int) -> int:
+        """The epoll event mask that woke ``fd``'s running callback (EPOLLIN, EPOLLRDHUP, EPOLLOUT,
+        EPOLLERR...); 0 when the caller is not inside a callback this poller made for ``fd``, so a
+        caller must treat 0 as "unknown" and ask the socket itself."""
+        return self._woken_events if fd == self._woken_fd else 0
+
     def _dispatch(self) -> None:
         epoll = self._epoll
         if epoll is None:
@@ -125,17 +147,23 @@ class Poller:
             entry = entries.get(fd)
             if entry is None:
                 continue
+            self._woken_fd = fd
+            self._woken_events = events
             if events & _WAKE_READER:
                 reader = entry[1]
                 if reader is not None:
                     self._call(reader)
-                    entry = entries.get(fd)  # the reader may have changed or dropped the registration
-                    if entry is None:
+                    # The reader may have dropped the registration, or dropped it and made a new one for a
+                    # new socket that got the same number: this event is not that socket's. A change of
+                    # callbacks keeps the same entry (set() updates it in place).
+                    if entries.get(fd) is not entry:
+                        self._woken_fd = -1
                         continue
             if events & _WAKE_WRITER:
                 writer = entry[2]
                 if writer is not None:
                     self._call(writer)
+            self._woken_fd = -1
 
     def _call(self, callback: Callback) -> None:
         try:

@@ -147,7 +147,7 @@ class PingSocketChannel:
     def release(self, session: EchoSession) -> None:
         sock = self._sockets.pop(session, None)
         if sock is not None:
-            self.poller.forget(sock.fileno())
+            self.poller.forget_closing(sock.fileno())  # the channel holds the socket's only descriptor
             sock.close()
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import _socket
 import logging
+import select
 import socket
 import struct
 from typing import Callable, Final, TYPE_CHECKING
@@ -95,6 +96,7 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _FIRST_READ: Final = 64 * 1024
 _FULL_READ: Final = 256 * 1024
 _PEEK_FLAGS: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_PEER_FIN: Final = select.EPOLLRDHUP
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 _UP_OPEN: Final = Up.OPEN
 _UP_HELD: Final = Up.HELD
@@ -213,12 +215,15 @@ class Relay:
         conn = self.conn
         assert conn is not None
         # A short read drained the socket; if the server also closed (HTTP/1.0, "Connection: close"), let
-        # the FIN ride on this data instead of following in its own packet a loop iteration later.
+        # the FIN ride on this data instead of following in its own packet a loop iteration later. The
+        # poller says whether the FIN was in when it woke us (EPOLLRDHUP: TCP takes a FIN only after all
+        # the data before it, so a short read took everything); outside a wake-up, one peek asks.
         if len(data) == size:
             self._read_size = _FULL_READ
             eof = False
         else:
-            eof = self._peek_eof(sock)
+            events = self._poller.woken_events(self._fd)
+            eof = bool(events & _PEER_FIN) if events else self._peek_eof(sock)
         taken = conn.send(data, self._clock(), flush=not eof)
         if taken == len(data) and not eof:  # the fast path: the core would only count the bytes
             core.bytes_down += taken
@@ -402,7 +407,7 @@ class Relay:
         if sock is None:
             return
         self.sock = None
-        self._poller.forget(self._fd)
+        self._poller.forget_closing(self._fd)  # closed below; the relay holds the socket's only descriptor
         if command.reset:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

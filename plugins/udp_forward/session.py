@@ -195,7 +195,7 @@ class UdpSession:
         if self.closed:
             return
         self.closed = True
-        self.engine.poller.forget(self.fd)
+        self.engine.poller.forget_closing(self.fd)  # the session holds the socket's only descriptor
         self.sock.close()
         self.plugin.sessions.remove(self.key)
 

@@ -432,3 +432,24 @@ def test_reads_start_small_and_grow_once_a_read_fills_its_buffer(harness: Plugin
     assert client.wait(lambda: len(client.received) >= len(b"short answer") + len(bulk))
     assert bytes(client.received) == b"short answer" + bulk
     assert relay._read_size == relay_module._FULL_READ
+
+
+def test_a_servers_fin_rides_on_its_last_data(harness: PluginHarness) -> None:
+    """HTTP/1.0: the server answers and closes at once. The poller's wake-up says the FIN is in
+    (EPOLLRDHUP), so the client gets the answer and the FIN in one segment, not two."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = Client(harness, CLIENT_V4, 40022, "127.0.0.1", listener.getsockname()[1])
+        client.handshake()
+        server, _ = listener.accept()
+        with server:
+            server.sendall(b"HTTP/1.0 200 OK\r\n\r\nthe whole answer")
+            server.shutdown(socket.SHUT_WR)  # data and FIN both queued before the engine's loop runs
+            assert client.wait(lambda: client.fin)
+            carrying = [p for p in client.seen if p.payload_len]
+            assert len(carrying) == 1 and carrying[0].tcp_flags & FIN
+            assert bytes(client.received) == b"HTTP/1.0 200 OK\r\n\r\nthe whole answer"
+            client.shutdown()
+            assert client.wait(lambda: not harness.plugin.active)
+            assert not client.reset and server.recv(100) == b""  # the client's FIN reached the server
