@@ -10,36 +10,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from collections.abc import Callable, Iterator
 
 import pytest
 
 from engine.poller import Poller
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-@pytest.fixture(params=LOOPS)
-def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-def _run_until(loop: asyncio.AbstractEventLoop, predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    async def wait() -> bool:
-        deadline = loop.time() + timeout
-        while not predicate():
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
-        return True
-
-    return loop.run_until_complete(wait())
+from tests.unit.loops import loop, run_until  # noqa: F401  (loop: the fixture, on asyncio and uvloop)
 
 
 def _closed_port() -> int:
@@ -74,7 +49,7 @@ def test_a_connected_udp_socket_hears_its_peer_again_after_a_refusal(loop: async
     server: socket.socket | None = None
     try:
         sock.send(b"nobody there")
-        assert _run_until(loop, lambda: bool(got)), "the reader never heard of the refusal"
+        assert run_until(loop, lambda: bool(got)), "the reader never heard of the refusal"
         assert got == [errno.ECONNREFUSED]
         # Cleared by the read: the level-triggered EPOLLERR does not keep waking the reader.
         woken = calls[0]
@@ -88,19 +63,19 @@ def test_a_connected_udp_socket_hears_its_peer_again_after_a_refusal(loop: async
         data, peer = server.recvfrom(100)
         assert data == b"again"
         server.sendto(b"reply", peer)
-        assert _run_until(loop, lambda: len(got) == 2), f"deaf after the error: {got}"
+        assert run_until(loop, lambda: len(got) == 2), f"deaf after the error: {got}"
         assert got[1] == b"reply"
         # And a second outage and return, to be sure the watch was not a one-off.
         server.close()
         server = None
         sock.send(b"gone again")
-        assert _run_until(loop, lambda: len(got) == 3) and got[2] == errno.ECONNREFUSED
+        assert run_until(loop, lambda: len(got) == 3) and got[2] == errno.ECONNREFUSED
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         server.bind(("127.0.0.1", port))
         server.settimeout(2)
         sock.send(b"back")
         server.sendto(b"reply 2", server.recvfrom(100)[1])
-        assert _run_until(loop, lambda: len(got) == 4) and got[3] == b"reply 2"
+        assert run_until(loop, lambda: len(got) == 4) and got[3] == b"reply 2"
     finally:
         poller.forget(sock.fileno())
         poller.close()
@@ -133,7 +108,7 @@ def test_an_error_wakes_a_writer_only_descriptor_too(loop: asyncio.AbstractEvent
         except ConnectionRefusedError:
             pytest.skip("the loopback connect was refused synchronously")
         poller.set_writer(sock.fileno(), writable)
-        assert _run_until(loop, lambda: bool(outcome))
+        assert run_until(loop, lambda: bool(outcome))
         assert outcome == [errno.ECONNREFUSED]
     finally:
         poller.forget(sock.fileno())

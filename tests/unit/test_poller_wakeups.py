@@ -12,25 +12,13 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.poller import Poller
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-@pytest.fixture(params=LOOPS)
-def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
+from tests.unit.loops import loop, run_until  # noqa: F401  (loop: the fixture, on asyncio and uvloop)
 
 
 @pytest.fixture
@@ -40,18 +28,6 @@ def listener() -> Iterator[socket.socket]:
     server.listen(8)
     yield server
     server.close()
-
-
-def _run_until(loop: asyncio.AbstractEventLoop, predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    async def wait() -> bool:
-        deadline = loop.time() + timeout
-        while not predicate():
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
-        return True
-
-    return loop.run_until_complete(wait())
 
 
 def _connected_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
@@ -87,12 +63,12 @@ def test_a_reader_sees_the_peers_fin_in_its_wake_up(loop: asyncio.AbstractEventL
     try:
         poller.set_reader(fd, readable)
         server.sendall(b"data, the server still open")
-        assert _run_until(loop, lambda: bool(masks))
+        assert run_until(loop, lambda: bool(masks))
         assert masks[0] & select.EPOLLIN and not masks[0] & select.EPOLLRDHUP
         masks.clear()
         server.sendall(b"last data")
         server.shutdown(socket.SHUT_WR)  # both are in the client's queue before the loop runs again
-        assert _run_until(loop, lambda: bool(masks))
+        assert run_until(loop, lambda: bool(masks))
         assert masks[0] & select.EPOLLIN and masks[0] & select.EPOLLRDHUP
         assert poller.woken_events(fd) == 0  # outside a callback: unknown
     finally:
@@ -122,7 +98,7 @@ def test_a_writer_tells_a_finished_connect_from_a_refused_one(
                 poller.clear_writer(sock.fileno())
 
             poller.set_writer(sock.fileno(), writable)
-        assert _run_until(loop, lambda: len(outcomes) == 2)
+        assert run_until(loop, lambda: len(outcomes) == 2)
         failed = select.EPOLLERR | select.EPOLLHUP
         assert outcomes["open"] & select.EPOLLOUT and not outcomes["open"] & failed
         assert outcomes["refused"] & select.EPOLLERR
@@ -176,10 +152,10 @@ def test_an_event_is_not_handed_to_a_new_socket_that_reused_the_number(
 
         poller.set(fd, old_readable, lambda: woken_new.append(-1))  # the old socket is writable too
         server.sendall(b"wake the reader")
-        assert _run_until(loop, lambda: bool(replacement))
+        assert run_until(loop, lambda: bool(replacement))
         assert -1 not in woken_new  # the old writer was dropped with the old registration
         # The new socket's own wake-ups come from polls of its own (an unconnected socket is EPOLLOUT|HUP).
-        assert _run_until(loop, lambda: bool(woken_new))
+        assert run_until(loop, lambda: bool(woken_new))
         assert all(mask & select.EPOLLHUP for mask in woken_new)
     finally:
         poller.close()
