@@ -127,7 +127,8 @@ class Poller:
     def forget_closing(self, fd: int) -> None:
         """Drop both callbacks of ``fd`` without an ``epoll_ctl``: the caller closes ``fd`` next and holds
         the only reference to its socket, and closing the last descriptor of a file takes it out of every
-        epoll set. One system call less per short connection than :meth:`forget`. Not for a descriptor
+        epoll set. One system call less than :meth:`forget` when ``fd`` is still registered (a relay
+        reset while reading, a UDP session, a ping socket). Not for a descriptor
         that was duplicated or may be held by another process: its registration would outlive the close,
         and a later descriptor with the same number could be woken by the old socket's events."""
         self._entries.pop(fd, None)
