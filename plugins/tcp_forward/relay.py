@@ -95,7 +95,6 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # read), where the mapping is paid once per 256 KiB.
 _FIRST_READ: Final = 64 * 1024
 _FULL_READ: Final = 256 * 1024
-_PEEK_FLAGS: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _PEER_FIN: Final = select.EPOLLRDHUP
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 _UP_OPEN: Final = Up.OPEN
@@ -217,13 +216,13 @@ class Relay:
         # A short read drained the socket; if the server also closed (HTTP/1.0, "Connection: close"), let
         # the FIN ride on this data instead of following in its own packet a loop iteration later. The
         # poller says whether the FIN was in when it woke us (EPOLLRDHUP: TCP takes a FIN only after all
-        # the data before it, so a short read took everything); outside a wake-up, one peek asks.
+        # the data before it, so a short read took everything). Only the poller calls this; were it called
+        # outside a wake-up (mask 0), the FIN would simply come with the next read.
         if len(data) == size:
             self._read_size = _FULL_READ
             eof = False
         else:
-            events = self._poller.woken_events(self._fd)
-            eof = bool(events & _PEER_FIN) if events else self._peek_eof(sock)
+            eof = bool(self._poller.woken_events(self._fd) & _PEER_FIN)
         taken = conn.send(data, self._clock(), flush=not eof)
         if taken == len(data) and not eof:  # the fast path: the core would only count the bytes
             core.bytes_down += taken
@@ -429,16 +428,6 @@ class Relay:
 
     def _finished(self, command: Finished) -> None:
         self._on_done(self, command.reason)
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _peek_eof(self, sock: _socket.socket) -> bool:
-        """True when the server's FIN is already queued behind the data we just read (one cheap
-        non-blocking MSG_PEEK)."""
-        try:
-            return sock.recv(1, _PEEK_FLAGS) == b""
-        except OSError:  # EAGAIN: nothing more yet; a reset is noticed by the next read
-            return False
 
     def __repr__(self) -> str:
         return f"<Relay {self.conn.flow.describe() if self.conn else '?'} {self.core!r}>"
