@@ -44,6 +44,9 @@ class TcpConfig:
       ``syn_retries`` the same for the SYN-ACK.
     * ``half_close_timeout``: after one direction has finished (FIN_WAIT_2, CLOSE_WAIT), the connection is
       aborted when nothing progresses for this long.
+    * ``delayed_ack``: how long the ACK of a lone short in-order segment may wait for data of ours to ride
+      on (0: ACK every segment at once). Short, unlike Linux's 40 ms, because a client that leaves Nagle's
+      algorithm on and writes one request in two parts waits for that ACK before sending the second.
     """
 
     mtu: int = attrs.field(default=1500, validator=attrs.validators.ge(68))
@@ -67,6 +70,7 @@ class TcpConfig:
     keepalive_probes: int = attrs.field(default=9, validator=attrs.validators.ge(1))
     half_close_timeout: float = attrs.field(default=60.0, validator=_positive)
     time_wait: float = attrs.field(default=1.0, validator=_non_negative)
+    delayed_ack: float = attrs.field(default=0.0, validator=[_non_negative, attrs.validators.le(0.5)])
     # A super-segment must still fit a 16-bit IP length with 60-byte IP and TCP headers around it.
     max_gso_bytes: int = attrs.field(default=0, validator=[attrs.validators.ge(0), attrs.validators.le(65535 - 120)])
     persist_min: float = attrs.field(default=0.2, validator=_positive)

@@ -17,9 +17,13 @@ Internals worth knowing before editing:
   per-byte work), :meth:`_on_ack` and :meth:`_send_data` (runs of up to ``max_gso_bytes`` per OutSegment).
   Measured on the project machine (Python 3.11): a 64 KB in-order segment with its ACK out ~20-27 us,
   ``send`` of 64 KB plus its GSO segment ~20-24 us, the cumulative ACK for it ~8 us, a pure ACK ~3-4 us.
-* ACKs are not delayed by a timer: receiving data sets ``_ack_pending`` and the next :meth:`segments` call
-  (the caller makes it after each packet or batch) emits one ACK, piggybacked on data when there is some.
-  That is "an ACK per GRO super-segment, or per batch", which keeps the local client's cwnd growing.
+* ACKs go out with the next :meth:`segments` call (the caller makes it after each packet or batch),
+  piggybacked on data when there is some: "an ACK per GRO super-segment, or per batch", which keeps the
+  local client's cwnd growing. One exception, ``TcpConfig.delayed_ack``: a lone in-order segment shorter
+  than a full one (a request) is not ACKed at once but within that delay, so that the answer the
+  application is about to send carries the ACK (RFC 9293 3.8.6.3; an HTTP/1.0 exchange then costs three
+  segments toward the client, not four). A second segment, a full-sized one, a FIN, a gap or a window
+  worth announcing is ACKed at once as before.
 * Loss recovery is NewReno (RFC 6582) steered by the SACK scoreboard: on three duplicate ACKs, 3 MSS
   SACKed above a hole, or the last segment sent SACKed, the holes are resent (up to ssthresh bytes at
   once, as GSO runs); a retransmission that is itself lost shows up as SACKs for data sent after it (the
@@ -237,7 +241,8 @@ class TcpEndpoint:
         "_rtx_high", "_tlp_deadline", "_tlp_fired",
         "_rtt", "_rtt_seq", "_rtt_time",
         # receive side
-        "_rcv_nxt", "_rcv_adv", "_unconsumed", "_reasm", "_fin_ooo", "_ack_pending", "_last_ack_sent",
+        "_rcv_nxt", "_rcv_adv", "_unconsumed", "_reasm", "_fin_ooo", "_ack_pending", "_ack_deadline",
+        "_ack_delay", "_last_ack_sent",
         # timers
         "_rtx_deadline", "_retries", "_persist_deadline", "_persist_backoff", "_tw_deadline",
         "_last_recv", "_ka_probes", "_last_progress", "_challenge_window", "_challenge_count",
@@ -270,6 +275,9 @@ class TcpEndpoint:
         self._send_blocked = False
         self._unconsumed = 0
         self._ack_pending = False
+        #: When the delayed ACK of a short segment is due (None: nothing delayed); see delayed_ack.
+        self._ack_deadline: Optional[float] = None
+        self._ack_delay = config.delayed_ack
         self._synack_needed = False
         self._dupacks = 0
         self._in_recovery = False
@@ -423,7 +431,11 @@ class TcpEndpoint:
     def consumed(self, n: int, now: float) -> None:
         """The application has taken ``n`` delivered bytes off our hands: reopen the window, and say so at
         once when the window had shrunk to less than half of what we can now offer (Linux's
-        ``tcp_cleanup_rbuf`` rule; avoids silly window syndrome and needless ACKs)."""
+        ``tcp_cleanup_rbuf`` rule; avoids silly window syndrome and needless ACKs). While the only window
+        the peer has heard of is the SYN-ACK's, it must also have used half of it: the SYN-ACK offers at
+        most 64 KiB (unscaled), so once the first request is consumed any scaled window is "twice as much"
+        and every connection drew an ACK of its own, though the peer still had ~64 KiB to send into and
+        the next segment we send (the answer, or the delayed ACK) carries the new window anyway."""
         if n <= 0:
             return
         if n > self._unconsumed:
@@ -432,7 +444,8 @@ class TcpEndpoint:
         if self.state in WINDOW_UPDATES:
             room = self._rcv_adv - self._rcv_nxt
             new = min(self.config.recv_buffer - self._unconsumed, 0xFFFF << self._rcv_wscale)
-            if new >= 2 * room and new - room >= self._mss_ours:
+            if new >= 2 * room and new - room >= self._mss_ours and (
+                    self._last_ack_sent != self._irs + 1 or 2 * room <= self._rcv_adv - self._last_ack_sent):
                 self._ack_pending = True
 
     def events(self) -> list[ev.TcpEvent]:
@@ -451,6 +464,8 @@ class TcpEndpoint:
         if state is _S_TIME_WAIT:
             return self._tw_deadline
         best = self._rtx_deadline
+        if self._ack_deadline is not None and (best is None or self._ack_deadline < best):
+            best = self._ack_deadline
         if self._tlp_deadline is not None and (best is None or self._tlp_deadline < best):
             best = self._tlp_deadline
         if self._persist_deadline is not None and (best is None or self._persist_deadline < best):
@@ -473,6 +488,9 @@ class TcpEndpoint:
             if self._tw_deadline is not None and now >= self._tw_deadline:
                 self._close(_T_TIMEOUT, _ev_CLOSE_NORMAL)
             return
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._ack_deadline = None
+            self._ack_pending = True  # nothing of ours came to carry it: the next segments() sends it alone
         if state in HALF_CLOSED and now >= self._last_progress + self.config.half_close_timeout:
             self._give_up(_ev_CLOSE_HALF_CLOSE_TIMEOUT)
             return
@@ -836,16 +854,20 @@ class TcpEndpoint:
         if self.state not in RECEIVING:
             self._ack_pending = True  # a retransmission after the peer's FIN: just re-ACK
             return
-        self._ack_pending = True
         rcv_nxt = self._rcv_nxt
         if seq == rcv_nxt and not self._reasm and self._fin_ooo is None:
             # Hot path: in order, nothing queued out of order.
             room = self._rcv_adv - rcv_nxt
             if plen <= room:
                 data = bytes(payload)
+                if plen < self._smss and not fin and self._ack_delay and self._ack_deadline is None:
+                    self._ack_deadline = now + self._ack_delay  # a lone short segment: let the answer ACK it
+                else:
+                    self._ack_pending = True
             else:
                 data = bytes(payload[:room])
                 fin = 0
+                self._ack_pending = True
             n = len(data)
             if n:
                 self._rcv_nxt = rcv_nxt + n
@@ -857,6 +879,7 @@ class TcpEndpoint:
                 self._on_fin(now)
             return
         # Slow path: trim to [rcv_nxt, rcv_adv), then deliver or queue.
+        self._ack_pending = True
         start = seq
         end = seq + plen
         fin_seq: Optional[int] = end if fin else None
@@ -956,6 +979,7 @@ class TcpEndpoint:
             out.append(_OutSegment(self._snd_nxt & MASK, self._rcv_nxt & MASK, ACK, window, tsopt, b""))
         if len(out) > n_before:
             self._last_ack_sent = self._rcv_nxt
+            self._ack_deadline = None  # every segment appended here carries the ACK
             if edge > self._rcv_adv:
                 self._rcv_adv = edge  # only what actually went out counts as offered
         self._ack_pending = False
@@ -1204,6 +1228,7 @@ class TcpEndpoint:
         self._reasm = Reassembly(1)
         self._scoreboard.clear()
         self._ack_pending = False
+        self._ack_deadline = None
         event = _EV_CLOSED.get(reason)
         self._events.append(_ev_Closed(reason) if event is None else event)
 

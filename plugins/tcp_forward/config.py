@@ -18,6 +18,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
 
+def _ack_delay(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value <= 0.5:  # RFC 9293 3.8.6.3: an ACK must not be delayed more than 0.5 s
+        raise ValueError(f"{attribute.name} must be between 0 and 500ms, got {value!r}")
+
+
 @attrs.frozen
 class Config:
     """How the plugin dials and relays.
@@ -25,6 +30,10 @@ class Config:
     ``ports`` empty means every destination port. The upstream write-buffer limits decide when the client's
     window starts to close: above ``upstream_buffer_high`` bytes queued toward a slow server we stop telling
     the endpoint that data was consumed, so the client is throttled instead of our memory growing.
+
+    ``delayed_ack``: how long the ACK of a client's short segment (a request) waits for the server's answer
+    to carry it; ``0`` ACKs every segment at once. A few milliseconds: a client with Nagle's algorithm on
+    that writes a request in two parts waits that long for the second part to leave.
     """
 
     ports: tuple[int, ...] = attrs.field(default=(), converter=tuple)
@@ -33,6 +42,7 @@ class Config:
     keepalive_idle: Duration = attrs.field(default=Duration(60.0), validator=_positive)
     keepalive_interval: Duration = attrs.field(default=Duration(30.0), validator=_positive)
     keepalive_count: int = attrs.field(default=9, validator=attrs.validators.ge(1))
+    delayed_ack: Duration = attrs.field(default=Duration(0.002), validator=_ack_delay)
     nodelay: bool = True
     upstream_buffer_high: int = attrs.field(default=512 * 1024, validator=attrs.validators.ge(1))
     upstream_buffer_low: int = attrs.field(default=128 * 1024, validator=attrs.validators.ge(0))

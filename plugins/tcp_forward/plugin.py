@@ -52,6 +52,7 @@ class TcpForward:
             keepalive_interval=config.keepalive_interval,
             keepalive_probes=config.keepalive_count,
             half_close_timeout=config.half_close_timeout,
+            delayed_ack=config.delayed_ack,
         ))
         self._forward = self.forwarder.forward
 
