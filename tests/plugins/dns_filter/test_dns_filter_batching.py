@@ -87,6 +87,42 @@ def test_one_query_at_idle_is_sent_and_answered_at_once(upstream: socket.socket)
         assert dns.message.from_wire(bytes(packet.payload)).id == 7
 
 
+class _CountingSocket:
+    """A channel's socket that counts the reads made on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_the_last_reply_in_flight_is_not_followed_by_a_read_that_finds_nothing(upstream: socket.socket) -> None:
+    """At idle one query is in flight: its reply is read and answered, and the channel goes back to
+    sleep without the read that would only say EAGAIN. A datagram that comes after it (a duplicate
+    reply) still wakes the level-triggered reader and is read and ignored."""
+    with _harness(upstream) as harness:
+        transport = harness.plugin.resolver.upstreams[0]
+        channel = transport.channels[0]
+        counting = _CountingSocket(channel.sock)
+        channel.sock = counting
+        harness.feed_batch([udp("10.0.0.2", 40002, "10.0.0.1", 53, query(NAMES[1], qid=8))])
+        asked = _receive_queries(upstream, 1)
+        _answer(upstream, asked)
+        assert harness.run_until(lambda: bool(harness.device.written))
+        assert counting.reads == 1 and transport.answers == 1
+        _answer(upstream, asked)  # the same reply again: nothing in flight for it
+        assert harness.run_until(lambda: transport.ignored == 1)
+        assert counting.reads == 2
+        (packet,) = harness.take_written()  # the duplicate reached no client
+        assert dns.message.from_wire(bytes(packet.payload)).id == 8
+
+
 class _NoGsoSocket:
     """A connected UDP socket whose kernel refuses UDP_SEGMENT (as one without UDP GSO would)."""
 
