@@ -8,6 +8,7 @@ by ``allow_loopback`` (the only address these tests ever dial).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Iterator
 
@@ -461,54 +462,48 @@ def _pure_acks_of(client: Client, request_end: int) -> list[Packet]:
             if not p.payload_len and not p.tcp_flags & (SYN | FIN | RST) and p.ack == request_end]
 
 
+@contextlib.contextmanager
+def _request_sent(harness: PluginHarness, sport: int) -> Iterator[tuple[Client, socket.socket]]:
+    """A connection through the engine to a plain listening socket, with an HTTP/1.0 request sent:
+    the client and the server's accepted socket."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = Client(harness, CLIENT_V4, sport, "127.0.0.1", listener.getsockname()[1])
+        client.handshake()
+        server, _ = listener.accept()
+        with server:
+            client.write(b"GET / HTTP/1.0\r\n\r\n")
+            yield client, server
+
+
 def test_a_quick_answer_carries_the_ack_of_the_request(harness: PluginHarness) -> None:
     """delayed_ack (2 ms by default): the server answers within it, so the client sees no ACK of its
     request of its own; the answer's segment ACKs the request."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = Client(harness, CLIENT_V4, 40023, "127.0.0.1", listener.getsockname()[1])
-        client.handshake()
-        server, _ = listener.accept()
-        with server:
-            client.write(b"GET / HTTP/1.0\r\n\r\n")
-            request_end = client.seq
-            assert harness.run_until(lambda: len(server.recv(100, socket.MSG_PEEK)) > 0)
-            server.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")
-            assert client.wait(lambda: bytes(client.received) == b"HTTP/1.0 200 OK\r\n\r\nhi")
-            carrying = [p for p in client.seen if p.payload_len]
-            assert carrying[0].ack == request_end
-            assert _pure_acks_of(client, request_end) == []
+    with _request_sent(harness, 40023) as (client, server):
+        request_end = client.seq
+        assert harness.run_until(lambda: len(server.recv(100, socket.MSG_PEEK)) > 0)
+        server.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")
+        assert client.wait(lambda: bytes(client.received) == b"HTTP/1.0 200 OK\r\n\r\nhi")
+        carrying = [p for p in client.seen if p.payload_len]
+        assert carrying[0].ack == request_end
+        assert _pure_acks_of(client, request_end) == []
 
 
 def test_a_silent_server_still_lets_the_request_be_acked_within_the_delay(harness: PluginHarness) -> None:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = Client(harness, CLIENT_V4, 40024, "127.0.0.1", listener.getsockname()[1])
-        client.handshake()
-        server, _ = listener.accept()
-        with server:
-            client.write(b"GET / HTTP/1.0\r\n\r\n")
-            request_end = client.seq
-            sent = harness.loop.time()
-            assert client.wait(lambda: _pure_acks_of(client, request_end) != [], timeout=1.0)
-            assert harness.loop.time() - sent < 0.5
-            assert client.acked == request_end
+    with _request_sent(harness, 40024) as (client, _server):
+        request_end = client.seq
+        sent = harness.loop.time()
+        assert client.wait(lambda: _pure_acks_of(client, request_end) != [], timeout=1.0)
+        assert harness.loop.time() - sent < 0.5
+        assert client.acked == request_end
 
 
 def test_delayed_ack_zero_acks_the_request_at_once() -> None:
     with PluginHarness(TcpForward, {"delayed_ack": "0ms"}, engine={"allow_loopback": True}) as harness:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            client = Client(harness, CLIENT_V4, 40025, "127.0.0.1", listener.getsockname()[1])
-            client.handshake()
-            server, _ = listener.accept()
-            with server:
-                client.write(b"GET / HTTP/1.0\r\n\r\n")
-                client.poll()  # what the engine wrote while handling the segment, no loop turn
-                assert _pure_acks_of(client, client.seq) != []
+        with _request_sent(harness, 40025) as (client, _server):
+            client.poll()  # what the engine wrote while handling the segment, no loop turn
+            assert _pure_acks_of(client, client.seq) != []
 
 
 def test_a_delayed_ack_longer_than_rfc_9293_allows_is_refused() -> None:
