@@ -16,6 +16,8 @@ import attrs
 __all__ = ["TcpConfig"]
 
 _MAX_WSCALE = 14  # RFC 7323 2.3
+#: The longest an ACK may be delayed, in seconds (RFC 9293 3.8.6.3); tcp_forward checks its profile key against it.
+MAX_DELAYED_ACK = 0.5
 
 
 def _positive(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
@@ -70,7 +72,7 @@ class TcpConfig:
     keepalive_probes: int = attrs.field(default=9, validator=attrs.validators.ge(1))
     half_close_timeout: float = attrs.field(default=60.0, validator=_positive)
     time_wait: float = attrs.field(default=1.0, validator=_non_negative)
-    delayed_ack: float = attrs.field(default=0.0, validator=[_non_negative, attrs.validators.le(0.5)])
+    delayed_ack: float = attrs.field(default=0.0, validator=[_non_negative, attrs.validators.le(MAX_DELAYED_ACK)])
     # A super-segment must still fit a 16-bit IP length with 60-byte IP and TCP headers around it.
     max_gso_bytes: int = attrs.field(default=0, validator=[attrs.validators.ge(0), attrs.validators.le(65535 - 120)])
     persist_min: float = attrs.field(default=0.2, validator=_positive)

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from engine.profile import Duration
+from engine.tcp.config import MAX_DELAYED_ACK
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -19,8 +20,8 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
 
 
 def _ack_delay(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not 0 <= value <= 0.5:  # RFC 9293 3.8.6.3: an ACK must not be delayed more than 0.5 s
-        raise ValueError(f"{attribute.name} must be between 0 and 500ms, got {value!r}")
+    if not 0 <= value <= MAX_DELAYED_ACK:  # checked here too, so a bad profile is refused at load
+        raise ValueError(f"{attribute.name} must be between 0 and {MAX_DELAYED_ACK * 1000:g}ms, got {value!r}")
 
 
 @attrs.frozen
