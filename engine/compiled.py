@@ -83,6 +83,7 @@ PER_PACKET_EDGES: tuple[str, ...] = (
     "plugins/dns_filter/classify.py",
     "plugins/dns_filter/clients.py",
     "plugins/dns_filter/pending.py",
+    "plugins/dns_filter/queries.py",
     "plugins/dns_filter/resolver.py",
     "plugins/dns_filter/transports.py",
     "plugins/dns_filter/wire.py",

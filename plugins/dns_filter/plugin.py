@@ -20,6 +20,9 @@ Why it is shaped this way (docs/architecture.md §6, data-path rules; §8, DNS f
   The engine's live rules (``ctl allow``/``ctl deny``, engine/live_rules.py) are consulted first, only
   while there are any.
 
+A query's own work (parse, policy, the pending table, the answer event, the reply) is in queries.py, which
+the compiled build compiles; this class is the pluggy plugin around it.
+
 Flows labelled ``dns`` are ACCEPTed by ``dnsgate_filter`` so ip_tracker (which ignores that label anyway)
 and anything after it do not judge them; ``dnsgate_forward`` takes them.
 """
@@ -32,33 +35,20 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision
-from engine.events import DnsAnswer
 from engine.hookspecs import delegated, hookimpl, labelled
 from engine.tcp.config import TcpConfig
 from engine.tcp.device_config import DeviceTcpConfig
-from engine.packet import PROTO_TCP, PROTO_UDP
-from engine.plugin_manager import PluginCheckError, PositionalHook
+from engine.packet import PROTO_UDP
+from engine.plugin_manager import PluginCheckError
 
-from .answers import parse_answer
 from .classify import DNS_LABEL, label_dns_flow
-from .blocklist import DENIALS, NOT_A_QUERY, DomainPolicy
-from .clients import TCP_RECV_BUFFER, DnsClient, TcpDnsServer, UdpDnsHandler
+from .blocklist import DomainPolicy
+from .clients import TCP_RECV_BUFFER, TcpDnsServer, UdpDnsHandler
 from .config import Config as DnsFilterConfig
 from .denied import DeniedNames
-from .pending import PendingKey, PendingQuery
+from .queries import QueryPath
 from .resolver import Resolver
 from .upstream_url import UpstreamError, UpstreamUrl, check_not_through_tun, host_upstreams, parse_upstream
-from .wire import (
-    FLAG_QR,
-    OPCODE_MASK,
-    RCODE_NXDOMAIN,
-    RCODE_REFUSED,
-    RCODE_SERVFAIL,
-    WireError,
-    error_reply,
-    null_reply,
-    parse_query,
-)
 
 if TYPE_CHECKING:
     from engine.flow import Flow, FlowHandler, FlowKey
@@ -66,37 +56,9 @@ if TYPE_CHECKING:
     from engine.packet import Packet
     from engine.runtime import Engine
 
-    from .wire import Question
-
 log = logging.getLogger("dnsgate.dns_filter")
 
 
-
-class DnsCounters:
-    """Plain integer counters: bumped on the query path, read by :meth:`DnsFilter.snapshot`."""
-
-    __slots__ = (
-        "queries", "answers", "servfail", "blocked", "blocked_cname", "denied", "malformed", "duplicates",
-        "overload", "bad_replies", "unanswered", "event_errors", "tcp_connections",
-    )
-
-    def __init__(self) -> None:
-        self.queries = 0
-        self.answers = 0
-        self.servfail = 0  # SERVFAIL we generated (no upstream answer, bad reply, overload)
-        self.blocked = 0
-        self.blocked_cname = 0
-        self.denied = 0  # refused by allowlist mode (not on the allowlist, or not a standard query)
-        self.malformed = 0
-        self.duplicates = 0
-        self.overload = 0
-        self.bad_replies = 0
-        self.unanswered = 0
-        self.event_errors = 0
-        self.tcp_connections = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class DnsFilter:
@@ -121,18 +83,20 @@ class DnsFilter:
         if not self.urls:
             self.urls = host_upstreams(config.resolv_conf)
             log.info("dns_filter: no upstreams configured; using the host's %s", ", ".join(map(str, self.urls)))
-        self.counters = DnsCounters()
-        self.pending: dict[PendingKey, PendingQuery] = {}
         self.resolver: Resolver | None = None
         self._engine: Engine | None = None
         self._udp_flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        # Every query's work (queries.py, compiled): the plugin's hooks hand it queries and upstream replies.
+        self.queries = QueryPath(
+            self.policy, self.denied, self._udp_flows,
+            timeout=float(config.timeout), max_pending=config.max_pending, deny_response=config.deny_response,
+            block_response=config.block_response, block_ttl=config.block_ttl,
+        )
+        self.counters = self.queries.counters
+        self.pending = self.queries.pending
         self._tcp_servers: set[TcpDnsServer] = set()
         # DNS messages are small: modest buffers keep many idle DNS connections cheap.
         self._tcp_config = DeviceTcpConfig(recv_buffer=TCP_RECV_BUFFER, send_buffer=256 * 1024)
-        self._timeout = float(config.timeout)
-        self._max_pending = config.max_pending
-        self._submit = self._not_started
-        self._emit_answer: PositionalHook | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -142,7 +106,7 @@ class DnsFilter:
         self.policy.live = engine.live_rules  # ctl allow / ctl deny (engine/live_rules.py)
         # The answer event is on every query's path: call its implementations directly (pluggy's
         # generic call costs a few µs, a visible share of a ~50 µs query; see PositionalHook).
-        self._emit_answer = engine.hooks.positional("dnsgate_dns_answer", "answer", "now")
+        self.queries.emit_answer = engine.hooks.positional("dnsgate_dns_answer", "answer", "now")
         networks = list(engine.config.engine.device_networks)
         try:
             for url in self.urls:
@@ -153,7 +117,7 @@ class DnsFilter:
             return
         self.resolver = Resolver(
             self.urls,
-            deliver=self._deliver,
+            deliver=self.queries.deliver,
             clock=engine.now,
             spawn=engine.spawn,
             policy=engine.socket_options,
@@ -170,7 +134,7 @@ class DnsFilter:
         if self.resolver is None:
             return
         await self.resolver.open()
-        self._submit = self.resolver.submit
+        self.queries.submit = self.resolver.submit
 
     @hookimpl
     def dnsgate_unmarked_destinations(self) -> list[tuple[str, str, int]]:
@@ -184,13 +148,9 @@ class DnsFilter:
                 unmarked.append((url.address, "tcp", url.port))
         return unmarked
 
-    def _not_started(self, pending: PendingQuery, now: float) -> None:
-        """Queries before start (or after stop) fail at once instead of waiting for a timeout."""
-        self._deliver(pending, None, "not started", now)
-
     @hookimpl
     def dnsgate_stop(self, engine: Engine) -> None:
-        self._submit = self._not_started
+        self.queries.submit = self.queries.not_started
         if self.resolver is not None:
             self.resolver.close()
         for pending in self.pending.values():
@@ -244,7 +204,7 @@ class DnsFilter:
             return None
         engine = self._engine
         if flow.proto == PROTO_UDP:
-            handler = UdpDnsHandler(engine, flow, self.handle_query)
+            handler = UdpDnsHandler(engine, flow, self.queries.handle)
             self._udp_flows[flow.key] = flow
             handler.on_packet(packet, now)
             return handler
@@ -255,7 +215,7 @@ class DnsFilter:
         from engine.tcp.adapter import TcpConnection
         from engine.tcp.endpoint import TcpEndpoint
 
-        server = TcpDnsServer(engine, flow, self.handle_query)
+        server = TcpDnsServer(engine, flow, self.queries.handle)
         endpoint = TcpEndpoint.from_syn(packet, self._endpoint_config(engine), now)
         conn = TcpConnection(engine, flow, endpoint, server)
         server.conn = conn
@@ -268,61 +228,6 @@ class DnsFilter:
         return self._tcp_config.for_device(engine.mtu, engine.offload)
 
     # -- queries ---------------------------------------------------------------------------------
-
-    def handle_query(self, flow: Flow, query: bytes, client: DnsClient, now: float) -> None:
-        """One DNS message from a client: answer locally, or send upstream and return at once."""
-        counters = self.counters
-        try:
-            parsed = parse_query(query)
-        except WireError:
-            parsed = None
-        if parsed is None or parsed.flags & FLAG_QR:
-            counters.malformed += 1  # garbage, or a *response* sent to port 53: never forwarded
-            client.discard()
-            return
-        counters.queries += 1
-        question = parsed.question
-        policy = self.policy
-        live = policy.live
-        if policy.active or (live is not None and live.active):
-            rule = policy.blocking_rule(question.qname) if parsed.flags & OPCODE_MASK == 0 else policy.other_opcodes
-            if rule is not None:
-                client.responder(parsed.udp_limit)(self._refusal(flow, query, question, rule))
-                return
-        # Keyed by the client transport (one per client socket or TCP connection; alive while its queries
-        # are pending, since their responders hold it) and the DNS id: one int, hashed for free.
-        key = (id(client) << 16) | (query[0] << 8) | query[1]
-        pending_table = self.pending
-        if key in pending_table:
-            counters.duplicates += 1  # a client retransmission: the first copy's answer serves both
-            client.discard()
-            return
-        if len(pending_table) >= self._max_pending:
-            counters.overload += 1
-            counters.servfail += 1
-            client.responder(parsed.udp_limit)(error_reply(query, question, RCODE_SERVFAIL))
-            return
-        pending = PendingQuery(
-            key, query, question, parsed.match, flow.src, client.responder(parsed.udp_limit), now, self._timeout,
-            client.stream,
-        )
-        pending_table[key] = pending
-        self._submit(pending, now)  # first: the bookkeeping below is off the query's critical path
-        try:
-            self._udp_flows.move_to_end(flow.key)  # the idle sweep looks at the least recently used first
-        except KeyError:
-            pass  # a TCP connection: not in the UDP sweep
-
-    def _refusal(self, flow: Flow, query: bytes, question: Question, rule: str) -> bytes:
-        """The local answer to a query the policy refuses: allowlist mode's (counted, logged once per
-        name) or the blocklist's."""
-        if rule in DENIALS:
-            self.counters.denied += 1
-            self.denied.record(question.qname, question.qtype, flow.src, rule)
-            refused = rule == NOT_A_QUERY or self.config.deny_response == "refused"
-            return error_reply(query, question, RCODE_REFUSED if refused else RCODE_NXDOMAIN)
-        self.counters.blocked += 1
-        return self._block_reply(query, question)
 
     @hookimpl
     def dnsgate_name_refused(self, name: str) -> str | None:
@@ -360,53 +265,6 @@ class DnsFilter:
             f"resolve (\"example.com\", \"*.example.com\", \"=example.com\"), or destination rules in "
             f"[plugins.ip_tracker] destinations",
         )
-
-    def _block_reply(self, query: bytes, question: Question) -> bytes:
-        if self.config.block_response == "null":
-            return null_reply(query, question, self.config.block_ttl)
-        return error_reply(query, question, RCODE_NXDOMAIN)
-
-    def _deliver(self, pending: PendingQuery, reply: bytes | None, upstream: str, now: float) -> None:
-        """The outcome of one query: emit the event, then (only then) write the reply."""
-        if pending.done:
-            return
-        pending.done = True
-        self.pending.pop(pending.key, None)
-        counters = self.counters
-        question = pending.question
-        if reply is None:
-            counters.unanswered += 1
-            counters.servfail += 1
-            pending.respond(error_reply(pending.query, question, RCODE_SERVFAIL))
-            return
-        try:
-            parsed = parse_answer(reply, question.qname, question.end)
-        except WireError:
-            counters.bad_replies += 1
-            counters.servfail += 1
-            pending.respond(error_reply(pending.query, question, RCODE_SERVFAIL))
-            return
-        if parsed.cnames and self.policy.checks_chains:
-            hit = self.policy.blocked_in_chain(question.qname, parsed.cnames)
-            if hit is not None:
-                counters.blocked += 1
-                counters.blocked_cname += 1
-                log.info("dns_filter: %s blocked: its CNAME %s matches rule %s", question.qname, hit[0], hit[1])
-                pending.respond(self._block_reply(pending.query, question))
-                return
-        counters.answers += 1
-        emit = self._emit_answer
-        if emit is not None:
-            # Positional: attrs' frozen __init__ is measurably cheaper that way (fields in declared order).
-            answer = DnsAnswer(
-                question.qname, question.qtype, parsed.rcode, parsed.cnames, parsed.addresses, pending.client, upstream
-            )
-            try:
-                emit(answer, now)
-            except Exception:
-                counters.event_errors += 1
-                log.exception("dnsgate_dns_answer failed for %s", question.qname)
-        pending.respond(reply)
 
     # -- views -----------------------------------------------------------------------------------
 
