@@ -39,7 +39,7 @@ class DnsClient(Protocol):
         """The query will never be answered (dropped as malformed or a duplicate)."""
 
 
-#: ``handle_query(flow, query_bytes, client, now)`` — the plugin's entry point.
+#: ``handle(flow, query_bytes, client, now)`` — the query path's entry point (queries.py).
 QuerySink = Callable[["Flow", bytes, DnsClient, float], None]
 
 _IPV4_UDP_HEADERS: Final = 28
