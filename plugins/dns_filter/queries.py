@@ -76,13 +76,7 @@ class DnsCounters:
         self.tcp_connections = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "queries": self.queries, "answers": self.answers, "servfail": self.servfail, "blocked": self.blocked,
-            "blocked_cname": self.blocked_cname, "denied": self.denied, "malformed": self.malformed,
-            "duplicates": self.duplicates, "overload": self.overload, "bad_replies": self.bad_replies,
-            "unanswered": self.unanswered, "event_errors": self.event_errors,
-            "tcp_connections": self.tcp_connections,
-        }
+        return {name: getattr(self, name) for name in COUNTER_NAMES}
 
 
 class QueryPath:
