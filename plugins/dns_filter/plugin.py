@@ -87,11 +87,7 @@ class DnsFilter:
         self._engine: Engine | None = None
         self._udp_flows: OrderedDict[FlowKey, Flow] = OrderedDict()
         # Every query's work (queries.py, compiled): the plugin's hooks hand it queries and upstream replies.
-        self.queries = QueryPath(
-            self.policy, self.denied, self._udp_flows,
-            timeout=float(config.timeout), max_pending=config.max_pending, deny_response=config.deny_response,
-            block_response=config.block_response, block_ttl=config.block_ttl,
-        )
+        self.queries = QueryPath(config, self.policy, self.denied, self._udp_flows)
         self.counters = self.queries.counters
         self.pending = self.queries.pending
         self._tcp_servers: set[TcpDnsServer] = set()

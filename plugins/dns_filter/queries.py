@@ -19,6 +19,7 @@ from engine.events import DnsAnswer
 
 from .answers import parse_answer
 from .blocklist import DENIALS, NOT_A_QUERY, DomainPolicy
+from .config import Config
 from .denied import DeniedNames
 from .pending import PendingKey, PendingQuery
 from .wire import (
@@ -82,27 +83,17 @@ class DnsCounters:
 class QueryPath:
     """The queries in flight and what happens to each: refused locally, sent upstream, answered."""
 
-    def __init__(
-        self,
-        policy: DomainPolicy,
-        denied: DeniedNames,
-        udp_flows: OrderedDict[Any, Any],
-        *,
-        timeout: float,
-        max_pending: int,
-        deny_response: str,
-        block_response: str,
-        block_ttl: int,
-    ) -> None:
+    def __init__(self, config: Config, policy: DomainPolicy, denied: DeniedNames, udp_flows: OrderedDict[Any, Any]) -> None:
         self.policy = policy
         self.denied = denied
         #: The plugin's UDP client flows, least recently used first (its idle sweep's order).
         self.udp_flows = udp_flows
-        self.timeout = timeout
-        self.max_pending = max_pending
-        self.refuse_with_refused = deny_response == "refused"
-        self.null_blocks = block_response == "null"
-        self.block_ttl = block_ttl
+        # The profile's settings, read once here: attribute reads on the attrs config are generic lookups.
+        self.timeout = float(config.timeout)
+        self.max_pending = config.max_pending
+        self.refuse_with_refused = config.deny_response == "refused"
+        self.null_blocks = config.block_response == "null"
+        self.block_ttl = config.block_ttl
         self.counters = DnsCounters()
         self.pending: dict[PendingKey, PendingQuery] = {}
         self.submit: Submit = self.not_started

@@ -15,8 +15,10 @@ import dns.rcode
 import dns.rrset
 
 from engine.flow import Flow
+from engine.profile import Duration
 from engine.packet import PROTO_UDP
 from plugins.dns_filter.blocklist import DomainPolicy
+from plugins.dns_filter.config import Config
 from plugins.dns_filter.denied import DeniedNames
 from plugins.dns_filter.pending import PendingQuery
 from plugins.dns_filter.queries import COUNTER_NAMES, QueryPath
@@ -42,10 +44,8 @@ class Client:
 
 def make_path(block: tuple[str, ...] = (), max_pending: int = 10) -> tuple[QueryPath, list[tuple[str, Any]], Client]:
     log: list[tuple[str, Any]] = []
-    path = QueryPath(
-        DomainPolicy.from_sources(block), DeniedNames("nxdomain"), OrderedDict(),
-        timeout=2.0, max_pending=max_pending, deny_response="nxdomain", block_response="nxdomain", block_ttl=60,
-    )
+    config = Config(timeout=Duration(2.0), max_pending=max_pending)
+    path = QueryPath(config, DomainPolicy.from_sources(block), DeniedNames(config.deny_response), OrderedDict())
     path.submit = lambda pending, now: log.append(("submit", pending))
     path.emit_answer = lambda answer, now: log.append(("event", answer))
     return path, log, Client(log)
